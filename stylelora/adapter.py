@@ -1,0 +1,74 @@
+"""The in-memory adapter: per component, per module, one low-rank pair and its alpha.
+
+Every file format is read into this and written from it; training produces it and blending consumes it.
+Module paths are the live diffusers/transformers module names (``named_modules()``), e.g.
+``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` in component ``unet``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+@dataclass
+class LoraModule:
+    """ΔW = (alpha / rank) · up @ down. Linear: down [r, in], up [out, r]; conv: down [r, in, kh, kw], up [out, r, 1, 1]."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Full weight update, in the shape of the target layer's weight."""
+        down = self.down.to(dtype)
+        up = self.up.to(dtype)
+        if down.dim() == 2:
+            return self.scale * (up @ down)
+        # conv: up is [out, r, 1, 1]; down is [r, in, kh, kw]
+        d = torch.einsum("or,rikl->oikl", up.flatten(1), down)
+        return self.scale * d
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: ``modules[component][module_path] -> LoraModule`` plus string metadata."""
+
+    modules: dict[str, dict[str, LoraModule]] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    family: str | None = None  # e.g. "sd1", "sd2", "sd2-v", "sdxl"; None when unknown
+    name: str = "adapter"
+
+    def components(self) -> list[str]:
+        return [c for c in COMPONENTS if self.modules.get(c)]
+
+    def num_modules(self) -> int:
+        return sum(len(m) for m in self.modules.values())
+
+    def ranks(self) -> dict[str, set[int]]:
+        return {c: {m.rank for m in mods.values()} for c, mods in self.modules.items() if mods}
+
+    def content_hash(self) -> str:
+        """sha256 over module names, shapes and tensor bytes (independent of file layout and metadata)."""
+        h = hashlib.sha256()
+        for comp in sorted(self.modules):
+            for path in sorted(self.modules[comp]):
+                m = self.modules[comp][path]
+                h.update(f"{comp}/{path}/{m.alpha!r}".encode())
+                for t in (m.down, m.up):
+                    t = t.detach().contiguous().cpu()
+                    h.update(str((tuple(t.shape), str(t.dtype))).encode())
+                    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()

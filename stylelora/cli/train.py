@@ -1,0 +1,65 @@
+"""``stylelora train FOLDER -o OUT.safetensors [--config train.toml] [flags]``: flags come from the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..config import SECTIONS, TrainConfig
+
+SHORT = {"output": ["-o"], "config": ["-c"]}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a style adapter from a folder of images",
+                       description="Train a LoRA style adapter. Settings: defaults < --config TOML < flags.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("folder", nargs="?", help="image folder (overrides [data] folder in --config)")
+    p.add_argument("-c", "--config", help="TOML file with [data], [network], [optim], [run] tables")
+    for section, klass in SECTIONS.items():
+        group = p.add_argument_group(section, klass.__doc__)
+        for f in dataclasses.fields(klass):
+            if f.name == "folder" or not f.metadata.get("cli", True):
+                continue
+            flags = SHORT.get(f.name, []) + ["--" + f.name.replace("_", "-")]
+            kw = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS, "dest": f.name}
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if isinstance(default, bool):
+                kw["action"] = argparse.BooleanOptionalAction
+            elif isinstance(default, list):
+                kw["type"] = _comma_list
+            elif f.type in ("int", int) or isinstance(default, int):
+                kw["type"] = int
+            elif isinstance(default, float) or "float" in str(f.type):
+                kw["type"] = _float_or_none
+            kw["help"] += f" (default: {default!r})"
+            group.add_argument(*flags, **kw)
+    p.set_defaults(func=run)
+
+
+def _comma_list(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _float_or_none(s: str):
+    return None if s.lower() in ("none", "off") else float(s)
+
+
+def config_from_args(args) -> TrainConfig:
+    cfg = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
+    reserved = {"command", "func", "config", "verbose", "folder"}
+    overrides = {k: v for k, v in vars(args).items() if k not in reserved}
+    if args.folder:
+        overrides["folder"] = args.folder
+    return cfg.replace(**overrides)
+
+
+def run(args) -> int:
+    from ..train import train
+
+    from accelerate import PartialState
+
+    path = train(config_from_args(args))
+    if PartialState().is_main_process:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,204 @@
+"""Training configuration: one dataclass per concern, validated on creation, loadable from TOML.
+
+Each field's ``help`` is also its CLI help; the CLI flag is the field name with dashes (``--te-lr``). A TOML file
+uses one table per concern (``[data]``, ``[network]``, ``[optim]``, ``[run]``); unknown keys are an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def opt(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
+    """A dataclass field carrying its CLI help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they become training samples."""
+
+    folder: str = opt("", "image folder (searched recursively; captions from same-stem .txt/.caption files)")
+    trigger: str | None = opt(None, "trigger word: used as caption where an image has none, and replaces {trigger}")
+    caption_template: str = opt("{trigger}", "caption for images without a caption file")
+    resolution: int = opt(512, "training resolution: buckets have area <= resolution^2")
+    bucket_step: int = opt(64, "bucket sides are multiples of this")
+    upscale: bool = opt(False, "allow small images to be upscaled into a larger bucket")
+    random_flip: bool = opt(False, "random horizontal flip (works with the latent cache: both sides are cached)")
+    random_crop: bool = opt(False, "random instead of center crop into the bucket (disables the latent cache)")
+    default_repeats: int = opt(1, "times each image is seen per epoch (a folder named N_name overrides)")
+    repeats: dict = opt({}, "per-folder repeats {relative folder: count} (TOML only)", cli=False)
+    skip_bad_images: bool = opt(False, "skip unreadable images with a warning instead of stopping")
+    cache_latents: bool = opt(True, "encode each image once with the VAE and keep the latents on disk")
+    cache_dir: str | None = opt(None, "cache folder (default: $STYLELORA_HOME/cache)")
+
+    def __post_init__(self):
+        _check(self.resolution >= 64 and self.resolution % self.bucket_step == 0,
+               f"resolution must be >= 64 and a multiple of bucket_step ({self.bucket_step}), got {self.resolution}")
+        _check(self.bucket_step in (8, 16, 32, 64, 128), f"bucket_step must be 8, 16, 32, 64 or 128, got {self.bucket_step}")
+        _check(self.default_repeats >= 1, "default_repeats must be >= 1")
+        _check(all(isinstance(v, int) and v >= 1 for v in self.repeats.values()), "repeats values must be integers >= 1")
+
+
+@dataclass
+class NetworkConfig:
+    """The LoRA layers: where they go and how big they are."""
+
+    rank: int = opt(16, "LoRA rank (network dim)")
+    alpha: float | None = opt(None, "LoRA alpha; scale = alpha / rank (default: alpha = rank)")
+    dropout: float = opt(0.0, "dropout on the LoRA path")
+    unet_targets: list = opt(UNET_TARGETS, "UNet module names that get LoRA (comma-separated)")
+    train_text_encoder: bool = opt(False, "also train LoRA on the text encoder")
+    te_targets: list = opt(TE_TARGETS, "text-encoder module names that get LoRA (comma-separated)")
+
+    def __post_init__(self):
+        _check(1 <= self.rank <= 1024, f"rank must be in 1..1024, got {self.rank}")
+        _check(self.alpha is None or self.alpha > 0, "alpha must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        _check(bool(self.unet_targets) or self.train_text_encoder, "nothing to train: unet_targets is empty")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, learning rates and loss weighting."""
+
+    lr: float = opt(1e-4, "learning rate for the UNet LoRA")
+    te_lr: float | None = opt(None, "learning rate for the text-encoder LoRA (default: lr)")
+    optimizer: str = opt("adamw", "adamw | adamw8bit (needs bitsandbytes)")
+    weight_decay: float = opt(1e-2, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
+    lr_scheduler: str = opt("constant", "constant | constant_with_warmup | linear | cosine | cosine_with_restarts | polynomial")
+    warmup_steps: int = opt(0, "learning-rate warmup steps")
+    min_snr_gamma: float | None = opt(5.0, "min-SNR-gamma loss weighting (0 or none = off)")
+    noise_offset: float = opt(0.0, "noise offset (helps very dark/bright styles); 0.05-0.1 typical")
+
+    def __post_init__(self):
+        _check(self.lr > 0, "lr must be > 0")
+        _check(self.te_lr is None or self.te_lr >= 0, "te_lr must be >= 0")
+        _check(self.optimizer in ("adamw", "adamw8bit"), f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
+        _check(self.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)}")
+        _check(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            self.min_snr_gamma = None
+
+
+@dataclass
+class RunConfig:
+    """The run itself: base model, output, length, precision, checkpoints and samples."""
+
+    base: str = opt("tiny", "base model: 'tiny', a diffusers folder, a .safetensors checkpoint or a hub id")
+    base_config: str | None = opt(None, "diffusers folder with the config of a single-file --base (offline use)")
+    output: str = opt("adapter.safetensors", "adapter file to write")
+    format: str = opt("kohya", "adapter layout: kohya (A1111/ComfyUI/kohya/diffusers) | peft")
+    steps: int = opt(1000, "optimizer steps")
+    batch_size: int = opt(1, "images per step per process")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    mixed_precision: str = opt("no", "no | fp16 | bf16 (LoRA weights always stay fp32)")
+    gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet")
+    seed: int = opt(0, "seed for noise, timesteps, data order and LoRA init")
+    prediction_type: str | None = opt(None, "override the base's prediction type: epsilon | v_prediction")
+    checkpoint_every: int = opt(0, "write a resumable checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = opt(3, "how many checkpoints to keep")
+    resume: str | None = opt(None, "'latest' or a checkpoint folder to resume from")
+    sample_every: int = opt(0, "write sample images every N steps (0 = off)")
+    sample_prompts: list = opt([], "prompts for sample images (default: the trigger word)")
+    sample_steps: int = opt(20, "denoising steps for sample images")
+    sample_seed: int = opt(1234, "seed for sample images")
+    log_every: int = opt(10, "log loss / check for NaN every N steps")
+    tensorboard_dir: str | None = opt(None, "write TensorBoard logs here (needs tensorboard)")
+
+    def __post_init__(self):
+        _check(self.steps >= 1, "steps must be >= 1")
+        _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
+        _check(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision must be no, fp16 or bf16")
+        _check(self.format in ("kohya", "peft"), f"format must be kohya or peft, got {self.format!r}")
+        _check(self.prediction_type in (None, "epsilon", "v_prediction"), "prediction_type must be epsilon or v_prediction")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        _check(self.log_every >= 1, "log_every must be >= 1")
+
+
+SECTIONS = {"data": DataConfig, "network": NetworkConfig, "optim": OptimConfig, "run": RunConfig}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. ``TrainConfig(data=DataConfig("imgs"), run=RunConfig(output="a.safetensors"))``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        """Build from ``{section: {key: value}}``; unknown sections or keys are an error naming them."""
+        unknown = set(d) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; allowed: {sorted(SECTIONS)}")
+        parts = {}
+        for name, klass in SECTIONS.items():
+            values = dict(d.get(name) or {})
+            names = {f.name for f in dataclasses.fields(klass)}
+            bad = set(values) - names
+            if bad:
+                raise ConfigError(f"{source}: unknown key(s) in [{name}]: {sorted(bad)}; allowed: {sorted(names)}")
+            try:
+                parts[name] = klass(**values)
+            except TypeError as e:
+                raise ConfigError(f"{source}: [{name}]: {e}") from e
+        return cls(**parts)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+        return cls.from_dict(data, source=str(path))
+
+    def replace(self, **flat: Any) -> "TrainConfig":
+        """A copy with flat overrides (``rank=8``, ``lr=1e-4``) applied to whichever section owns each key."""
+        d = self.to_dict()
+        owner = {f.name: s for s, k in SECTIONS.items() for f in dataclasses.fields(k)}
+        for key, value in flat.items():
+            if key not in owner:
+                raise ConfigError(f"unknown option {key!r}")
+            d[owner[key]][key] = value
+        return TrainConfig.from_dict(d)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

@@ -1,0 +1,123 @@
+"""Training samples: images → buckets → (cached) VAE latents and text embeddings, served per batch.
+
+With the cache on, the VAE runs once per (image, flip) and never inside the training step; with a frozen text
+encoder, each distinct caption is encoded once. Random crops change every epoch, so they bypass the latent cache
+and encode in the step (the slow path the example scripts always take; kept for that option and for benchmarks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from . import data
+from .cache import TensorCache, file_digest, module_fingerprint
+from .config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingSet:
+    """Images of one run with their buckets; ``batch()`` returns model-ready tensors for a list of item indices."""
+
+    def __init__(self, items: list[data.ImageItem], cfg: DataConfig, pipe, *, cache_root: Path,
+                 cache_text: bool, device: torch.device, weight_dtype: torch.dtype):
+        self.items, self.cfg, self.pipe = items, cfg, pipe
+        self.device, self.weight_dtype = device, weight_dtype
+        self.cache_latents = cfg.cache_latents and not cfg.random_crop
+        if cfg.cache_latents and cfg.random_crop:
+            log.warning("random_crop changes the crop every epoch, so latents are encoded each step (no latent cache)")
+        self.cache_text = cache_text
+        self.buckets = [
+            data.assign_bucket(it.width, it.height, cfg.resolution, no_upscale=not cfg.upscale, step=cfg.bucket_step)
+            for it in items
+        ]
+        self.latent_cache = TensorCache(cache_root, "latents")
+        self.text_cache = TensorCache(cache_root, "text")
+        self._latents: dict[tuple[int, bool], dict[str, torch.Tensor]] = {}
+        self._text: dict[str, torch.Tensor] = {}
+        self._digests = [file_digest(it.path) for it in items]
+
+    # ------------------------------------------------------------------------------------------- preparation
+    def fingerprint(self) -> str:
+        """Identity of the data (files, captions, repeats, buckets): a resumed run must see the same."""
+        h = hashlib.sha256()
+        for it, dg, b in zip(self.items, self._digests, self.buckets):
+            h.update(f"{it.path.name}|{dg}|{it.caption}|{it.repeats}|{b.width}x{b.height}\n".encode())
+        return h.hexdigest()
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Fill the caches: every (image, flip) latent and, with a frozen text encoder, every caption embedding."""
+        vae = self.pipe.vae
+        if self.cache_latents:
+            vae_id = module_fingerprint(vae)
+            flips = (False, True) if self.cfg.random_flip else (False,)
+            for i, (it, b) in enumerate(zip(self.items, self.buckets)):
+                for flip in flips:
+                    key = TensorCache.key("latent", self._digests[i], b.width, b.height, "center", flip, vae_id,
+                                          str(vae.dtype))
+                    entry = self.latent_cache.get(key)
+                    if entry is None:
+                        entry = self._encode_image(it, b, flip=flip, crop="center", gen=None)
+                        self.latent_cache.put(key, entry)
+                    self._latents[(i, flip)] = entry
+        if self.cache_text:
+            te_id = module_fingerprint(self.pipe.text_encoder) + _tokenizer_id(self.pipe.tokenizer)
+            for caption in sorted({it.caption for it in self.items}):
+                key = TensorCache.key("text", caption, te_id, str(self.weight_dtype))
+                entry = self.text_cache.get(key)
+                if entry is None:
+                    entry = {"hidden": self._encode_text([caption])[0].to(torch.float32)}
+                    self.text_cache.put(key, entry)
+                self._text[caption] = entry["hidden"]
+
+    def _encode_image(self, item, bucket, *, flip: bool, crop: str, gen) -> dict[str, torch.Tensor]:
+        img = data.load_image(item.path)
+        pixels, _, _ = data.prepare_pixels(img, bucket, crop=crop, flip=flip, rng=gen)
+        vae = self.pipe.vae
+        dist = vae.encode(pixels[None].to(self.device, vae.dtype)).latent_dist
+        return {"mean": dist.mean[0].float().cpu(), "std": dist.std[0].float().cpu()}
+
+    def _encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenize(captions).to(self.device)
+        return self.pipe.text_encoder(ids)[0]
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        tok = self.pipe.tokenizer
+        return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+
+    # ------------------------------------------------------------------------------------------- batches
+    def latents(self, indices: list[int], gen: torch.Generator) -> torch.Tensor:
+        """Scaled latents for a batch; flip choice and the latent sample come from ``gen`` (deterministic)."""
+        vae = self.pipe.vae
+        out = []
+        for i in indices:
+            flip = bool(self.cfg.random_flip and torch.rand((), generator=gen) < 0.5)
+            if self.cache_latents:
+                entry = self._latents[(i, flip)]
+            else:
+                with torch.no_grad():
+                    entry = self._encode_image(self.items[i], self.buckets[i], flip=flip,
+                                               crop="random" if self.cfg.random_crop else "center", gen=gen)
+            mean, std = entry["mean"], entry["std"]
+            out.append(mean + std * torch.randn(mean.shape, generator=gen))
+        lat = torch.stack(out)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((lat - shift) * vae.config.scaling_factor).to(self.device)
+
+    def captions(self, indices: list[int]) -> list[str]:
+        return [self.items[i].caption for i in indices]
+
+    def cached_text(self, indices: list[int]) -> torch.Tensor:
+        return torch.stack([self._text[self.items[i].caption] for i in indices]).to(self.device)
+
+
+def _tokenizer_id(tok) -> str:
+    vocab = tok.get_vocab()
+    return hashlib.sha256(repr((type(tok).__name__, len(vocab), sorted(vocab.items())[:2000],
+                                tok.model_max_length)).encode()).hexdigest()

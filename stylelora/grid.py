@@ -1,0 +1,36 @@
+"""Labelled image grids (demo before/after, X/Y sweeps)."""
+
+from __future__ import annotations
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+def image_grid(rows: list[list[Image.Image]], *, row_labels: list[str] | None = None,
+               col_labels: list[str] | None = None, pad: int = 4) -> Image.Image:
+    """Paste ``rows`` of equally sized images into one picture, with optional row and column labels."""
+    font = ImageFont.load_default()
+    w, h = rows[0][0].size
+    left = (max(_text_width(font, s) for s in row_labels) + 2 * pad) if row_labels else 0
+    top = (_text_height(font) + 2 * pad) if col_labels else 0
+    ncols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (left + ncols * (w + pad) + pad, top + len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, label in enumerate(col_labels or []):
+        draw.text((left + pad + j * (w + pad), pad), label, fill="black", font=font)
+    for i, row in enumerate(rows):
+        y = top + pad + i * (h + pad)
+        if row_labels:
+            draw.text((pad, y + h // 2 - _text_height(font) // 2), row_labels[i], fill="black", font=font)
+        for j, img in enumerate(row):
+            grid.paste(img.convert("RGB").resize((w, h)), (left + pad + j * (w + pad), y))
+    return grid
+
+
+def _text_width(font, s: str) -> int:
+    box = font.getbbox(s)
+    return box[2] - box[0]
+
+
+def _text_height(font) -> int:
+    box = font.getbbox("Ag")
+    return box[3] - box[1]

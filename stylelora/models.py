@@ -1,0 +1,304 @@
+"""Base models: the built-in ``tiny`` pipeline, loading from a folder / hub id / single file, family detection."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+TINY_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Family:
+    """Model family as detected from the loaded components."""
+
+    arch: str  # "sd1" | "sd2" | "sdxl"
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
+
+    @property
+    def key(self) -> str:
+        """Short id used in metadata and compatibility checks: sd1, sd2, sd2-v, sdxl."""
+        return self.arch + ("-v" if self.arch == "sd2" and self.prediction_type == "v_prediction" else "")
+
+    @property
+    def ss_base_model_version(self) -> str:
+        return {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}[self.key]
+
+    @property
+    def modelspec_architecture(self) -> str:
+        return {
+            "sd1": "stable-diffusion-v1/lora",
+            "sd2": "stable-diffusion-v2-512/lora",
+            "sd2-v": "stable-diffusion-v2-768-v/lora",
+            "sdxl": "stable-diffusion-xl-v1-base/lora",
+        }[self.key]
+
+    @property
+    def text_encoder_prefixes(self) -> dict[str, str]:
+        """kohya key prefix per text-encoder component."""
+        if self.arch == "sdxl":
+            return {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+        return {"text_encoder": "lora_te"}
+
+
+def detect_family(pipe) -> Family:
+    """Family from the loaded components (never from a file or hub name)."""
+    unet = pipe.unet
+    pred = getattr(pipe.scheduler.config, "prediction_type", "epsilon") or "epsilon"
+    if getattr(unet.config, "addition_embed_type", None) == "text_time" and getattr(pipe, "text_encoder_2", None) is not None:
+        return Family("sdxl", pred)
+    te_act = getattr(getattr(pipe, "text_encoder", None), "config", None)
+    te_act = getattr(te_act, "hidden_act", "quick_gelu")
+    if unet.config.cross_attention_dim == 1024 or te_act == "gelu":
+        return Family("sd2", pred)
+    return Family("sd1", pred)
+
+
+@dataclass
+class Base:
+    """A loaded base pipeline and what we know about it."""
+
+    pipe: object  # diffusers StableDiffusionPipeline / StableDiffusionXLPipeline
+    family: Family
+    spec: str  # what the user passed to --base
+    name: str  # short display name (recorded as ss_sd_model_name)
+
+
+# ----------------------------------------------------------------------------------------------- tiny base
+def stylelora_home() -> Path:
+    return Path(os.environ.get("STYLELORA_HOME", Path.home() / ".cache" / "stylelora"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable unicode character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """A real byte-level CLIP BPE tokenizer (vocab.json + merges.txt) with a 514-token byte vocabulary.
+
+    Written by hand because the real 49408-token vocabulary needs a download; the format is CLIP's own, so
+    ``CLIPTokenizer.from_pretrained`` reads it through the same code path as a real model folder.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = 512
+    vocab["<|endoftext|>"] = 513
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}), encoding="utf-8"
+    )
+
+
+def build_tiny_components() -> dict:
+    """Deterministic random-weight SD1-architecture components, small enough to train on a CPU."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        sample_size=128,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=514,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+            projection_dim=32,
+        )
+    )
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", steps_offset=1,
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+def tiny_path() -> Path:
+    return stylelora_home() / f"tiny-v{TINY_VERSION}"
+
+
+def ensure_tiny() -> Path:
+    """Build the tiny base once and keep it on disk.
+
+    Built in a temp folder and renamed into place, under a file lock so that concurrent processes (tests,
+    ``accelerate launch``) build it once. Call before ``torch.distributed`` starts: transformers skips writing
+    weights on ranks other than 0.
+    """
+    import fcntl
+
+    target = tiny_path()
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".tiny-v{TINY_VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "model_index.json").exists():
+            _build_tiny(target)
+    return target
+
+
+def _build_tiny(target: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        write_tiny_tokenizer(tmp / "tok")
+        tokenizer = CLIPTokenizer.from_pretrained(tmp / "tok")
+        pipe = StableDiffusionPipeline(
+            **build_tiny_components(), tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
+        for part in ("unet", "vae", "text_encoder"):
+            if not any((tmp / "pipe" / part).glob("*.safetensors")):
+                raise ModelError(f"building the tiny base wrote no weights for {part} (distributed run?)")
+        os.replace(tmp / "pipe", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _pipeline_class(folder: Path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    index = json.loads((folder / "model_index.json").read_text())
+    if "XL" in index.get("_class_name", "") or "text_encoder_2" in index:
+        return StableDiffusionXLPipeline
+    return StableDiffusionPipeline
+
+
+def _sd_kwargs(cls) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    return {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
+
+
+def load_base(spec: str, *, dtype: torch.dtype = torch.float32, base_config: str | None = None) -> Base:
+    """Load ``spec``: ``tiny``, a local diffusers folder, a single-file ``.safetensors`` checkpoint, or a hub id."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if spec == "tiny":
+        folder = ensure_tiny()
+        pipe = _load_folder(folder, dtype)
+        name = "tiny"
+    elif path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ModelError(
+                f"{path} is a folder but not a diffusers pipeline (no model_index.json). Pass a diffusers folder "
+                "(as written by save_pretrained / `stylelora bake`), a .safetensors checkpoint, a hub id or 'tiny'."
+            )
+        pipe = _load_folder(path, dtype)
+        name = path.name
+    elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin") or path.exists():
+        if not path.exists():
+            raise ModelError(f"base model file {path} does not exist")
+        pipe = _load_single_file(path, dtype, base_config)
+        name = path.stem
+    else:
+        pipe = _load_hub(spec, dtype)
+        name = spec
+    return Base(pipe=pipe, family=detect_family(pipe), spec=spec, name=name)
+
+
+def _load_folder(folder: Path, dtype: torch.dtype):
+    cls = _pipeline_class(folder)
+    try:
+        return cls.from_pretrained(folder, dtype=dtype, **_sd_kwargs(cls))
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot load the diffusers pipeline in {folder}: {e}") from e
+
+
+def _load_single_file(path: Path, dtype: torch.dtype, base_config: str | None):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if path.suffix.lower() != ".safetensors":
+        # from_single_file would unpickle .ckpt files; we refuse to run untrusted pickles.
+        raise ModelError(
+            f"{path}: only .safetensors single-file checkpoints are accepted (pickle-based {path.suffix} files can run "
+            "code when loaded). Convert it to .safetensors first."
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt headers
+        raise ModelError(f"{path} is not a readable .safetensors file: {e}") from e
+    cls = StableDiffusionXLPipeline if any(k.startswith("conditioner.embedders.1") for k in keys) else StableDiffusionPipeline
+    kwargs = dict(dtype=dtype, **_sd_kwargs(cls))
+    if base_config:
+        kwargs["config"] = base_config
+    try:
+        return cls.from_single_file(str(path), **kwargs)
+    except Exception as e:  # noqa: BLE001 - diffusers raises OSError/ValueError/HTTP errors for missing configs
+        raise ModelError(
+            f"cannot load single-file checkpoint {path}: {e}\nA single file holds weights only; diffusers also needs "
+            "the model's config. Offline, pass --base-config <a diffusers folder of the same architecture>."
+        ) from e
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(repo_id, dtype=dtype, safety_checker=None)
+    except Exception as e:  # noqa: BLE001 - offline / unknown repo errors come in many types
+        raise ModelError(
+            f"cannot load base model '{repo_id}': it is not 'tiny', an existing folder or file, and loading it as a "
+            f"model-hub id failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). If this machine "
+            "is offline, download the model elsewhere and pass its local folder or .safetensors file."
+        ) from e
+    return pipe

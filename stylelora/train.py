@@ -1,0 +1,348 @@
+"""Train a LoRA style adapter: ``train(TrainConfig) -> Path``.
+
+The loop reads top to bottom: set up → data and caches → LoRA layers → optimizer → steps → adapter file.
+Every random draw of step ``s`` (noise, timesteps, flips, latent samples, LoRA dropout) comes from a generator
+seeded by (seed, s, process), so a run resumed from a checkpoint ends exactly where an uninterrupted one ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, data, lora
+from .config import TrainConfig
+from .dataset import TrainingSet
+from .errors import ConfigError, TrainingError
+from .models import Base, ensure_tiny, load_base, stylelora_home
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Independent, reproducible stream per (seed, step, process)."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+ADAPTER_NAME = "stylelora_train"
+
+
+def train(config: TrainConfig, *, base: Base | None = None) -> Path:
+    """Train an adapter as ``config`` says; returns the path of the written adapter file.
+
+    ``base``: an already loaded base (e.g. the web UI's) to train on instead of loading ``config.run.base``; its
+    weights, dtypes and devices are left as they were found, the LoRA layers removed again.
+    """
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, compute_snr
+    from tqdm.auto import tqdm
+
+    cfg, run = config, config.run
+    if not cfg.data.folder:
+        raise ConfigError("no image folder given (the first argument of `stylelora train`, or [data] folder)")
+    output = Path(run.output).expanduser().resolve()
+    if output.suffix != ".safetensors":
+        raise ConfigError(f"output {output} must end in .safetensors")
+    started_at = time.time()
+    if base is None and run.base == "tiny":
+        ensure_tiny()  # before the process group exists (see ensure_tiny)
+
+    accelerator = Accelerator(
+        mixed_precision=run.mixed_precision,
+        log_with="tensorboard" if run.tensorboard_dir else None,
+        project_dir=run.tensorboard_dir,
+    )
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    weight_dtype = DTYPES[run.mixed_precision]
+
+    # ---- data first: bad input fails before a model is loaded or anything is written
+    items = data.scan_folder(cfg.data.folder, trigger=cfg.data.trigger, caption_template=cfg.data.caption_template,
+                             repeats=cfg.data.repeats, default_repeats=cfg.data.default_repeats,
+                             skip_bad_images=cfg.data.skip_bad_images)
+
+    # ---- base model: frozen; UNet/text encoder in the training dtype, VAE in fp32 (fp16 VAEs overflow to NaN)
+    borrowed = base is not None
+    base = base or load_base(run.base, base_config=run.base_config)
+    pipe, family = base.pipe, base.family
+    original = {n: (getattr(pipe, n).device, getattr(pipe, n).dtype) for n in ("unet", "vae", "text_encoder")}
+    prediction_type = run.prediction_type or family.prediction_type
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+    pipe.unet.to(device, weight_dtype)
+    pipe.text_encoder.to(device, weight_dtype)
+    pipe.vae.to(device, torch.float32)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+
+    # ---- caches (main process fills them; the others then read them back)
+    train_te = cfg.network.train_text_encoder
+    tset = TrainingSet(items, cfg.data, pipe, cache_root=Path(cfg.data.cache_dir or stylelora_home() / "cache"),
+                       cache_text=not train_te, device=device, weight_dtype=weight_dtype)
+    with accelerator.main_process_first():
+        tset.prepare()
+    log.info("cache: latents %s, text %s", tset.latent_cache.stats, tset.text_cache.stats)
+    if tset.cache_latents:
+        pipe.vae.to("cpu")  # not needed in the step any more
+
+    # ---- LoRA layers (PEFT), seeded; trainable weights in fp32 whatever the base dtype
+    torch.manual_seed(run.seed)
+    net = cfg.network
+    if net.unet_targets:
+        lora.inject(pipe.unet, rank=net.rank, alpha=net.lora_alpha, targets=net.unet_targets, dropout=net.dropout,
+                    adapter_name=ADAPTER_NAME)
+    if train_te:
+        lora.inject(pipe.text_encoder, rank=net.rank, alpha=net.lora_alpha, targets=net.te_targets,
+                    dropout=net.dropout, adapter_name=ADAPTER_NAME)
+    models = [pipe.unet] + ([pipe.text_encoder] if train_te else [])
+    cast_training_params(models, dtype=torch.float32)
+    if run.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        if train_te:
+            pipe.text_encoder.gradient_checkpointing_enable()
+
+    groups = [{"params": lora.trainable_parameters(pipe.unet), "lr": cfg.optim.lr}]
+    if train_te:
+        groups.append({"params": lora.trainable_parameters(pipe.text_encoder), "lr": cfg.optim.te_lr or cfg.optim.lr})
+    groups = [g for g in groups if g["params"]]
+    optimizer = make_optimizer(cfg, groups, device)
+    lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                 num_training_steps=run.steps)
+    unet = accelerator.prepare(pipe.unet)
+    text_encoder = accelerator.prepare(pipe.text_encoder) if train_te else pipe.text_encoder
+    optimizer = accelerator.prepare(optimizer)
+
+    # ---- resume
+    ckpt_root = checkpoint.checkpoint_root(output)
+    run_state = {"config": cfg.to_dict(), "data": tset.fingerprint(), "world": world}
+    start_step = 0
+    if run.resume:
+        found = checkpoint.find(run.resume, ckpt_root)
+        if found is None:
+            accelerator.print(f"--resume {run.resume}: no checkpoint in {ckpt_root}, starting from step 0")
+        else:
+            start_step = restore(found, run_state, accelerator, [unet, text_encoder] if train_te else [unet],
+                                 optimizer, lr_scheduler)
+            accelerator.print(f"resumed from {found} at step {start_step}")
+
+    # ---- the loop
+    plans: dict[int, list[list[int]]] = {}
+    repeats = [it.repeats for it in items]
+
+    def micro_batch(m: int) -> list[int]:
+        """The m-th micro-batch of the endless epoch stream (epoch e shuffled by (seed, e))."""
+        if not plans:
+            plans[0] = data.batch_plan(tset.buckets, repeats, run.batch_size, run.seed, 0)
+        per_epoch = len(plans[0])
+        epoch, k = divmod(m, per_epoch)
+        if epoch not in plans:
+            plans[epoch] = data.batch_plan(tset.buckets, repeats, run.batch_size, run.seed, epoch)
+        return plans[epoch][k]
+
+    bad = torch.zeros((), dtype=torch.bool, device=device)  # NaN/inf seen; read only every log_every steps
+    loss_sum = torch.zeros((), device=device)
+    last_good = checkpoint.list_checkpoints(ckpt_root)[-1] if checkpoint.list_checkpoints(ckpt_root) else None
+    if accelerator.is_main_process and run.tensorboard_dir:
+        accelerator.init_trackers("stylelora")
+    bar = tqdm(range(start_step, run.steps), initial=start_step, total=run.steps, desc="train",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    unet.train()
+    text_encoder.train(train_te)
+    for step in bar:
+        gen = torch.Generator().manual_seed(step_seed(run.seed, step, rank))
+        torch.manual_seed(step_seed(run.seed, step, rank))  # LoRA dropout draws from the global generator
+        for a in range(run.grad_accum):
+            indices = micro_batch((step * run.grad_accum + a) * world + rank)
+            with accelerator.no_sync(unet) if a < run.grad_accum - 1 else nullcontext():
+                with accelerator.autocast():
+                    loss = compute_loss(tset, indices, gen, unet, text_encoder, noise_scheduler, cfg,
+                                        prediction_type, train_te, compute_snr)
+                accelerator.backward(loss / run.grad_accum)
+            bad |= ~torch.isfinite(loss.detach())
+            loss_sum += loss.detach().float() / run.grad_accum
+        if cfg.optim.max_grad_norm > 0:
+            accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.optim.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        is_ckpt = run.checkpoint_every and done % run.checkpoint_every == 0 and done < run.steps
+        if done % run.log_every == 0 or is_ckpt or done == run.steps:
+            if bool(accelerator.reduce(bad.float(), reduction="sum") > 0):  # the only host sync, every log_every
+                raise TrainingError(
+                    f"the loss became NaN/inf before step {done}; stopping. "
+                    + (f"The last good checkpoint is {last_good} (resume with --resume {last_good} and a lower "
+                       "--lr, or --mixed-precision bf16/no)." if last_good else
+                       "No checkpoint was written yet. Try a lower --lr, --mixed-precision bf16 or no, or "
+                       "--checkpoint-every N.")
+                )
+            avg = loss_sum.item() / ((done - 1) % run.log_every + 1)
+            loss_sum.zero_()
+            bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            if run.tensorboard_dir:
+                accelerator.log({"loss": avg, "lr": lr_scheduler.get_last_lr()[0]}, step=done)
+        if run.sample_every and done % run.sample_every == 0 and done < run.steps and accelerator.is_main_process:
+            write_samples(pipe, cfg, output, done, accelerator)
+        if is_ckpt:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                last_good = checkpoint.save(
+                    ckpt_root, done, params=trainable_state(accelerator, unet, text_encoder if train_te else None),
+                    optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=accelerator.scaler, state=run_state,
+                    keep=run.keep_checkpoints)
+            accelerator.wait_for_everyone()
+        _maybe_die_for_test(done)
+    bar.close()
+
+    # ---- the adapter file
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        from . import formats
+
+        samples = write_samples(pipe, cfg, output, run.steps, accelerator)
+        adapter = lora.extract(pipe, ADAPTER_NAME)
+        adapter.name = output.stem
+        adapter.family = family.key
+        micro_batch(0)  # makes sure the epoch plan exists
+        epoch = math.ceil(run.steps * run.grad_accum * world / len(plans[0]))
+        meta = formats.training_metadata(cfg, family, items=items, base_name=base.name, steps=run.steps,
+                                         epoch=epoch, started_at=started_at, finished_at=time.time(),
+                                         thumbnail=samples[0] if samples else None)
+        formats.save_adapter(adapter, output, format=run.format, family=family, metadata=meta, pipe=pipe)
+        # the final state is also a checkpoint, so a later `--steps N --resume latest` can continue training
+        checkpoint.save(ckpt_root, run.steps, params=trainable_state(accelerator, unet, text_encoder if train_te else None),
+                        optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=accelerator.scaler, state=run_state,
+                        keep=run.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if borrowed:
+        lora.remove(pipe, ADAPTER_NAME)
+        for n, (dev, dtype) in original.items():
+            getattr(pipe, n).to(dev, dtype)
+    return output
+
+
+def compute_loss(tset, indices, gen, unet, text_encoder, noise_scheduler, cfg, prediction_type, train_te, compute_snr):
+    """Diffusion loss for one micro-batch: noise the latents at random timesteps, predict, weight by min-SNR."""
+    latents = tset.latents(indices, gen)
+    noise = torch.randn(latents.shape, generator=gen)
+    if cfg.optim.noise_offset:
+        noise += cfg.optim.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
+    noise = noise.to(latents.device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+    t = t.to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    if train_te:
+        hidden = text_encoder(tset.tokenize(tset.captions(indices)).to(latents.device))[0]
+    else:
+        hidden = tset.cached_text(indices)
+    weight_dtype = tset.weight_dtype
+    pred = unet(noisy.to(weight_dtype), t, hidden.to(weight_dtype)).sample.float()
+    target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
+    loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
+    gamma = cfg.optim.min_snr_gamma
+    if gamma:
+        snr = compute_snr(noise_scheduler, t)
+        w = torch.clamp(snr, max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+        loss = loss * w
+    return loss.mean()
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device):
+    o = cfg.optim
+    if o.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only)") from None
+        return bnb.optim.AdamW8bit(groups, weight_decay=o.weight_decay)
+    # fused AdamW: one kernel for all LoRA tensors on CUDA (no per-parameter launches)
+    return torch.optim.AdamW(groups, weight_decay=o.weight_decay, fused=device.type == "cuda")
+
+
+def trainable_state(accelerator, unet, text_encoder) -> dict[str, torch.Tensor]:
+    """Trainable (LoRA) parameters by name, from the unwrapped models."""
+    out = {}
+    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if model is None:
+            continue
+        for name, p in accelerator.unwrap_model(model).named_parameters():
+            if p.requires_grad:
+                out[f"{prefix}.{name}"] = p
+    return out
+
+
+def restore(path: Path, run_state: dict, accelerator, models, optimizer, lr_scheduler) -> int:
+    """Load a checkpoint into the live run after checking it belongs to the same run; returns its step."""
+    state, params, train_state = checkpoint.load(path)
+    diffs = checkpoint.config_differences(state["config"], run_state["config"])
+    if diffs:
+        raise TrainingError(f"cannot resume from {path}: the run's settings changed: {'; '.join(diffs)}. "
+                            "Use the original settings (or start a new run with a different output).")
+    if state["data"] != run_state["data"]:
+        raise TrainingError(f"cannot resume from {path}: the training images or captions changed since it was "
+                            "written. Restore them, or start a new run.")
+    if state["world"] != run_state["world"]:
+        raise TrainingError(f"cannot resume from {path}: it was written by {state['world']} process(es), this run "
+                            f"has {run_state['world']}. Launch with the same number of processes.")
+    live = {}
+    for prefix, model in zip(("unet", "text_encoder"), models):
+        for name, p in accelerator.unwrap_model(model).named_parameters():
+            if p.requires_grad:
+                live[f"{prefix}.{name}"] = p
+    if set(live) != set(params):
+        raise TrainingError(f"cannot resume from {path}: its LoRA parameters do not match this run's")
+    with torch.no_grad():
+        for k, p in live.items():
+            p.copy_(params[k])
+    optimizer.load_state_dict(train_state["optimizer"])
+    lr_scheduler.load_state_dict(train_state["lr_scheduler"])
+    if accelerator.scaler is not None and train_state.get("scaler"):
+        accelerator.scaler.load_state_dict(train_state["scaler"])
+    return int(state["step"])
+
+
+@torch.no_grad()
+def write_samples(pipe, cfg: TrainConfig, output: Path, step: int, accelerator) -> list:
+    """Sample images with fixed seeds at the current LoRA state, written as PNG; returns the images."""
+    prompts = list(cfg.run.sample_prompts) or ([cfg.data.trigger] if cfg.data.trigger else [])
+    if not prompts:
+        return []
+    folder = output.parent / f"{output.stem}-samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    unet_mode = pipe.unet.training
+    pipe.unet.eval()
+    vae_device = pipe.vae.device
+    pipe.vae.to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    res = cfg.data.resolution
+    for i, prompt in enumerate(prompts):
+        g = torch.Generator().manual_seed(cfg.run.sample_seed + i)
+        with accelerator.autocast():
+            img = pipe(prompt, num_inference_steps=cfg.run.sample_steps, height=res, width=res, generator=g,
+                       output_type="pil").images[0]
+        img.save(folder / f"step-{step:06d}-{i}.png")
+        images.append(img)
+    pipe.vae.to(vae_device)
+    pipe.unet.train(unet_mode)
+    return images
+
+
+def _maybe_die_for_test(done: int) -> None:
+    """Tests kill the process here (SIGKILL, no cleanup) to prove resume works after a real crash."""
+    at = os.environ.get("STYLELORA_TEST_KILL_AFTER_STEP")
+    if at and int(at) == done:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,49 @@
+"""Shared fixtures: one tiny base per test session (in a temp STYLELORA_HOME), small style image folders."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+
+# Set before any stylelora import so every test (and subprocess) shares one tiny base build.
+os.environ.setdefault("STYLELORA_HOME", tempfile.mkdtemp(prefix="stylelora-test-home-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def make_style_images(folder: Path, n: int = 4, *, size=(128, 128), seed: int = 0, captions: bool = True) -> Path:
+    """A few diagonal-stripe images (a 'style') with captions, written with PIL."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        w, h = size[0] + 64 * (i % 2), size[1]
+        img = Image.new("RGB", (w, h), tuple(rng.randint(0, 255) for _ in range(3)))
+        draw = ImageDraw.Draw(img)
+        for k in range(-h, w, 12):
+            draw.line([(k, 0), (k + h, h)], fill=(200, 40, 40), width=3)
+        img.save(folder / f"img{i}.png")
+        if captions and i % 2 == 0:
+            (folder / f"img{i}.txt").write_text(f"{{trigger}}, stripes number {i}", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def style_dir(tmp_path) -> Path:
+    return make_style_images(tmp_path / "style")
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """A freshly loaded tiny base (fp32, CPU). Tests that modify it must load their own."""
+    from stylelora.models import load_base
+
+    return load_base("tiny")
