@@ -23,3 +23,7 @@ class AdapterError(StyleloraError):
 
 class TrainingError(StyleloraError):
     """Training cannot continue (e.g. the loss became NaN)."""
+
+
+class TrainingCancelled(StyleloraError):
+    """Training was stopped on request; a checkpoint was written to resume from."""

@@ -12,6 +12,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from . import checkpoint, data, lora
 from .config import TrainConfig
 from .dataset import TrainingSet
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, TrainingCancelled, TrainingError
 from .models import Base, ensure_tiny, load_base, stylelora_home
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,15 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 ADAPTER_NAME = "stylelora_train"
 
 
-def train(config: TrainConfig, *, base: Base | None = None) -> Path:
+def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[dict], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> Path:
     """Train an adapter as ``config`` says; returns the path of the written adapter file.
 
     ``base``: an already loaded base (e.g. the web UI's) to train on instead of loading ``config.run.base``; its
     weights, dtypes and devices are left as they were found, the LoRA layers removed again.
+    ``progress``: called with ``{"step", "steps", "loss", "lr", "elapsed", "eta", "sample"}`` at every log point
+    and when sample images are written. ``should_stop``: polled every step; when it returns True the run writes a
+    checkpoint and raises ``TrainingCancelled`` (resume it later with ``resume="latest"``).
     """
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
@@ -153,6 +158,7 @@ def train(config: TrainConfig, *, base: Base | None = None) -> Path:
     last_good = checkpoint.list_checkpoints(ckpt_root)[-1] if checkpoint.list_checkpoints(ckpt_root) else None
     if accelerator.is_main_process and run.tensorboard_dir:
         accelerator.init_trackers("stylelora")
+    loop_start = time.time()
     bar = tqdm(range(start_step, run.steps), initial=start_step, total=run.steps, desc="train",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     unet.train()
@@ -176,7 +182,8 @@ def train(config: TrainConfig, *, base: Base | None = None) -> Path:
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
-        is_ckpt = run.checkpoint_every and done % run.checkpoint_every == 0 and done < run.steps
+        stop = bool(should_stop and should_stop()) and done < run.steps
+        is_ckpt = stop or (run.checkpoint_every and done % run.checkpoint_every == 0 and done < run.steps)
         if done % run.log_every == 0 or is_ckpt or done == run.steps:
             if bool(accelerator.reduce(bad.float(), reduction="sum") > 0):  # the only host sync, every log_every
                 raise TrainingError(
@@ -189,10 +196,17 @@ def train(config: TrainConfig, *, base: Base | None = None) -> Path:
             avg = loss_sum.item() / ((done - 1) % run.log_every + 1)
             loss_sum.zero_()
             bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            if progress and accelerator.is_main_process:
+                elapsed = time.time() - loop_start
+                rate = (done - start_step) / elapsed if elapsed > 0 else 0.0
+                progress({"step": done, "steps": run.steps, "loss": avg, "lr": lr_scheduler.get_last_lr()[0],
+                          "elapsed": elapsed, "eta": (run.steps - done) / rate if rate else None, "sample": None})
             if run.tensorboard_dir:
                 accelerator.log({"loss": avg, "lr": lr_scheduler.get_last_lr()[0]}, step=done)
         if run.sample_every and done % run.sample_every == 0 and done < run.steps and accelerator.is_main_process:
-            write_samples(pipe, cfg, output, done, accelerator)
+            paths = write_samples(pipe, cfg, output, done, accelerator, return_paths=True)
+            if progress and paths:
+                progress({"step": done, "steps": run.steps, "sample": paths})
         if is_ckpt:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -201,6 +215,11 @@ def train(config: TrainConfig, *, base: Base | None = None) -> Path:
                     optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=accelerator.scaler, state=run_state,
                     keep=run.keep_checkpoints)
             accelerator.wait_for_everyone()
+            if stop:
+                bar.close()
+                _restore_borrowed(borrowed, pipe, original)
+                raise TrainingCancelled(f"training stopped at step {done}; checkpoint {last_good}. "
+                                        "Resume with --resume latest (same settings).")
         _maybe_die_for_test(done)
     bar.close()
 
@@ -225,11 +244,16 @@ def train(config: TrainConfig, *, base: Base | None = None) -> Path:
                         keep=run.keep_checkpoints)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    _restore_borrowed(borrowed, pipe, original)
+    return output
+
+
+def _restore_borrowed(borrowed: bool, pipe, original: dict) -> None:
+    """Give a caller's base back as it was: LoRA layers removed, devices and dtypes restored."""
     if borrowed:
         lora.remove(pipe, ADAPTER_NAME)
         for n, (dev, dtype) in original.items():
             getattr(pipe, n).to(dev, dtype)
-    return output
 
 
 def compute_loss(tset, indices, gen, unet, text_encoder, noise_scheduler, cfg, prediction_type, train_te, compute_snr):
@@ -313,8 +337,8 @@ def restore(path: Path, run_state: dict, accelerator, models, optimizer, lr_sche
 
 
 @torch.no_grad()
-def write_samples(pipe, cfg: TrainConfig, output: Path, step: int, accelerator) -> list:
-    """Sample images with fixed seeds at the current LoRA state, written as PNG; returns the images."""
+def write_samples(pipe, cfg: TrainConfig, output: Path, step: int, accelerator, return_paths: bool = False) -> list:
+    """Sample images with fixed seeds at the current LoRA state, written as PNG; returns the images (or paths)."""
     prompts = list(cfg.run.sample_prompts) or ([cfg.data.trigger] if cfg.data.trigger else [])
     if not prompts:
         return []
@@ -325,18 +349,23 @@ def write_samples(pipe, cfg: TrainConfig, output: Path, step: int, accelerator) 
     vae_device = pipe.vae.device
     pipe.vae.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
-    images = []
+    images, paths = [], []
+    te_mode = pipe.text_encoder.training
+    pipe.text_encoder.eval()
     res = cfg.data.resolution
     for i, prompt in enumerate(prompts):
         g = torch.Generator().manual_seed(cfg.run.sample_seed + i)
         with accelerator.autocast():
             img = pipe(prompt, num_inference_steps=cfg.run.sample_steps, height=res, width=res, generator=g,
                        output_type="pil").images[0]
-        img.save(folder / f"step-{step:06d}-{i}.png")
+        path = folder / f"step-{step:06d}-{i}.png"
+        img.save(path)
         images.append(img)
+        paths.append(path)
     pipe.vae.to(vae_device)
     pipe.unet.train(unet_mode)
-    return images
+    pipe.text_encoder.train(te_mode)
+    return paths if return_paths else images
 
 
 def _maybe_die_for_test(done: int) -> None:
