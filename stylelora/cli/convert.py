@@ -1,0 +1,55 @@
+"""``stylelora convert FILE --to peft|kohya -o OUT``: rewrite an adapter in another layout, never over its input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import AdapterError
+from ..formats import FORMATS, load_adapter, save_adapter
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert", help="convert an adapter between the kohya and PEFT/diffusers layouts",
+        description="Read any supported LoRA file and write it in the kohya (A1111/ComfyUI/kohya) or PEFT "
+                    "(diffusers) layout. Tensors are copied bit for bit; metadata is kept.",
+    )
+    p.add_argument("file", help="adapter file (or diffusers LoRA output folder) to read")
+    p.add_argument("--to", required=True, choices=FORMATS, help="layout to write")
+    p.add_argument("-o", "--output", required=True, help="file to write (.safetensors)")
+    p.add_argument("--base", help="base model to resolve module names and check shapes against "
+                                  "(needed for files without family metadata)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists (never the input)")
+    p.add_argument("--allow-unused-keys", action="store_true",
+                   help="warn about keys that match no module instead of refusing the file")
+    p.set_defaults(func=run)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def run(args) -> int:
+    src, out = Path(args.file), Path(args.output)
+    if out.suffix.lower() != ".safetensors":
+        raise AdapterError(f"output {out} must be a .safetensors file")
+    inputs = [src] + ([p for p in src.iterdir() if p.is_file()] if src.is_dir() else [])
+    if any(_same_file(p, out) for p in inputs if p.exists()):
+        raise AdapterError(f"output {out} is the input file; choose another output path")
+    if out.exists() and not args.force:
+        raise AdapterError(f"output {out} already exists; pass --force to overwrite it")
+    pipe = None
+    if args.base:
+        from ..models import load_base
+
+        pipe = load_base(args.base).pipe
+    adapter = load_adapter(src, pipe=pipe, allow_unused_keys=args.allow_unused_keys)
+    save_adapter(adapter, out, format=args.to, pipe=pipe)
+    print(f"wrote {out} ({args.to} layout, {adapter.num_modules()} modules, family {adapter.family or 'unknown'})")
+    return 0

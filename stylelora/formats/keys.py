@@ -1,0 +1,165 @@
+"""Recognising the key layouts of LoRA files (kohya, PEFT, older diffusers) and what they say about the model family.
+
+Parsing only splits a key into (component, module name as spelled in the file, role); which live module that
+name means is decided by the module table in ``arch.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sd2-v": "SD2.x (v-prediction)", "sdxl": "SDXL"}
+
+KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
+                    "lora_te2": "text_encoder_2"}
+_KOHYA = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA_ROLE = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+
+# dotted suffix -> (role, style); the last two only after an old attention-processor name (``to_q_lora``)
+_DOTTED = (
+    (".lora_A.weight", "down", "peft"), (".lora_B.weight", "up", "peft"),
+    (".lora.down.weight", "down", "diffusers"), (".lora.up.weight", "up", "diffusers"),
+    (".lora_linear_layer.down.weight", "down", "diffusers"), (".lora_linear_layer.up.weight", "up", "diffusers"),
+    (".alpha", "alpha", None),
+    (".down.weight", "down", "diffusers-old"), (".up.weight", "up", "diffusers-old"),
+)
+# old diffusers attention processors: name -> (UNet module, CLIP module)
+_OLD_PROC = {"to_q_lora": ("to_q", "q_proj"), "to_k_lora": ("to_k", "k_proj"), "to_v_lora": ("to_v", "v_proj"),
+             "to_out_lora": ("to_out.0", "out_proj")}
+_DOTTED_COMPONENTS = ("unet", "text_encoder_2", "text_encoder")
+
+# LyCORIS (LoHa, LoKr, LoCon-Tucker), DoRA and full-difference keys: refused as a whole, never loaded in part
+_UNSUPPORTED = re.compile(r"hada_|lokr_|lora_mid|dora_scale|lora_magnitude_vector|\.diff(_b)?$|"
+                          r"\.(lora_B|lora_up)\.bias$")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One module as a file names it."""
+
+    component: str  # unet | text_encoder | text_encoder_2
+    name: str  # kohya: the part after "lora_unet_"; dotted layouts: the module path as spelled
+    flat: bool  # kohya (underscored) name
+
+
+@dataclass
+class Group:
+    slot: Slot
+    keys: dict[str, str] = field(default_factory=dict)  # role (down/up/alpha) -> file key
+    style: str | None = None
+
+
+@dataclass
+class ParsedKeys:
+    groups: dict[Slot, Group] = field(default_factory=dict)
+    unsupported: list[str] = field(default_factory=list)
+    unrecognized: list[str] = field(default_factory=list)
+    styles: Counter = field(default_factory=Counter)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # two keys for one role of one module
+
+    @property
+    def layout(self) -> str:
+        """kohya | peft | diffusers | diffusers-old | mixed | none."""
+        styles = [s for s in self.styles if s]
+        return styles[0] if len(styles) == 1 else ("mixed" if styles else "none")
+
+
+def _dotted(key: str) -> tuple[str, str, str, str | None] | None:
+    """(component, module spelling, role, style) of a dotted key, or None."""
+    key = key.removeprefix("base_model.model.")  # PEFT's own save_pretrained of a single model
+    comp, rest = None, key
+    for c in _DOTTED_COMPONENTS:
+        if key.startswith(c + "."):
+            comp, rest = c, key[len(c) + 1:]
+            break
+    if comp is None:  # bare keys: old diffusers UNet attention processors, or a text encoder's own names
+        comp = "text_encoder" if key.startswith("text_model.") else "unet"
+    for suffix, role, style in _DOTTED:
+        if not rest.endswith(suffix):
+            continue
+        module = rest[: -len(suffix)]
+        parent, _, last = module.rpartition(".")
+        if last in _OLD_PROC:
+            mapped = _OLD_PROC[last][0 if comp == "unet" else 1]
+            parent = parent.removesuffix(".processor")
+            return comp, f"{parent}.{mapped}" if parent else mapped, role, "diffusers-old"
+        if style == "diffusers-old" or not module:
+            return None
+        return comp, module, role, style
+    return None
+
+
+def parse_keys(keys) -> ParsedKeys:
+    out = ParsedKeys()
+    for key in keys:
+        if _UNSUPPORTED.search(key):
+            out.unsupported.append(key)
+            continue
+        m = _KOHYA.match(key)
+        if m:
+            slot, role, style = Slot(KOHYA_COMPONENTS[m.group(1)], m.group(2), True), _KOHYA_ROLE[m.group(3)], "kohya"
+        else:
+            parsed = _dotted(key)
+            if parsed is None:
+                out.unrecognized.append(key)
+                continue
+            comp, module, role, style = parsed
+            slot = Slot(comp, module, False)
+        group = out.groups.setdefault(slot, Group(slot))
+        if role in group.keys:
+            out.duplicates.append((group.keys[role], key))
+        group.keys[role] = key
+        if style:
+            group.style = style
+            out.styles[style] += 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- families
+_SS_VERSION = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2-v", "sdxl_base_v1-0": "sdxl"}
+_MODELSPEC = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2-768-v", "sd2-v"),
+              ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
+_CROSS_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+
+def family_from_metadata(md: dict[str, str]) -> tuple[str | None, str]:
+    """(family key, where it was read) from stylelora, kohya or ModelSpec metadata."""
+    if md.get("stylelora.family") in FAMILY_NAMES:
+        return md["stylelora.family"], f"metadata stylelora.family={md['stylelora.family']}"
+    version = md.get("ss_base_model_version", "")
+    if version in _SS_VERSION or version.startswith("sdxl"):
+        return _SS_VERSION.get(version, "sdxl"), f"metadata ss_base_model_version={version}"
+    arch = md.get("modelspec.architecture", "")
+    for prefix, fam in _MODELSPEC:
+        if arch.startswith(prefix):
+            return fam, f"metadata modelspec.architecture={arch}"
+    if md.get("ss_v2") == "True":
+        return "sd2", "metadata ss_v2=True"
+    return None, ""
+
+
+def family_from_keys(keys, parsed: ParsedKeys, shape_of) -> tuple[str | None, str]:
+    """(family key, evidence) from key prefixes (two text encoders = SDXL), else the cross-attention width."""
+    two_te = sorted({k.split("_")[1] for k in keys if k.startswith(("lora_te1_", "lora_te2_"))})
+    if two_te or any(k.startswith("text_encoder_2.") for k in keys):
+        return "sdxl", "lora_te1_/lora_te2_ keys (two text encoders)" if two_te else "text_encoder_2 keys"
+    for slot, group in parsed.groups.items():
+        sep = "_" if slot.flat else "."
+        if slot.component == "unet" and "down" in group.keys and f"attn2{sep}to_k" in slot.name:
+            shape = shape_of(group.keys["down"])
+            if len(shape) >= 2 and shape[1] in _CROSS_DIM:
+                return _CROSS_DIM[shape[1]], f"cross-attention width {shape[1]}"
+    return None, ""
+
+
+def is_tiny(md: dict[str, str]) -> bool:
+    """Trained on stylelora's built-in ``tiny`` base (its module table differs from SD1.5's)."""
+    import json
+
+    try:
+        base = json.loads(md.get("stylelora.config", "{}")).get("run", {}).get("base")
+    except (ValueError, AttributeError):
+        base = None
+    return base == "tiny" or (md.get("ss_sd_model_name") == "tiny" and "stylelora.version" in md)

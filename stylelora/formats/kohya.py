@@ -1,0 +1,62 @@
+"""The kohya / A1111 layout: ``lora_unet_<module>.lora_down.weight``, ``.lora_up.weight`` and a 0-dim ``.alpha``."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import torch
+
+from ..adapter import Adapter
+from ..errors import AdapterError
+from ..models import Family
+from .arch import ArchTable, kohya_name
+
+
+def prefixes(family: Family | None, adapter: Adapter) -> dict[str, str]:
+    """kohya key prefix per component: ``lora_te`` for one text encoder, ``lora_te1``/``lora_te2`` for SDXL."""
+    sdxl = (family.arch == "sdxl") if family else bool(adapter.modules.get("text_encoder_2"))
+    te = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"} if sdxl else {"text_encoder": "lora_te"}
+    return {"unet": "lora_unet", **te}
+
+
+def to_state_dict(adapter: Adapter, family: Family | None, table: ArchTable | None) -> dict[str, torch.Tensor]:
+    """Tensors in kohya layout. SDXL UNet modules get ldm names; alpha is stored as a float32 scalar."""
+    names = prefixes(family, adapter)
+    arch = family.arch if family else None
+    if adapter.modules.get("text_encoder_2") and arch not in (None, "sdxl"):
+        raise AdapterError(f"adapter has text_encoder_2 modules, which only SDXL has (family {family.key})")
+    out: dict[str, torch.Tensor] = {}
+    owner: dict[str, str] = {}
+    for comp in adapter.components():
+        for path, m in adapter.modules[comp].items():
+            name = kohya_name(comp, path, names, table, arch)
+            if name in owner:
+                raise AdapterError(f"modules {owner[name]} and {comp}.{path} would both be saved as {name}")
+            owner[name] = f"{comp}.{path}"
+            out[f"{name}.lora_down.weight"] = m.down.detach().cpu().contiguous()
+            out[f"{name}.lora_up.weight"] = m.up.detach().cpu().contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+    return out
+
+
+def _most_common(values) -> float:
+    counts = Counter(values)
+    return max(counts, key=lambda v: (counts[v], -v))
+
+
+def summary_metadata(adapter: Adapter, family: Family | None) -> dict[str, str]:
+    """kohya's minimum metadata, from the tensors themselves (so it never disagrees with them)."""
+    mods = [m for c in adapter.components() for m in adapter.modules[c].values()]
+    md = {"ss_network_module": "networks.lora"}
+    if mods:
+        md["ss_network_dim"] = str(int(_most_common(m.rank for m in mods)))
+        md["ss_network_alpha"] = str(float(_most_common(m.alpha for m in mods)))
+        convs = [m for m in mods if m.down.dim() == 4 and tuple(m.down.shape[2:]) != (1, 1)]
+        if convs:
+            md["ss_network_args"] = json.dumps({"conv_dim": str(int(_most_common(m.rank for m in convs))),
+                                                "conv_alpha": str(float(_most_common(m.alpha for m in convs)))})
+    if family is not None:
+        md["ss_v2"] = str(family.arch == "sd2")
+        md["ss_base_model_version"] = family.ss_base_model_version
+    return md

@@ -1,0 +1,127 @@
+"""Loading any supported LoRA file into an ``Adapter`` keyed by live module paths, checking it on the way."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..adapter import Adapter, LoraModule
+from ..errors import AdapterError
+from ..models import Family, detect_family
+from . import peft, validate
+from .arch import ArchTable, builtin_table, table_from_pipe
+from .io import read_tensors, weights_file
+from .keys import FAMILY_NAMES, Group, ParsedKeys, family_from_keys, family_from_metadata, is_tiny, parse_keys
+
+log = logging.getLogger(__name__)
+
+
+def family_for_key(key: str | None) -> Family | None:
+    """``Family`` for a key such as ``sd2-v`` (None for None or an unknown key)."""
+    if key not in FAMILY_NAMES:
+        return None
+    arch, _, v = key.partition("-")
+    return Family(arch, "v_prediction" if v == "v" else "epsilon")
+
+
+def file_family(metadata: dict[str, str], parsed: ParsedKeys, tensors: dict) -> tuple[str | None, str]:
+    """(family key, evidence) from metadata first, then key prefixes, then the cross-attention width."""
+    found, why = family_from_metadata(metadata)
+    if found is None:
+        found, why = family_from_keys(tensors.keys(), parsed, lambda k: tuple(tensors[k].shape))
+    return found, why
+
+
+def _table(file, pipe, family, found, why, metadata) -> ArchTable | None:
+    if pipe is not None:
+        target = detect_family(pipe)
+        validate.check_family(file, found, why, target, "the base model")
+        return table_from_pipe(pipe, target)
+    if family is not None:
+        validate.check_family(file, found, why, family, "the requested family")
+    target = family or family_for_key(found)
+    if target is None:
+        return None
+    return builtin_table(target.arch, tiny=target.arch == "sd1" and is_tiny(metadata))
+
+
+def _module(file, group: Group, tensors, cfg: dict | None, names: list[str]) -> LoraModule:
+    keys = group.keys
+    if "down" not in keys or "up" not in keys:
+        have = keys.get("down") or keys.get("up") or keys.get("alpha")
+        missing = "up" if "down" in keys else "down"
+        raise AdapterError(f"{file}: {have} has no matching {missing} weight")
+    down, up = tensors[keys["down"]], tensors[keys["up"]]
+    validate.check_pair(file, keys["down"], down, keys["up"], up)
+    rank = int(down.shape[0])
+    if "alpha" in keys:
+        alpha = validate.alpha_from_tensor(file, keys["alpha"], tensors[keys["alpha"]])
+    elif cfg:
+        alpha = validate.check_alpha(file, f"{peft.METADATA_KEY} ({keys['down']})",
+                                     peft.alpha_from_config(file, cfg, names, rank))
+    else:  # no alpha anywhere: kohya and diffusers both read this as alpha = rank (scale 1)
+        alpha = float(rank)
+    return LoraModule(down=down, up=up, alpha=alpha)
+
+
+def _unused_message(file, unused: list[str], table: ArchTable, pipe) -> str:
+    hint = "" if pipe is not None else " or pass --base (base model) to resolve them against your own model"
+    return (f"{file}: {len(unused)} key(s) match no module of {table.source}: {validate.short_list(unused)}. "
+            f"Is the adapter for another model? Use --allow-unused-keys (allow_unused_keys=True) to load the "
+            f"rest{hint}.")
+
+
+def load_adapter(path, *, pipe=None, family: Family | None = None, allow_unused_keys: bool = False) -> Adapter:
+    """Read a LoRA file (kohya, PEFT, older diffusers spellings; a diffusers output folder; a tensor pickle).
+
+    Modules are keyed by the live module paths of ``pipe`` if given (shapes and family are checked against it),
+    else of the built-in architecture of the family the file declares (metadata, key prefixes, or shapes).
+    """
+    src = Path(path)
+    file = weights_file(src)
+    tensors, metadata = read_tensors(file)
+    parsed = parse_keys(tensors)
+    if parsed.unsupported:
+        raise AdapterError(f"{file}: not supported: {validate.short_list(parsed.unsupported)} (LyCORIS LoHa/LoKr, "
+                           "LoCon-Tucker lora_mid, DoRA or full-difference keys); only plain LoRA and conv LoRA "
+                           "(LoCon) files can be loaded")
+    if parsed.duplicates:
+        a, b = parsed.duplicates[0]
+        raise AdapterError(f"{file}: keys {a} and {b} hold the same weight of one module")
+    if not parsed.groups:
+        raise AdapterError(f"{file}: no LoRA weights found (keys: {validate.short_list(sorted(tensors))})")
+    found, why = file_family(metadata, parsed, tensors)
+    table = _table(file, pipe, family, found, why, metadata)
+    if table is None:
+        raise AdapterError(f"{file}: cannot tell which model family this adapter is for (no stylelora, kohya or "
+                           "ModelSpec metadata, and its keys and shapes do not say). Pass --base (pipe=...) or "
+                           "family=...")
+    configs = peft.read_configs(file, metadata)
+    hint = "" if pipe is not None else f" (checked against {table.source}; pass --base to check against yours)"
+    modules: dict[str, dict[str, LoraModule]] = {}
+    unused = list(parsed.unrecognized)
+    for slot, group in parsed.groups.items():
+        comp = table.components.get(slot.component)
+        live = comp.resolve(slot.name, slot.flat) if comp else None
+        if live is None:
+            unused.extend(group.keys.values())
+            continue
+        if slot.flat and slot.name in comp.ambiguous:
+            raise AdapterError(f"{file}: {group.keys.get('down')} could name more than one module of {table.source}")
+        names = [slot.name, live, comp.peft_out.get(live, live)]
+        m = _module(file, group, tensors, configs.get(slot.component), names)
+        m = validate.fit_shape(file, group.keys["down"], live, m, comp.shapes[live], hint)
+        target = modules.setdefault(slot.component, {})
+        if live in target:
+            raise AdapterError(f"{file}: {group.keys['down']} and another key both target {slot.component} "
+                               f"module {live}")
+        target[live] = m
+    if unused:
+        message = _unused_message(file, sorted(unused), table, pipe)
+        if not allow_unused_keys:
+            raise AdapterError(message)
+        log.warning("%s (ignored)", message)
+    if not modules:
+        raise AdapterError(f"{file}: none of its LoRA keys match a module of {table.source}")
+    fam = found or (table.family.key if table.family else None)
+    return Adapter(modules=modules, metadata=dict(metadata), family=fam, name=src.stem if src.is_file() else src.name)

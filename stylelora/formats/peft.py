@@ -1,0 +1,101 @@
+"""The PEFT / diffusers layout: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight``, ``text_encoder.…``.
+
+Alpha lives in the header, as diffusers' own ``save_lora_weights`` writes it: metadata key
+``lora_adapter_metadata`` holds JSON of the ``LoraConfig`` fields per component, flattened with a
+``<component>.`` prefix (``{"unet.r": 8, "unet.lora_alpha": 4.0, "unet.target_modules": [...], ...}``).
+``pipe.load_lora_weights(file)`` builds each component's ``LoraConfig`` from it, so the scale is right.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+
+import torch
+
+from ..adapter import Adapter
+from ..errors import AdapterError
+from .arch import ArchTable, peft_name
+
+METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+
+
+def _target(component: str, path: str) -> str:
+    """The name PEFT matches (exactly, or as a dotted suffix). For CLIP, without ``text_model.`` so it matches
+    both the flattened (transformers 5) and the nested module names."""
+    return path if component == "unet" else path.removeprefix("text_model.")
+
+
+def _most_common(values):
+    counts = Counter(values)
+    return max(counts, key=lambda v: (counts[v], -v))
+
+
+def to_state_dict(adapter: Adapter, table: ArchTable | None) -> tuple[dict[str, torch.Tensor], str]:
+    """(tensors, value of ``lora_adapter_metadata``)."""
+    tensors: dict[str, torch.Tensor] = {}
+    config: dict[str, object] = {}
+    for comp in adapter.components():
+        mods = adapter.modules[comp]
+        for path, m in mods.items():
+            name = f"{comp}.{peft_name(comp, path, table)}"
+            tensors[f"{name}.lora_A.weight"] = m.down.detach().cpu().contiguous()
+            tensors[f"{name}.lora_B.weight"] = m.up.detach().cpu().contiguous()
+        r = int(_most_common(m.rank for m in mods.values()))
+        alpha = float(_most_common(float(m.alpha) for m in mods.values()))
+        targets = {path: _target(comp, peft_name(comp, path, table)) for path in mods}
+        config.update({
+            f"{comp}.r": r,
+            f"{comp}.lora_alpha": alpha,
+            f"{comp}.target_modules": sorted(targets.values()),
+            f"{comp}.rank_pattern": {targets[p]: m.rank for p, m in sorted(mods.items()) if m.rank != r},
+            f"{comp}.alpha_pattern": {targets[p]: float(m.alpha) for p, m in sorted(mods.items())
+                                      if float(m.alpha) != alpha},
+        })
+    return tensors, json.dumps(config, indent=2, sort_keys=True)
+
+
+def read_configs(file, metadata: dict[str, str]) -> dict[str, dict]:
+    """Per component, the ``LoraConfig`` fields stored in ``lora_adapter_metadata`` (empty if absent)."""
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+        if not isinstance(flat, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise AdapterError(f"{file}: metadata key {METADATA_KEY} is not valid JSON ({e})") from None
+    out: dict[str, dict] = {}
+    for key, value in flat.items():
+        comp, _, field = key.partition(".")
+        if field:
+            out.setdefault(comp, {})[field] = value
+    for comp, cfg in out.items():
+        if cfg.get("use_dora"):
+            raise AdapterError(f"{file}: not supported: {METADATA_KEY} {comp}.use_dora=true (DoRA adapters)")
+    return out
+
+
+def _matches(pattern: str, name: str) -> bool:
+    try:  # PEFT's rule (peft.utils.other.get_pattern_key): the pattern matches a dotted suffix of the name
+        return re.match(rf"(.*\.)?({pattern})$", name) is not None
+    except re.error:
+        return name == pattern or name.endswith("." + pattern)
+
+
+def alpha_from_config(file, cfg: dict, names: list[str], rank: int) -> float:
+    """The alpha PEFT would use for a module (``alpha_pattern`` first, rsLoRA folded in), as scale · rank."""
+    try:
+        alpha = float(cfg.get("lora_alpha", rank))
+        for pattern, value in (cfg.get("alpha_pattern") or {}).items():
+            if any(_matches(pattern, n) for n in names):
+                alpha = float(value)
+                break
+    except (TypeError, ValueError):
+        raise AdapterError(f"{file}: metadata key {METADATA_KEY}: lora_alpha / alpha_pattern are not numbers") from None
+    if cfg.get("use_rslora"):  # PEFT scales by alpha / sqrt(r); as alpha' / r that is alpha' = alpha · sqrt(r)
+        alpha *= math.sqrt(rank)
+    return alpha

@@ -1,0 +1,204 @@
+"""What an adapter file holds, read from its header alone (no module resolution): the data behind ``inspect``.
+
+The dictionary ``describe`` returns is the ``stylelora inspect --json`` output; its schema is documented in
+docs/inspect-json.md. Bump ``SCHEMA_VERSION`` when a field changes meaning or goes away.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections import Counter
+from pathlib import Path
+
+from ..errors import AdapterError
+from . import peft
+from .io import PICKLE_SUFFIXES, model_hashes, read_header, read_tensors, weights_file
+from .keys import family_from_keys, family_from_metadata, parse_keys
+
+SCHEMA_VERSION = 1
+_LDM_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_")
+_DIFFUSERS_BLOCKS = ("down_blocks_", "mid_block_", "up_blocks_", "conv_in", "conv_out", "time_embedding_",
+                     "add_embedding_")
+
+
+def _num(value, kind=float):
+    try:
+        return kind(value) if value not in (None, "", "None") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _iso(ts) -> str | None:
+    t = _num(ts)
+    return None if t is None else datetime.datetime.fromtimestamp(t, tz=datetime.timezone.utc).isoformat()
+
+
+def _json(value):
+    try:
+        return json.loads(value) if value else None
+    except ValueError:
+        return None
+
+
+def _read(file: Path):
+    """(tensor name -> (shape, dtype), alpha values, metadata) without loading LoRA weights."""
+    if file.suffix.lower() in PICKLE_SUFFIXES:
+        tensors, md = read_tensors(file)
+        entries = {k: (list(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in tensors.items()}
+        alphas = {k: float(t.float().reshape(-1)[0]) for k, t in tensors.items() if k.endswith(".alpha") and t.numel()}
+        return entries, alphas, md
+    _, header, md = read_header(file)
+    entries = {k: (v["shape"], v["dtype"]) for k, v in header.items()}
+    alpha_keys = [k for k in entries if k.endswith(".alpha")]
+    alphas = {}
+    if alpha_keys:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), "pt") as f:
+                alphas = {k: float(f.get_tensor(k).float().reshape(-1)[0]) for k in alpha_keys}
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types
+            raise AdapterError(f"{file}: unreadable safetensors file: {e}") from None
+    return entries, alphas, md
+
+
+def _unet_naming(parsed) -> str | None:
+    names = [s.name for s in parsed.groups if s.flat and s.component == "unet"]
+    ldm = any(n.startswith(_LDM_BLOCKS) for n in names)
+    diff = any(n.startswith(_DIFFUSERS_BLOCKS) for n in names)
+    return {(True, False): "ldm", (False, True): "diffusers", (True, True): "mixed"}.get((ldm, diff))
+
+
+def _components(file, parsed, entries, alphas, configs) -> dict:
+    comps: dict[str, dict] = {}
+    for slot, group in sorted(parsed.groups.items(), key=lambda kv: (kv[0].component, kv[0].name)):
+        if "down" not in group.keys:
+            continue
+        shape, dtype = entries[group.keys["down"]]
+        rank = int(shape[0]) if shape else 0
+        if "alpha" in group.keys:
+            alpha = alphas.get(group.keys["alpha"], float(rank))
+        elif slot.component in configs:
+            try:
+                alpha = peft.alpha_from_config(file, configs[slot.component], [slot.name], rank)
+            except AdapterError:
+                alpha = float(rank)
+        else:
+            alpha = float(rank)
+        c = comps.setdefault(slot.component, {"modules": 0, "ranks": Counter(), "alphas": Counter(),
+                                              "conv_modules": 0, "dtypes": set()})
+        c["modules"] += 1
+        c["ranks"][rank] += 1
+        c["alphas"][alpha] += 1
+        c["conv_modules"] += len(shape) == 4 and list(shape[2:]) != [1, 1]
+        c["dtypes"].add(dtype)
+    out = {}
+    for name, c in comps.items():
+        rank = max(c["ranks"], key=lambda r: (c["ranks"][r], -r))
+        alpha = max(c["alphas"], key=lambda a: (c["alphas"][a], -a))
+        out[name] = {"modules": c["modules"], "rank": rank, "ranks": sorted(c["ranks"]), "alpha": alpha,
+                     "alphas": sorted(c["alphas"]), "scale": alpha / rank if rank else None,
+                     "conv_modules": c["conv_modules"], "dtypes": sorted(c["dtypes"])}
+    return out
+
+
+def training_summary(md: dict[str, str]) -> dict | None:
+    """The training record of kohya (``ss_*``), ModelSpec and stylelora metadata; None if there is none."""
+    if not any(k.startswith(("ss_", "stylelora.")) for k in md):
+        return None
+    started, finished = _num(md.get("ss_training_started_at")), _num(md.get("ss_training_finished_at"))
+    freq = _json(md.get("ss_tag_frequency")) or {}
+    tags: Counter = Counter()
+    for per_dir in freq.values() if isinstance(freq, dict) else ():
+        for tag, n in per_dir.items() if isinstance(per_dir, dict) else ():
+            tags[str(tag).strip()] += _num(n, int) or 0
+    resolution = md.get("modelspec.resolution")
+    if not resolution and md.get("ss_resolution"):
+        resolution = "x".join(p.strip() for p in md["ss_resolution"].strip("()").split(","))
+    return {
+        "base_model": md.get("ss_sd_model_name"),
+        "output_name": md.get("ss_output_name"),
+        "title": md.get("modelspec.title"),
+        "steps": _num(md.get("ss_steps"), int),
+        "max_train_steps": _num(md.get("ss_max_train_steps"), int),
+        "epoch": _num(md.get("ss_epoch"), int),
+        "num_train_images": _num(md.get("ss_num_train_images"), int),
+        "resolution": resolution,
+        "learning_rate": _num(md.get("ss_learning_rate")),
+        "unet_lr": _num(md.get("ss_unet_lr")),
+        "text_encoder_lr": _num(md.get("ss_text_encoder_lr")),
+        "optimizer": md.get("ss_optimizer"),
+        "lr_scheduler": md.get("ss_lr_scheduler"),
+        "seed": _num(md.get("ss_seed"), int),
+        "clip_skip": _num(md.get("ss_clip_skip"), int),
+        "network_module": md.get("ss_network_module"),
+        "network_dim": _num(md.get("ss_network_dim"), int),
+        "network_alpha": _num(md.get("ss_network_alpha")),
+        "started_at": _iso(started),
+        "finished_at": _iso(finished),
+        "duration_s": (finished - started) if started is not None and finished is not None else None,
+        "dataset_dirs": _json(md.get("ss_dataset_dirs")),
+        "top_tags": [[t, n] for t, n in sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))[:20]],
+        "stylelora_version": md.get("stylelora.version"),
+        "config": _json(md.get("stylelora.config")),
+    }
+
+
+def _trigger(md: dict[str, str]) -> str | None:
+    if md.get("modelspec.trigger_phrase"):
+        return md["modelspec.trigger_phrase"]
+    config = _json(md.get("stylelora.config"))
+    return ((config or {}).get("data") or {}).get("trigger") if isinstance(config, dict) else None
+
+
+def _shown_metadata(md: dict[str, str]) -> dict[str, str]:
+    out = dict(md)
+    thumb = out.get("modelspec.thumbnail")
+    if thumb and len(thumb) > 80:
+        out["modelspec.thumbnail"] = f"{thumb[:thumb.find(',') + 1] or thumb[:30]}... ({len(thumb)} characters)"
+    return out
+
+
+def describe(path, *, hashes: bool = True) -> dict:
+    """Everything ``stylelora inspect`` reports about an adapter file (see docs/inspect-json.md)."""
+    src = Path(path)
+    file = weights_file(src)
+    entries, alphas, md = _read(file)
+    parsed = parse_keys(entries)
+    found, why = family_from_metadata(md)
+    if found is None:
+        found, why = family_from_keys(entries, parsed, lambda k: tuple(entries[k][0]))
+    try:
+        configs = peft.read_configs(file, md)
+    except AdapterError:
+        configs = {}
+    components = _components(file, parsed, entries, alphas, configs)
+    stored = (md.get("sshs_model_hash"), md.get("sshs_legacy_hash"))
+    computed = model_hashes(file) if hashes and file.suffix.lower() not in PICKLE_SUFFIXES else (None, None)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "file": str(file),
+        "size_bytes": file.stat().st_size,
+        "container": "pickle" if file.suffix.lower() in PICKLE_SUFFIXES else "safetensors",
+        "format": parsed.layout,
+        "unet_naming": _unet_naming(parsed),
+        "family": found,
+        "family_source": why or None,
+        "num_tensors": len(entries),
+        "num_modules": sum(c["modules"] for c in components.values()),
+        "components": components,
+        "supported": not parsed.unsupported and bool(components),
+        "unsupported_keys": sorted(parsed.unsupported),
+        "unrecognized_keys": sorted(parsed.unrecognized),
+        "trigger": _trigger(md),
+        "hashes": {
+            "sshs_model_hash": stored[0],
+            "sshs_legacy_hash": stored[1],
+            "model_hash": computed[0],
+            "legacy_hash": computed[1],
+            "matches": None if None in stored or None in computed else stored == computed,
+        },
+        "training": training_summary(md),
+        "metadata": _shown_metadata(md),
+    }
