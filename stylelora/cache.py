@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: latent entries carry original size and crop (SDXL micro-conditioning)
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:

@@ -94,6 +94,7 @@ class OptimConfig:
     warmup_steps: int = opt(0, "learning-rate warmup steps")
     min_snr_gamma: float | None = opt(5.0, "min-SNR-gamma loss weighting (0 or none = off)")
     noise_offset: float = opt(0.0, "noise offset (helps very dark/bright styles); 0.05-0.1 typical")
+    zero_terminal_snr: bool = opt(False, "rescale the noise schedule to zero terminal SNR (needs v-prediction)")
 
     def __post_init__(self):
         _check(self.lr > 0, "lr must be > 0")

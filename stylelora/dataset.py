@@ -16,6 +16,7 @@ import torch
 from . import data
 from .cache import TensorCache, file_digest, module_fingerprint
 from .config import DataConfig
+from .errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,14 @@ class TrainingSet:
     """Images of one run with their buckets; ``batch()`` returns model-ready tensors for a list of item indices."""
 
     def __init__(self, items: list[data.ImageItem], cfg: DataConfig, pipe, *, cache_root: Path,
-                 cache_text: bool, device: torch.device, weight_dtype: torch.dtype):
+                 cache_text: bool, device: torch.device, weight_dtype: torch.dtype, family=None):
+        from .conditioning import TextConditioning
+        from .models import detect_family
+
         self.items, self.cfg, self.pipe = items, cfg, pipe
+        self.family = family or detect_family(pipe)
+        self.text = TextConditioning(pipe, self.family)
+        self.encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.family.arch == "sdxl" else [])
         self.device, self.weight_dtype = device, weight_dtype
         self.cache_latents = cfg.cache_latents and not cfg.random_crop
         if cfg.cache_latents and cfg.random_crop:
@@ -66,36 +73,35 @@ class TrainingSet:
                         self.latent_cache.put(key, entry)
                     self._latents[(i, flip)] = entry
         if self.cache_text:
-            te_id = module_fingerprint(self.pipe.text_encoder) + _tokenizer_id(self.pipe.tokenizer)
+            te_id = "".join(module_fingerprint(e) for e in self.encoders)
+            te_id += "".join(_tokenizer_id(t) for t in self.text.tokenizers)
             for caption in sorted({it.caption for it in self.items}):
-                key = TensorCache.key("text", caption, te_id, str(self.weight_dtype))
+                key = TensorCache.key("text", caption, te_id, str(self.weight_dtype), self.family.arch)
                 entry = self.text_cache.get(key)
                 if entry is None:
-                    entry = {"hidden": self._encode_text([caption])[0].to(torch.float32)}
+                    cond = self.text.encode(self.encoders, self.text.tokenize([caption]))
+                    entry = {k: v[0].float() for k, v in cond.items() if v is not None}
                     self.text_cache.put(key, entry)
-                self._text[caption] = entry["hidden"]
+                self._text[caption] = entry
 
     def _encode_image(self, item, bucket, *, flip: bool, crop: str, gen) -> dict[str, torch.Tensor]:
         img = data.load_image(item.path)
-        pixels, _, _ = data.prepare_pixels(img, bucket, crop=crop, flip=flip, rng=gen)
+        pixels, crop_tl, orig = data.prepare_pixels(img, bucket, crop=crop, flip=flip, rng=gen)
         vae = self.pipe.vae
         dist = vae.encode(pixels[None].to(self.device, vae.dtype)).latent_dist
-        return {"mean": dist.mean[0].float().cpu(), "std": dist.std[0].float().cpu()}
-
-    def _encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenize(captions).to(self.device)
-        return self.pipe.text_encoder(ids)[0]
-
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        tok = self.pipe.tokenizer
-        return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids
+        mean, std = dist.mean[0].float().cpu(), dist.std[0].float().cpu()
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            # an fp16 SD/SDXL VAE overflows on some images; training on NaN latents would poison the adapter
+            raise DataError(f"the VAE produced NaN/inf latents for {item.path}. Run the VAE in fp32 (the default) or "
+                            "use a fixed fp16 VAE, or remove this image.")
+        return {"mean": mean, "std": std, "orig": torch.tensor(orig, dtype=torch.float32),
+                "crop": torch.tensor(crop_tl, dtype=torch.float32)}
 
     # ------------------------------------------------------------------------------------------- batches
-    def latents(self, indices: list[int], gen: torch.Generator) -> torch.Tensor:
-        """Scaled latents for a batch; flip choice and the latent sample come from ``gen`` (deterministic)."""
+    def batch(self, indices: list[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Scaled latents and SDXL size/crop conditioning for a batch; flips and latent samples drawn from ``gen``."""
         vae = self.pipe.vae
-        out = []
+        out, orig, crops = [], [], []
         for i in indices:
             flip = bool(self.cfg.random_flip and torch.rand((), generator=gen) < 0.5)
             if self.cache_latents:
@@ -106,15 +112,20 @@ class TrainingSet:
                                                crop="random" if self.cfg.random_crop else "center", gen=gen)
             mean, std = entry["mean"], entry["std"]
             out.append(mean + std * torch.randn(mean.shape, generator=gen))
+            orig.append(entry["orig"])
+            crops.append(entry["crop"])
         lat = torch.stack(out)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((lat - shift) * vae.config.scaling_factor).to(self.device)
+        targets = torch.tensor([[self.buckets[i].height, self.buckets[i].width] for i in indices], dtype=torch.float32)
+        return {"latents": ((lat - shift) * vae.config.scaling_factor).to(self.device),
+                "original_sizes": torch.stack(orig), "crops": torch.stack(crops), "target_sizes": targets}
 
     def captions(self, indices: list[int]) -> list[str]:
         return [self.items[i].caption for i in indices]
 
-    def cached_text(self, indices: list[int]) -> torch.Tensor:
-        return torch.stack([self._text[self.items[i].caption] for i in indices]).to(self.device)
+    def cached_text(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        entries = [self._text[self.items[i].caption] for i in indices]
+        return {k: torch.stack([e[k] for e in entries]).to(self.device) for k in entries[0]}
 
 
 def _tokenizer_id(tok) -> str:

@@ -112,10 +112,28 @@ def write_tiny_tokenizer(folder: Path) -> None:
     )
 
 
-def build_tiny_components() -> dict:
-    """Deterministic random-weight SD1-architecture components, small enough to train on a CPU."""
+TINY = {"tiny": "sd1", "tiny-sd2-v": "sd2-v", "tiny-sdxl": "sdxl"}
+
+
+def _tiny_clip_config(hidden_act: str = "quick_gelu", projection_dim: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, hidden_act=hidden_act, bos_token_id=512,
+                          eos_token_id=513, pad_token_id=513, projection_dim=projection_dim)
+
+
+def build_tiny_components(kind: str = "sd1") -> dict:
+    """Deterministic random-weight components of the given family, small enough to train on a CPU.
+
+    sd1: SD1 layout. sd2-v: SD2 layout (linear projections, OpenCLIP-style gelu text encoder, v-prediction).
+    sdxl: SDXL layout (two text encoders, pooled text embeds and size/crop time ids, ldm block layout with
+    layers_per_block=2 so kohya's input_blocks/output_blocks numbering applies).
+    """
+    if kind == "sdxl":
+        return _build_tiny_sdxl()
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -127,11 +145,25 @@ def build_tiny_components() -> dict:
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
-        attention_head_dim=8,
+        attention_head_dim=8 if kind == "sd1" else (2, 4),
+        use_linear_projection=kind != "sd1",
         norm_num_groups=32,
     )
     torch.manual_seed(0)
-    vae = AutoencoderKL(
+    vae = _tiny_vae()
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(_tiny_clip_config("quick_gelu" if kind == "sd1" else "gelu"))
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon" if kind == "sd1" else "v_prediction", steps_offset=1,
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         sample_size=128,
         in_channels=3,
         out_channels=3,
@@ -142,34 +174,39 @@ def build_tiny_components() -> dict:
         layers_per_block=1,
         norm_num_groups=32,
     )
+
+
+def _build_tiny_sdxl() -> dict:
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=514,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-            projection_dim=32,
-        )
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        cross_attention_dim=64,  # 32 (CLIP-L stand-in) + 32 (OpenCLIP-G stand-in), concatenated
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 32,  # 6 time ids x 8 + pooled text embeds (32)
+        norm_num_groups=32,
     )
-    scheduler = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", steps_offset=1,
-    )
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+    torch.manual_seed(0)
+    vae = _tiny_vae()
+    torch.manual_seed(0)
+    te1 = CLIPTextModel(_tiny_clip_config("quick_gelu"))
+    torch.manual_seed(1)
+    te2 = CLIPTextModelWithProjection(_tiny_clip_config("gelu"))
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1,
+                                       timestep_spacing="leading")
+    return {"unet": unet, "vae": vae, "text_encoder": te1, "text_encoder_2": te2, "scheduler": scheduler}
 
 
-def tiny_path() -> Path:
-    return stylelora_home() / f"tiny-v{TINY_VERSION}"
+def tiny_path(spec: str = "tiny") -> Path:
+    return stylelora_home() / f"{spec}-v{TINY_VERSION}"
 
 
-def ensure_tiny() -> Path:
+def ensure_tiny(spec: str = "tiny") -> Path:
     """Build the tiny base once and keep it on disk.
 
     Built in a temp folder and renamed into place, under a file lock so that concurrent processes (tests,
@@ -178,31 +215,33 @@ def ensure_tiny() -> Path:
     """
     import fcntl
 
-    target = tiny_path()
+    target = tiny_path(spec)
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".tiny-v{TINY_VERSION}.lock", "w") as lock:
+    with open(target.parent / f".{spec}-v{TINY_VERSION}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "model_index.json").exists():
-            _build_tiny(target)
+            _build_tiny(target, TINY[spec])
     return target
 
 
-def _build_tiny(target: Path) -> None:
-    from diffusers import StableDiffusionPipeline
+def _build_tiny(target: Path, kind: str) -> None:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
         write_tiny_tokenizer(tmp / "tok")
         tokenizer = CLIPTokenizer.from_pretrained(tmp / "tok")
-        pipe = StableDiffusionPipeline(
-            **build_tiny_components(), tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        parts = build_tiny_components(kind)
+        if kind == "sdxl":
+            pipe = StableDiffusionXLPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer, add_watermarker=False)
+        else:
+            pipe = StableDiffusionPipeline(**parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
         pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
-        for part in ("unet", "vae", "text_encoder"):
+        for part in [k for k in parts if k.startswith(("unet", "vae", "text_encoder"))]:
             if not any((tmp / "pipe" / part).glob("*.safetensors")):
                 raise ModelError(f"building the tiny base wrote no weights for {part} (distributed run?)")
         os.replace(tmp / "pipe", target)
@@ -230,10 +269,9 @@ def load_base(spec: str, *, dtype: torch.dtype = torch.float32, base_config: str
     """Load ``spec``: ``tiny``, a local diffusers folder, a single-file ``.safetensors`` checkpoint, or a hub id."""
     spec = str(spec)
     path = Path(spec).expanduser()
-    if spec == "tiny":
-        folder = ensure_tiny()
-        pipe = _load_folder(folder, dtype)
-        name = "tiny"
+    if spec in TINY:
+        pipe = _load_folder(ensure_tiny(spec), dtype)
+        name = spec
     elif path.is_dir():
         if not (path / "model_index.json").exists():
             raise ModelError(

@@ -17,7 +17,7 @@ from stylelora import lora
 from stylelora.config import ConfigError, DataConfig, NetworkConfig, RunConfig, TrainConfig
 from stylelora.errors import DataError, TrainingError
 from stylelora.models import load_base
-from stylelora.train import train
+from stylelora.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,7 +158,7 @@ def test_cache_reuses_latents_and_reencodes_only_the_edited_image(style_dir, tmp
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(style_dir, tmp_path, monkeypatch):
-    import stylelora.train as T
+    import stylelora.training as T
 
     real = T.compute_loss
     calls = {"n": 0}
@@ -233,7 +233,7 @@ def test_config_toml_flags_and_unknown_keys(tmp_path):
 
 def test_multi_process_training_writes_one_adapter(style_dir, tmp_path):
     out = tmp_path / "mp" / "m.safetensors"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "ACCELERATE_USE_CPU": "1"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     # accelerate's --cpu multi-process mode needs MPI; its torchrun path runs on CPU (gloo) with ACCELERATE_USE_CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stylelora", "train", str(style_dir),

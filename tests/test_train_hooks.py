@@ -8,7 +8,7 @@ from test_train import quick_config
 
 from stylelora.errors import TrainingCancelled
 from stylelora.models import load_base
-from stylelora.train import train
+from stylelora.training import train
 
 
 def test_progress_and_stop_then_resume(style_dir, tmp_path):

@@ -55,7 +55,7 @@ def config_from_args(args) -> TrainConfig:
 
 
 def run(args) -> int:
-    from ..train import train
+    from ..training import train
 
     from accelerate import PartialState
 

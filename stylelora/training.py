@@ -22,7 +22,7 @@ from . import checkpoint, data, lora
 from .config import TrainConfig
 from .dataset import TrainingSet
 from .errors import ConfigError, TrainingCancelled, TrainingError
-from .models import Base, ensure_tiny, load_base, stylelora_home
+from .models import TINY, Base, ensure_tiny, load_base, stylelora_home
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,8 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
     checkpoint and raises ``TrainingCancelled`` (resume it later with ``resume="latest"``).
     """
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
+    from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
     cfg, run = config, config.run
@@ -60,8 +59,8 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
     if output.suffix != ".safetensors":
         raise ConfigError(f"output {output} must end in .safetensors")
     started_at = time.time()
-    if base is None and run.base == "tiny":
-        ensure_tiny()  # before the process group exists (see ensure_tiny)
+    if base is None and run.base in TINY:
+        ensure_tiny(run.base)  # before the process group exists (see ensure_tiny)
 
     accelerator = Accelerator(
         mixed_precision=run.mixed_precision,
@@ -76,23 +75,24 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
                              repeats=cfg.data.repeats, default_repeats=cfg.data.default_repeats,
                              skip_bad_images=cfg.data.skip_bad_images)
 
-    # ---- base model: frozen; UNet/text encoder in the training dtype, VAE in fp32 (fp16 VAEs overflow to NaN)
+    # ---- base model: frozen; UNet/text encoders in the training dtype, VAE in fp32 (fp16 VAEs overflow to NaN)
     borrowed = base is not None
     base = base or load_base(run.base, base_config=run.base_config)
     pipe, family = base.pipe, base.family
-    original = {n: (getattr(pipe, n).device, getattr(pipe, n).dtype) for n in ("unet", "vae", "text_encoder")}
+    te_names = ["text_encoder"] + (["text_encoder_2"] if family.arch == "sdxl" else [])
+    original = {n: (getattr(pipe, n).device, getattr(pipe, n).dtype) for n in ["unet", "vae", *te_names]}
     prediction_type = run.prediction_type or family.prediction_type
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False)
-    pipe.unet.to(device, weight_dtype)
-    pipe.text_encoder.to(device, weight_dtype)
+    for n in ["unet", "vae", *te_names]:
+        getattr(pipe, n).requires_grad_(False)
+    for n in ["unet", *te_names]:
+        getattr(pipe, n).to(device, weight_dtype)
     pipe.vae.to(device, torch.float32)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    noise_scheduler = make_noise_scheduler(pipe, prediction_type, cfg.optim.zero_terminal_snr)
 
     # ---- caches (main process fills them; the others then read them back)
     train_te = cfg.network.train_text_encoder
     tset = TrainingSet(items, cfg.data, pipe, cache_root=Path(cfg.data.cache_dir or stylelora_home() / "cache"),
-                       cache_text=not train_te, device=device, weight_dtype=weight_dtype)
+                       cache_text=not train_te, device=device, weight_dtype=weight_dtype, family=family)
     with accelerator.main_process_first():
         tset.prepare()
     log.info("cache: latents %s, text %s", tset.latent_cache.stats, tset.text_cache.stats)
@@ -102,29 +102,30 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
     # ---- LoRA layers (PEFT), seeded; trainable weights in fp32 whatever the base dtype
     torch.manual_seed(run.seed)
     net = cfg.network
-    if net.unet_targets:
-        lora.inject(pipe.unet, rank=net.rank, alpha=net.lora_alpha, targets=net.unet_targets, dropout=net.dropout,
-                    adapter_name=ADAPTER_NAME)
-    if train_te:
-        lora.inject(pipe.text_encoder, rank=net.rank, alpha=net.lora_alpha, targets=net.te_targets,
-                    dropout=net.dropout, adapter_name=ADAPTER_NAME)
-    models = [pipe.unet] + ([pipe.text_encoder] if train_te else [])
-    cast_training_params(models, dtype=torch.float32)
+    trained = (["unet"] if net.unet_targets else []) + (te_names if train_te else [])
+    for n in trained:
+        lora.inject(getattr(pipe, n), rank=net.rank, alpha=net.lora_alpha, dropout=net.dropout,
+                    targets=net.unet_targets if n == "unet" else net.te_targets, adapter_name=ADAPTER_NAME)
+    cast_training_params([getattr(pipe, n) for n in trained], dtype=torch.float32)
     if run.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-        if train_te:
-            pipe.text_encoder.gradient_checkpointing_enable()
+        for n in te_names if train_te else []:
+            getattr(pipe, n).gradient_checkpointing_enable()
 
-    groups = [{"params": lora.trainable_parameters(pipe.unet), "lr": cfg.optim.lr}]
-    if train_te:
-        groups.append({"params": lora.trainable_parameters(pipe.text_encoder), "lr": cfg.optim.te_lr or cfg.optim.lr})
+    groups = [{"params": lora.trainable_parameters(getattr(pipe, n)),
+               "lr": cfg.optim.lr if n == "unet" else (cfg.optim.te_lr if cfg.optim.te_lr is not None else cfg.optim.lr)}
+              for n in trained]
     groups = [g for g in groups if g["params"]]
     optimizer = make_optimizer(cfg, groups, device)
     lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                  num_training_steps=run.steps)
-    unet = accelerator.prepare(pipe.unet)
-    text_encoder = accelerator.prepare(pipe.text_encoder) if train_te else pipe.text_encoder
+    # only modules with trainable parameters go through prepare() (DDP refuses a module with nothing to train)
+    models = {n: accelerator.prepare(getattr(pipe, n)) if n in trained else getattr(pipe, n)
+              for n in ["unet", *te_names]}
+    unet = models["unet"]
+    encoders = [models[n] for n in te_names]
     optimizer = accelerator.prepare(optimizer)
+    trained_models = {n: models[n] for n in trained}
 
     # ---- resume
     ckpt_root = checkpoint.checkpoint_root(output)
@@ -135,8 +136,7 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
         if found is None:
             accelerator.print(f"--resume {run.resume}: no checkpoint in {ckpt_root}, starting from step 0")
         else:
-            start_step = restore(found, run_state, accelerator, [unet, text_encoder] if train_te else [unet],
-                                 optimizer, lr_scheduler)
+            start_step = restore(found, run_state, accelerator, trained_models, optimizer, lr_scheduler)
             accelerator.print(f"resumed from {found} at step {start_step}")
 
     # ---- the loop
@@ -162,7 +162,8 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
     bar = tqdm(range(start_step, run.steps), initial=start_step, total=run.steps, desc="train",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     unet.train()
-    text_encoder.train(train_te)
+    for enc in encoders:
+        enc.train(train_te)
     for step in bar:
         gen = torch.Generator().manual_seed(step_seed(run.seed, step, rank))
         torch.manual_seed(step_seed(run.seed, step, rank))  # LoRA dropout draws from the global generator
@@ -170,8 +171,8 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
             indices = micro_batch((step * run.grad_accum + a) * world + rank)
             with accelerator.no_sync(unet) if a < run.grad_accum - 1 else nullcontext():
                 with accelerator.autocast():
-                    loss = compute_loss(tset, indices, gen, unet, text_encoder, noise_scheduler, cfg,
-                                        prediction_type, train_te, compute_snr)
+                    loss = compute_loss(tset, indices, gen, unet, encoders, noise_scheduler, cfg,
+                                        prediction_type, train_te)
                 accelerator.backward(loss / run.grad_accum)
             bad |= ~torch.isfinite(loss.detach())
             loss_sum += loss.detach().float() / run.grad_accum
@@ -211,7 +212,7 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 last_good = checkpoint.save(
-                    ckpt_root, done, params=trainable_state(accelerator, unet, text_encoder if train_te else None),
+                    ckpt_root, done, params=trainable_state(accelerator, trained_models),
                     optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=accelerator.scaler, state=run_state,
                     keep=run.keep_checkpoints)
             accelerator.wait_for_everyone()
@@ -239,7 +240,7 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
                                          thumbnail=samples[0] if samples else None)
         formats.save_adapter(adapter, output, format=run.format, family=family, metadata=meta, pipe=pipe)
         # the final state is also a checkpoint, so a later `--steps N --resume latest` can continue training
-        checkpoint.save(ckpt_root, run.steps, params=trainable_state(accelerator, unet, text_encoder if train_te else None),
+        checkpoint.save(ckpt_root, run.steps, params=trainable_state(accelerator, trained_models),
                         optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=accelerator.scaler, state=run_state,
                         keep=run.keep_checkpoints)
     accelerator.wait_for_everyone()
@@ -256,9 +257,14 @@ def _restore_borrowed(borrowed: bool, pipe, original: dict) -> None:
             getattr(pipe, n).to(dev, dtype)
 
 
-def compute_loss(tset, indices, gen, unet, text_encoder, noise_scheduler, cfg, prediction_type, train_te, compute_snr):
+def compute_loss(tset, indices, gen, unet, encoders, noise_scheduler, cfg, prediction_type, train_te):
     """Diffusion loss for one micro-batch: noise the latents at random timesteps, predict, weight by min-SNR."""
-    latents = tset.latents(indices, gen)
+    from diffusers.training_utils import compute_snr
+
+    from .conditioning import unet_kwargs
+
+    batch = tset.batch(indices, gen)
+    latents = batch["latents"]
     noise = torch.randn(latents.shape, generator=gen)
     if cfg.optim.noise_offset:
         noise += cfg.optim.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
@@ -267,19 +273,47 @@ def compute_loss(tset, indices, gen, unet, text_encoder, noise_scheduler, cfg, p
     t = t.to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
     if train_te:
-        hidden = text_encoder(tset.tokenize(tset.captions(indices)).to(latents.device))[0]
+        cond = tset.text.encode(encoders, tset.text.tokenize(tset.captions(indices)))
     else:
-        hidden = tset.cached_text(indices)
-    weight_dtype = tset.weight_dtype
-    pred = unet(noisy.to(weight_dtype), t, hidden.to(weight_dtype)).sample.float()
-    target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
+        cond = tset.cached_text(indices)
+    dtype = tset.weight_dtype
+    extra = unet_kwargs(tset.family, cond, original_sizes=batch["original_sizes"], crops=batch["crops"],
+                        target_sizes=batch["target_sizes"], dtype=dtype)
+    pred = unet(noisy.to(dtype), t, cond["hidden"].to(dtype), **extra).sample.float()
+    target = loss_target(noise_scheduler, prediction_type, latents, noise, t)
     loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
     gamma = cfg.optim.min_snr_gamma
     if gamma:
         snr = compute_snr(noise_scheduler, t)
+        # min-SNR-gamma (Hang et al. 2023); for v-prediction the weight is divided by snr + 1 instead of snr
         w = torch.clamp(snr, max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
         loss = loss * w
     return loss.mean()
+
+
+def loss_target(noise_scheduler, prediction_type: str, latents, noise, t):
+    """What the UNet should predict: the noise (epsilon) or the velocity v = α_t·ε − σ_t·x₀."""
+    if prediction_type == "epsilon":
+        return noise
+    return noise_scheduler.get_velocity(latents, noise, t)
+
+
+def make_noise_scheduler(pipe, prediction_type: str, zero_terminal_snr: bool):
+    """DDPM training schedule from the base's scheduler config; optionally rescaled to zero terminal SNR.
+
+    Zero terminal SNR (Lin et al. 2023) lets the model learn pure-noise inputs (true blacks/whites); the sampling
+    scheduler is switched to the same betas and "trailing" spacing so inference matches training.
+    """
+    from diffusers import DDPMScheduler
+
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise ConfigError("zero_terminal_snr needs v-prediction (epsilon is undefined at zero SNR): add "
+                          "--prediction-type v_prediction, or drop --zero-terminal-snr")
+    extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if zero_terminal_snr else {}
+    if prediction_type != getattr(pipe.scheduler.config, "prediction_type", None) or extra:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type,
+                                                          **extra)
+    return DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type, **extra)
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device):
@@ -294,16 +328,10 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device):
     return torch.optim.AdamW(groups, weight_decay=o.weight_decay, fused=device.type == "cuda")
 
 
-def trainable_state(accelerator, unet, text_encoder) -> dict[str, torch.Tensor]:
-    """Trainable (LoRA) parameters by name, from the unwrapped models."""
-    out = {}
-    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
-        if model is None:
-            continue
-        for name, p in accelerator.unwrap_model(model).named_parameters():
-            if p.requires_grad:
-                out[f"{prefix}.{name}"] = p
-    return out
+def trainable_state(accelerator, models: dict) -> dict[str, torch.Tensor]:
+    """Trainable (LoRA) parameters by ``component.name``, from the unwrapped models."""
+    return {f"{comp}.{name}": p for comp, model in models.items()
+            for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
 
 def restore(path: Path, run_state: dict, accelerator, models, optimizer, lr_scheduler) -> int:
@@ -319,11 +347,7 @@ def restore(path: Path, run_state: dict, accelerator, models, optimizer, lr_sche
     if state["world"] != run_state["world"]:
         raise TrainingError(f"cannot resume from {path}: it was written by {state['world']} process(es), this run "
                             f"has {run_state['world']}. Launch with the same number of processes.")
-    live = {}
-    for prefix, model in zip(("unet", "text_encoder"), models):
-        for name, p in accelerator.unwrap_model(model).named_parameters():
-            if p.requires_grad:
-                live[f"{prefix}.{name}"] = p
+    live = trainable_state(accelerator, models)
     if set(live) != set(params):
         raise TrainingError(f"cannot resume from {path}: its LoRA parameters do not match this run's")
     with torch.no_grad():
@@ -350,8 +374,9 @@ def write_samples(pipe, cfg: TrainConfig, output: Path, step: int, accelerator, 
     pipe.vae.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     images, paths = [], []
-    te_mode = pipe.text_encoder.training
-    pipe.text_encoder.eval()
+    te_modes = {n: getattr(pipe, n).training for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None)}
+    for n in te_modes:
+        getattr(pipe, n).eval()
     res = cfg.data.resolution
     for i, prompt in enumerate(prompts):
         g = torch.Generator().manual_seed(cfg.run.sample_seed + i)
@@ -364,7 +389,8 @@ def write_samples(pipe, cfg: TrainConfig, output: Path, step: int, accelerator, 
         paths.append(path)
     pipe.vae.to(vae_device)
     pipe.unet.train(unet_mode)
-    pipe.text_encoder.train(te_mode)
+    for n, mode in te_modes.items():
+        getattr(pipe, n).train(mode)
     return paths if return_paths else images
 
 
