@@ -119,6 +119,8 @@ class RunConfig:
     grad_accum: int = opt(1, "gradient accumulation steps")
     mixed_precision: str = opt("no", "no | fp16 | bf16 (LoRA weights always stay fp32)")
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet")
+    channels_last: bool = opt(False, "channels-last memory format for the UNet (often faster convolutions on GPU)")
+    compile: bool = opt(False, "torch.compile the UNet forward (pays off on long GPU runs; slow first steps)")
     seed: int = opt(0, "seed for noise, timesteps, data order and LoRA init")
     prediction_type: str | None = opt(None, "override the base's prediction type: epsilon | v_prediction")
     checkpoint_every: int = opt(0, "write a resumable checkpoint every N steps (0 = only at the end)")

@@ -71,7 +71,8 @@ class TrainingSet:
                     if entry is None:
                         entry = self._encode_image(it, b, flip=flip, crop="center", gen=None)
                         self.latent_cache.put(key, entry)
-                    self._latents[(i, flip)] = entry
+                    # kept on the training device: a batch is then assembled without host-to-device copies
+                    self._latents[(i, flip)] = {k: v.to(self.device) for k, v in entry.items()}
         if self.cache_text:
             te_id = "".join(module_fingerprint(e) for e in self.encoders)
             te_id += "".join(_tokenizer_id(t) for t in self.text.tokenizers)
@@ -82,7 +83,7 @@ class TrainingSet:
                     cond = self.text.encode(self.encoders, self.text.tokenize([caption]))
                     entry = {k: v[0].float() for k, v in cond.items() if v is not None}
                     self.text_cache.put(key, entry)
-                self._text[caption] = entry
+                self._text[caption] = {k: v.to(self.device) for k, v in entry.items()}
 
     def _encode_image(self, item, bucket, *, flip: bool, crop: str, gen) -> dict[str, torch.Tensor]:
         img = data.load_image(item.path)
@@ -111,9 +112,9 @@ class TrainingSet:
                     entry = self._encode_image(self.items[i], self.buckets[i], flip=flip,
                                                crop="random" if self.cfg.random_crop else "center", gen=gen)
             mean, std = entry["mean"], entry["std"]
-            out.append(mean + std * torch.randn(mean.shape, generator=gen))
-            orig.append(entry["orig"])
-            crops.append(entry["crop"])
+            out.append(mean + std * torch.randn(mean.shape, generator=gen).to(mean.device))
+            orig.append(entry["orig"].cpu())
+            crops.append(entry["crop"].cpu())
         lat = torch.stack(out)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         targets = torch.tensor([[self.buckets[i].height, self.buckets[i].width] for i in indices], dtype=torch.float32)
