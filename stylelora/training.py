@@ -48,9 +48,6 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
     checkpoint and raises ``TrainingCancelled`` (resume it later with ``resume="latest"``).
     """
     from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-    from tqdm.auto import tqdm
 
     cfg, run = config, config.run
     if not cfg.data.folder:
@@ -67,24 +64,46 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
         log_with="tensorboard" if run.tensorboard_dir else None,
         project_dir=run.tensorboard_dir,
     )
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    if device.type == "cuda":
+    if accelerator.device.type == "cuda":
         # TF32 for the fp32 matmuls (LoRA weights, fp32 runs): ~free speed on Ampere and newer
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    weight_dtype = DTYPES[run.mixed_precision]
 
     # ---- data first: bad input fails before a model is loaded or anything is written
     items = data.scan_folder(cfg.data.folder, trigger=cfg.data.trigger, caption_template=cfg.data.caption_template,
                              repeats=cfg.data.repeats, default_repeats=cfg.data.default_repeats,
                              skip_bad_images=cfg.data.skip_bad_images)
 
-    # ---- base model: frozen; UNet/text encoders in the training dtype, VAE in fp32 (fp16 VAEs overflow to NaN)
+    # ---- base model: a caller's base is given back as it was found, whatever happens in the run
     borrowed = base is not None
     base = base or load_base(run.base, base_config=run.base_config)
+    parts = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if base.family.arch == "sdxl" else [])
+    original = {n: (getattr(base.pipe, n).device, getattr(base.pipe, n).dtype) for n in parts}
+    scheduler = base.pipe.scheduler
+    try:
+        return _train_on(base, cfg, accelerator, items, output, started_at, progress, should_stop)
+    finally:
+        if borrowed:
+            lora.remove(base.pipe, ADAPTER_NAME)
+            for n, (dev, dtype) in original.items():
+                getattr(base.pipe, n).to(dev, dtype)
+            base.pipe.scheduler = scheduler
+
+
+def _train_on(base: Base, cfg: TrainConfig, accelerator, items, output: Path, started_at: float, progress,
+              should_stop) -> Path:
+    """The run proper, on a loaded base: caches → LoRA layers → optimizer → steps → adapter file."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from tqdm.auto import tqdm
+
+    run = cfg.run
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    weight_dtype = DTYPES[run.mixed_precision]
+
+    # ---- base model frozen; UNet/text encoders in the training dtype, VAE in fp32 (fp16 VAEs overflow to NaN)
     pipe, family = base.pipe, base.family
     te_names = ["text_encoder"] + (["text_encoder_2"] if family.arch == "sdxl" else [])
-    original = {n: (getattr(pipe, n).device, getattr(pipe, n).dtype) for n in ["unet", "vae", *te_names]}
     prediction_type = run.prediction_type or family.prediction_type
     for n in ["unet", "vae", *te_names]:
         getattr(pipe, n).requires_grad_(False)
@@ -226,7 +245,6 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
             accelerator.wait_for_everyone()
             if stop:
                 bar.close()
-                _restore_borrowed(borrowed, pipe, original)
                 raise TrainingCancelled(f"training stopped at step {done}; checkpoint {last_good}. "
                                         "Resume with --resume latest (same settings).")
         _maybe_die_for_test(done)
@@ -253,16 +271,7 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
                         keep=run.keep_checkpoints)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    _restore_borrowed(borrowed, pipe, original)
     return output
-
-
-def _restore_borrowed(borrowed: bool, pipe, original: dict) -> None:
-    """Give a caller's base back as it was: LoRA layers removed, devices and dtypes restored."""
-    if borrowed:
-        lora.remove(pipe, ADAPTER_NAME)
-        for n, (dev, dtype) in original.items():
-            getattr(pipe, n).to(dev, dtype)
 
 
 def compute_loss(tset, indices, gen, unet, encoders, noise_scheduler, cfg, prediction_type, train_te):

@@ -34,3 +34,18 @@ def test_progress_and_stop_then_resume(style_dir, tmp_path):
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     cfg.run.resume = "latest"
     assert train(cfg, base=base).exists()
+
+
+def test_borrowed_base_is_given_back_after_a_failed_run(style_dir, tmp_path, monkeypatch):
+    import stylelora.training as T
+    from stylelora.errors import TrainingError
+
+    base = load_base("tiny")
+    before = {k: v.clone() for k, v in base.pipe.unet.state_dict().items()}
+    monkeypatch.setattr(T, "compute_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(TrainingError, match="NaN"):
+        train(quick_config(style_dir, tmp_path / "f.safetensors", log_every=1), base=base)
+    after = base.pipe.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    monkeypatch.undo()
+    assert train(quick_config(style_dir, tmp_path / "g.safetensors"), base=base).exists()  # base usable again
