@@ -222,12 +222,15 @@ def builtin_table(arch: str, tiny: bool = False) -> ArchTable:
     import transformers
 
     if tiny:
-        from ..models import build_tiny_components
+        from ..models import ensure_tiny
 
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # it seeds the global RNG; keep ours
-            parts = build_tiny_components()
-        models = {"unet": parts["unet"], "text_encoder": parts["text_encoder"]}
-        label, unet_cfg = "tiny", parts["unet"].config
+        # the tiny base's own saved configs (whatever builds it), instantiated without weights
+        folder = ensure_tiny("tiny")
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+            te = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+        models = {"unet": unet, "text_encoder": te}
+        label, unet_cfg = "tiny", unet.config
     else:
         label, unet_cfg, tes = ARCHS[arch]
         with torch.device("meta"):

@@ -1,0 +1,135 @@
+"""Bake a blend into a model: a diffusers folder (``save_pretrained``) or one original-layout ``.safetensors`` file.
+
+The blend is already fused into the weights by the Blender (W₀ + Σ cᵢ BᵢAᵢ, exact), so baking is saving. Both
+outputs are written next to their destination and renamed into place, so a failed bake never leaves half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .blend import Blender
+from .errors import ConfigError, ModelError
+from .prompt import LoraRef
+
+CHECKPOINT_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                   "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+BAKE_INFO = "stylelora_bake.json"
+
+
+def blend_record(blender: Blender) -> list[dict]:
+    """The active adapters as [{name, sshs_model_hash, weight}] (weight: number, or {unet, text_encoder})."""
+    rows = []
+    for name, (unet, te) in blender.active().items():
+        loaded = blender.loaded[name]
+        rows.append({"name": name, "sshs_model_hash": loaded.model_hash,
+                     "weight": unet if unet == te else {"unet": unet, "text_encoder": te},
+                     "file": str(loaded.path) if loaded.path else None})
+    return rows
+
+
+def _check_plain(pipe) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, comp, None)
+        if module is not None and any(isinstance(m, BaseTunerLayer) for m in module.modules()):
+            raise ModelError(f"the pipeline's {comp} still holds PEFT LoRA layers; bake from a plain base with a "
+                             "Blender (fused weights), not from a pipeline with attached adapters")
+
+
+def check_output(output: str | Path, *, single_file: bool = False, overwrite: bool = False) -> None:
+    """Refuse a bad or existing destination before any slow work."""
+    output = Path(output)
+    if single_file and output.suffix.lower() != ".safetensors":
+        raise ConfigError(f"--single-file output must end in .safetensors, got {output.name}")
+    _prepare(output, overwrite, create=False)
+
+
+def _prepare(output: Path, overwrite: bool, create: bool = True) -> None:
+    if output.exists() and not overwrite:
+        raise ConfigError(f"{output} already exists; pass --overwrite (overwrite=True) to replace it")
+    if create:
+        output.parent.mkdir(parents=True, exist_ok=True)
+
+
+def save_folder(blender: Blender, output: str | Path, *, base_name: str = "", overwrite: bool = False) -> Path:
+    """Write the pipeline with the current blend fused in as a diffusers folder (atomic rename into place)."""
+    output = Path(output)
+    _prepare(output, overwrite)
+    _check_plain(blender.pipe)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        blender.pipe.save_pretrained(tmp, safe_serialization=True)
+        info = {"base": base_name, "family": blender.family, "adapters": blend_record(blender),
+                "stylelora_version": __version__}
+        (tmp / BAKE_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
+        _swap_into_place(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+def _swap_into_place(tmp: Path, output: Path) -> None:
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+    try:
+        os.replace(tmp, output)
+    except OSError:
+        if old is not None:
+            os.replace(old, output)  # put the previous model back
+        raise
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def save_single_file(blender: Blender, output: str | Path, *, dtype: torch.dtype | None = None, base_name: str = "",
+                     overwrite: bool = False) -> Path:
+    """Write one ``.safetensors`` checkpoint in the original SD (ldm) key layout, blend fused in."""
+    from safetensors.torch import save_file
+
+    from .ldm import pipeline_to_ldm
+
+    output = Path(output)
+    check_output(output, single_file=True, overwrite=overwrite)
+    _prepare(output, overwrite)
+    _check_plain(blender.pipe)
+    state = pipeline_to_ldm(blender.pipe, blender.family)
+    state = {k: (v.to("cpu", dtype) if dtype is not None and v.is_floating_point() else v.to("cpu")).contiguous()
+             for k, v in state.items()}
+    metadata = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": CHECKPOINT_ARCH[blender.family],
+                "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+                "modelspec.title": output.stem, "stylelora_base": base_name,
+                "stylelora_baked_from": json.dumps(blend_record(blender))}
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=metadata)
+        _swap_into_place(Path(tmp), output)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return output
+
+
+def bake(base, refs: list[LoraRef], output: str | Path, *, folders=(), single_file: bool = False,
+         dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Load ``refs`` onto ``base`` (a models.Base), fuse them at their weights and save the result."""
+    if not refs:
+        raise ConfigError("bake needs at least one --lora FILE[:W[:W_TE]]")
+    blender = Blender(base)
+    blender.set(blender.load_refs(refs, folders))
+    if single_file:
+        return save_single_file(blender, output, dtype=dtype, base_name=base.name, overwrite=overwrite)
+    return save_folder(blender, output, base_name=base.name, overwrite=overwrite)

@@ -1,0 +1,330 @@
+"""Blend several LoRA adapters into a pipeline's weights: W = W₀ + Σᵢ wᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ, fused, and exactly undoable.
+
+The fused path costs nothing per denoising step. Each touched layer keeps a pristine copy of W₀; every update
+recomputes W from that copy (never by subtracting, which drifts), so all-zero weights give back W₀ bit for bit.
+Only layers whose coefficients changed are rewritten, and adapter files are read once per content (sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import Adapter
+from .errors import AdapterError
+
+log = logging.getLogger(__name__)
+
+Weight = float | tuple[float, float]  # one number for UNet and text encoder, or (unet, text_encoder)
+
+# sd2 and sd2-v share weights and module shapes; only the scheduler's prediction type differs.
+_COMPATIBLE = {"sd2-v": "sd2"}
+_CACHE_SIZE = 16
+_ADAPTERS: OrderedDict[tuple[str, str], Adapter] = OrderedDict()  # (file sha256, model signature) -> Adapter
+_DIGESTS: dict[tuple[str, int, int], tuple[str, str]] = {}  # (realpath, size, mtime_ns) -> (sha256, model hash)
+
+
+def family_key(family) -> str | None:
+    """Family as its short key ("sd1", "sd2", "sd2-v", "sdxl") from a Family, a key or None."""
+    return getattr(family, "key", family)
+
+
+def compatible(a: str | None, b: str | None) -> bool:
+    """Whether adapters of family ``a`` fit a base of family ``b`` (unknown families are not refused here)."""
+    if a is None or b is None:
+        return True
+    return _COMPATIBLE.get(a, a) == _COMPATIBLE.get(b, b)
+
+
+def file_digests(path: str | Path) -> tuple[str, str]:
+    """(sha256 of the whole file, sha256 of the bytes after the safetensors header = A1111/kohya model hash)."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    whole, body = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        whole.update(head)
+        skip = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        header = f.read(min(skip, 100_000_000))
+        whole.update(header)
+        while chunk := f.read(1 << 20):
+            whole.update(chunk)
+            body.update(chunk)
+    _DIGESTS[key] = (whole.hexdigest(), body.hexdigest())
+    return _DIGESTS[key]
+
+
+def model_signature(pipe) -> str:
+    """A short id of a pipeline's architecture: adapters read for one base are keyed by its module names."""
+    if pipe is None:
+        return "no-base"
+    configs = [dict(pipe.unet.config)]
+    for name in ("text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            configs.append(module.config.to_dict())
+    return hashlib.sha1(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_adapter(path: str | Path, *, pipe=None) -> Adapter:
+    """Read an adapter file once per content and base architecture; later calls return the cached (shared) copy."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"adapter file {path} does not exist")
+    sha, _ = file_digests(path)
+    key = (sha, model_signature(pipe))
+    if key in _ADAPTERS:
+        _ADAPTERS.move_to_end(key)
+        return _ADAPTERS[key]
+    try:
+        from .formats import load_adapter
+    except ImportError as e:  # pragma: no cover - formats ships with the package
+        raise AdapterError(f"cannot read {path}: stylelora.formats is unavailable ({e})") from e
+    adapter = load_adapter(path, pipe=pipe)
+    _ADAPTERS[key] = adapter
+    while len(_ADAPTERS) > _CACHE_SIZE:
+        _ADAPTERS.popitem(last=False)
+    return adapter
+
+
+def as_pair(weight: Weight, what: str = "weight") -> tuple[float, float]:
+    """``w`` -> (w, w); ``(w_unet, w_te)`` -> itself; checks the numbers are finite."""
+    if isinstance(weight, (int, float)):
+        pair = (float(weight), float(weight))
+    elif isinstance(weight, (tuple, list)) and len(weight) == 2:
+        pair = (float(weight[0]), float(weight[1]))
+    else:
+        raise AdapterError(f"{what}: expected a number or (unet, text_encoder), got {weight!r}")
+    if not all(math.isfinite(w) for w in pair):
+        raise AdapterError(f"{what}: weights must be finite, got {weight!r}")
+    return pair
+
+
+@dataclass
+class Loaded:
+    """One adapter held by a Blender, with where it came from (for infotext and merge metadata)."""
+
+    adapter: Adapter
+    path: Path | None
+    model_hash: str  # sshs_model_hash (A1111 shows its first 12 hex digits)
+
+
+@dataclass
+class _Target:
+    """One layer that some adapter modifies: its pristine weight and each adapter's factors."""
+
+    layer: torch.nn.Module
+    # adapter name -> (down [r, in·k·k], up [out, r], alpha / r)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    pristine: torch.Tensor | None = None
+    applied: tuple = ()  # ((name, weight), ...) fused into the weight right now
+    _cat: tuple | None = None  # (names, down_cat, up_cat on the weight's device; scales, rows per name on CPU)
+
+    def _concat(self, names: tuple[str, ...], device: torch.device):
+        if self._cat is None or self._cat[0] != names or self._cat[1].device != device:
+            downs = [self.factors[n][0].to(device, torch.float32) for n in names]
+            ups = [self.factors[n][1].to(device, torch.float32) for n in names]
+            rows = torch.tensor([d.shape[0] for d in downs])
+            scales = torch.tensor([self.factors[n][2] for n in names], dtype=torch.float64)
+            self._cat = (names, torch.cat(downs), torch.cat(ups, dim=1), scales, rows)
+        return self._cat
+
+    def apply(self, coeffs: tuple[tuple[str, float], ...], backup_device: str | None) -> bool:
+        """Set W = W₀ + Σ wᵢ sᵢ BᵢAᵢ for the nonzero ``coeffs``; returns whether the weight was rewritten."""
+        if coeffs == self.applied:
+            return False
+        weight = self.layer.weight
+        if self.pristine is None:
+            self.pristine = weight.detach().to(backup_device or weight.device, copy=True)
+        with torch.no_grad():
+            if not coeffs:
+                weight.copy_(self.pristine)  # exact restore: no arithmetic on the way back
+            else:
+                _, down, up, scales, rows = self._concat(tuple(n for n, _ in coeffs), weight.device)
+                per_name = torch.tensor([w for _, w in coeffs], dtype=torch.float64) * scales
+                c = per_name.repeat_interleave(rows).to(weight.device, torch.float32)  # one small copy per layer
+                # One matmul of concatenated factors: B_cat · diag(c) · A_cat, accumulated in fp32.
+                delta = (up * c) @ down
+                base = self.pristine.to(weight.device, torch.float32)
+                weight.copy_((base + delta.view(weight.shape)).to(weight.dtype))
+        self.applied = coeffs
+        return True
+
+
+class Blender:
+    """A weighted set of LoRA adapters fused into ``pipe``'s weights; ``set`` re-blends, all-zero restores W₀ exactly.
+
+    ``blender.load("ink.safetensors"); blender.set({"ink": 0.8, "pastel": (0.4, 0.2)})`` — a pair is
+    (UNet weight, text-encoder weight); adapters not named in ``set`` get weight 0 but stay loaded.
+    """
+
+    def __init__(self, pipe, *, family=None, backup_device: str | None = None):
+        if hasattr(pipe, "pipe") and hasattr(pipe, "family"):  # a models.Base
+            family = family if family is not None else pipe.family
+            pipe = pipe.pipe
+        if family is None:
+            from .models import detect_family
+
+            family = detect_family(pipe)
+        self.pipe = pipe
+        self.family = family_key(family)
+        self.backup_device = backup_device  # e.g. "cpu" to keep W₀ copies off a small GPU
+        self.loaded: dict[str, Loaded] = {}
+        self._weights: dict[str, tuple[float, float]] = {}
+        self._targets: dict[tuple[str, str], _Target] = {}
+        self._index: dict[str, set[tuple[str, str]]] = {}  # adapter name -> target keys it touches
+
+    # ------------------------------------------------------------------------------------------ adapters
+    @property
+    def names(self) -> list[str]:
+        return list(self.loaded)
+
+    @property
+    def weights(self) -> dict[str, tuple[float, float]]:
+        """Current (unet, text_encoder) weight of every loaded adapter."""
+        return dict(self._weights)
+
+    def active(self) -> dict[str, tuple[float, float]]:
+        """Adapters with a nonzero weight, in load order."""
+        return {n: w for n, w in self._weights.items() if w != (0.0, 0.0)}
+
+    def load(self, source: str | Path | Adapter, *, name: str | None = None, weight: Weight | None = None) -> str:
+        """Add an adapter (file or in-memory ``Adapter``) at weight 0 unless ``weight`` is given; returns its name."""
+        path = None
+        if isinstance(source, Adapter):
+            adapter, model_hash = source, source.metadata.get("sshs_model_hash") or source.content_hash()
+        else:
+            path = Path(source).expanduser()
+            adapter = read_adapter(path, pipe=self.pipe)
+            model_hash = adapter.metadata.get("sshs_model_hash") or file_digests(path)[1]
+        name = name or adapter.name
+        if name in self.loaded:
+            if self.loaded[name].adapter is adapter or self.loaded[name].model_hash == model_hash:
+                if weight is not None:
+                    self.update({name: weight})
+                return name
+            raise AdapterError(f"an adapter named {name!r} is already loaded from another file "
+                               f"({self.loaded[name].path}); pass name=... or unload it first")
+        self._check_family(adapter, path)
+        targets = self._resolve(adapter, path)
+        for key, (layer, factors) in targets.items():
+            target = self._targets.setdefault(key, _Target(layer))
+            target.factors[name] = factors
+            target._cat = None
+        self._index[name] = set(targets)
+        self.loaded[name] = Loaded(adapter, path, model_hash)
+        self._weights[name] = (0.0, 0.0)
+        if weight is not None:
+            self.update({name: weight})
+        return name
+
+    def load_refs(self, refs, folders=()) -> dict[str, tuple[float, float]]:
+        """Load each ``prompt.LoraRef`` (path, or name looked up in ``folders``); returns {name: (unet, te)}."""
+        from .prompt import resolve
+
+        weights: dict[str, tuple[float, float]] = {}
+        for ref in refs:
+            name = self.load(resolve(ref, list(folders)))
+            if name in weights:
+                raise AdapterError(f"adapter {name!r} is given twice; give it once with the weight you want")
+            weights[name] = as_pair(ref.weights, f"weight of {name!r}")
+        return weights
+
+    def unload(self, name: str) -> None:
+        """Remove an adapter; the layers it touched are re-blended without it."""
+        self._require([name])
+        self.update({name: 0.0})
+        for key in self._index.pop(name):
+            target = self._targets[key]
+            del target.factors[name]
+            target._cat = None
+        del self.loaded[name], self._weights[name]
+
+    def _check_family(self, adapter: Adapter, path: Path | None) -> None:
+        if not compatible(adapter.family, self.family):
+            where = f" ({path})" if path else ""
+            raise AdapterError(f"adapter {adapter.name!r}{where} was made for {adapter.family} but the base model is "
+                               f"{self.family}; use an adapter trained for a {self.family} model")
+
+    def _resolve(self, adapter: Adapter, path: Path | None) -> dict:
+        """Find each adapter module's layer in the pipe and check shapes; errors name the module."""
+        from .lora import components  # peft is heavy; `import stylelora` should not pay for it
+
+        where = f"adapter {adapter.name!r}" + (f" ({path})" if path else "")
+        parts = components(self.pipe)
+        out = {}
+        for comp, mods in adapter.modules.items():
+            if not mods:
+                continue
+            if comp not in parts:
+                raise AdapterError(f"{where} has {comp} weights but the base model has no {comp}")
+            for mpath, m in mods.items():
+                try:
+                    layer = parts[comp].get_submodule(mpath)
+                except AttributeError:
+                    raise AdapterError(f"{where}: the base model has no module {comp}.{mpath}") from None
+                layer = getattr(layer, "base_layer", layer)  # a PEFT-wrapped layer: blend into its base weight
+                weight = getattr(layer, "weight", None)
+                down, up = m.down.detach(), m.up.detach()
+                if weight is None or up.shape[0] != weight.shape[0] or down[0].numel() != weight[0].numel() \
+                        or down.shape[0] != up.shape[1]:
+                    raise AdapterError(f"{where}: {comp}.{mpath} has down {tuple(down.shape)} / up {tuple(up.shape)}, "
+                                       f"which does not fit the layer weight "
+                                       f"{tuple(weight.shape) if weight is not None else None}")
+                if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+                    raise AdapterError(f"{where}: {comp}.{mpath} contains NaN or inf")
+                out[(comp, mpath)] = (layer, (down.flatten(1), up.flatten(1), m.scale))
+        return out
+
+    # ------------------------------------------------------------------------------------------ weights
+    def set(self, weights: dict[str, Weight]) -> int:
+        """Make ``weights`` the blend (unnamed adapters -> 0); returns how many layers were rewritten."""
+        self._require(weights)
+        new = {n: (0.0, 0.0) for n in self.loaded}
+        new.update({n: as_pair(w, f"weight of {n!r}") for n, w in weights.items()})
+        changed = [n for n in new if new[n] != self._weights.get(n)]
+        self._weights = new
+        keys = set().union(*(self._index[n] for n in changed)) if changed else set()
+        return sum(self._refresh(k) for k in keys)
+
+    def update(self, weights: dict[str, Weight]) -> int:
+        """Change only the named adapters' weights."""
+        self._require(weights)
+        return self.set({**self._weights, **weights})
+
+    def reset(self) -> int:
+        """All weights 0: every touched layer gets its pristine weight back, bit for bit."""
+        return self.set({})
+
+    def _require(self, names) -> None:
+        unknown = [n for n in names if n not in self.loaded]
+        if unknown:
+            raise AdapterError(f"adapter(s) {unknown} not loaded; loaded: {sorted(self.loaded) or 'none'}")
+
+    def _refresh(self, key: tuple[str, str]) -> bool:
+        target = self._targets[key]
+        idx = 1 if key[0].startswith("text_encoder") else 0
+        coeffs = tuple((n, self._weights[n][idx]) for n in target.factors if self._weights[n][idx] != 0.0)
+        return target.apply(coeffs, self.backup_device)
+
+    def delta(self, component: str, path: str) -> torch.Tensor:
+        """The fused ΔW of one layer right now (fp32): current weight minus pristine weight."""
+        target = self._targets[(component, path)]
+        base = target.pristine if target.pristine is not None else target.layer.weight
+        return target.layer.weight.detach().float() - base.to(target.layer.weight.device).float()
+
+    def __repr__(self) -> str:
+        ws = ", ".join(f"{n}={w[0]:g}" + (f"/{w[1]:g}" if w[1] != w[0] else "") for n, w in self._weights.items())
+        return f"Blender({self.family}, {len(self._targets)} layers, {ws or 'no adapters'})"
+

@@ -1,0 +1,90 @@
+"""``stylelora generate PROMPT --base BASE [--lora FILE[:W[:W_TE]]]… [--adapters DIR] -o out.png``."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+
+
+def add_model_args(p: argparse.ArgumentParser, *, device: str = "auto") -> None:
+    """--base, --base-config, --device, --dtype, --lora, --adapters: shared by generate and bake."""
+    p.add_argument("--base", required=True, help="base model: 'tiny', a diffusers folder, a .safetensors checkpoint "
+                                                  "or a hub id")
+    p.add_argument("--base-config", help="diffusers folder with the config of a single-file --base (offline use)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:W_TE]]",
+                   help="adapter and weight (default 1); FILE:W_UNET:W_TE sets UNet and text encoder apart; "
+                        "negative weights allowed; FILE may be a name found in --adapters. Repeatable.")
+    p.add_argument("--adapters", action="append", default=[], metavar="DIR",
+                   help="folder to look adapter names up in (for <lora:name:w> prompt tags and --lora NAME:W)")
+    p.add_argument("--device", default=device, help="cpu, cuda, cuda:1, mps … (default: "
+                   + ("cuda when available)" if device == "auto" else f"{device})"))
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="weights dtype (default: fp16 on a GPU, fp32 on CPU)")
+
+
+def device_dtype(args):
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
+    if dtype is None:
+        dtype = torch.float32 if device == "cpu" else torch.float16
+    return device, dtype
+
+
+def load_model(args):
+    """Load --base onto --device in --dtype; returns a models.Base."""
+    from ..models import load_base
+
+    device, dtype = device_dtype(args)
+    base = load_base(args.base, dtype=dtype, base_config=args.base_config)
+    base.pipe.to(device)
+    return base
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate images with a weighted blend of adapters",
+                       description="Generate images; adapters come from --lora FILE:W and/or A1111 prompt tags "
+                                   "<lora:name:w> / <lora:name:w_te:w_unet> (names looked up in --adapters). "
+                                   "PNGs carry the parameters A1111-style.")
+    p.add_argument("prompt")
+    add_model_args(p)
+    p.add_argument("-o", "--output", default="out.png", help="output .png (several images: out-0.png, out-1.png, …)")
+    p.add_argument("-n", "--negative-prompt", default="")
+    p.add_argument("--seed", type=int, default=-1, help="-1 picks one at random (recorded in the PNG)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", "--guidance", dest="guidance", type=float, default=7.0, help="classifier-free guidance")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--sampler", help="dpm++2m, dpm++2m-karras, euler, euler-a, heun, ddim, pndm, unipc "
+                                     "(default: the base's scheduler)")
+    p.add_argument("--num-images", type=int, default=1)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..blend import Blender
+    from ..generate import Settings, generate, output_paths, save_png
+    from ..prompt import parse_spec
+
+    refs = [parse_spec(s) for s in args.lora]
+    seed = args.seed if args.seed >= 0 else secrets.randbelow(2**32)
+    settings = Settings(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps,
+                        guidance=args.guidance, width=args.width, height=args.height, sampler=args.sampler,
+                        num_images=args.num_images)
+    paths = output_paths(args.output, settings.num_images)  # check -o before the slow model load
+    base = load_model(args)
+    if not args.verbose:
+        base.pipe.set_progress_bar_config(disable=True)
+    blender = Blender(base)
+    blender.set(blender.load_refs(refs, args.adapters))
+    images = generate(base, settings, blender, folders=args.adapters)
+    if blender.active():
+        print("blend: " + ", ".join(f"{n} {u:g}" + (f"/{t:g}" if t != u else "")
+                                    for n, (u, t) in blender.active().items()))
+    for image, path in zip(images, paths):
+        save_png(image, path)
+        print(f"wrote {path}")
+    return 0
