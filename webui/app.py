@@ -1,0 +1,452 @@
+"""The Gradio page: three tabs (Generate, Train, Library) wired to ``Studio`` methods; no model logic here.
+
+Every callback goes through ``_ui`` so a failure shows as a readable message in the page (``gr.Error``), never
+a traceback. Training runs in the Studio's background thread; the page polls it with a ``gr.Timer``.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import logging
+import os
+import re
+import time
+from types import SimpleNamespace
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
+
+import gradio as gr  # noqa: E402
+
+from stylelora.errors import StyleloraError  # noqa: E402
+from stylelora.generate import SAMPLERS  # noqa: E402
+
+from .handlers import GenerateRequest, GridRequest, Studio, parse_values  # noqa: E402
+from .library import TABLE_HEADERS  # noqa: E402
+from .training import PRESETS, TrainRequest, format_status  # noqa: E402
+
+log = logging.getLogger(__name__)
+SOURCES = ("Folder on the server", "Upload images")
+
+
+def _ui(fn):
+    """Show library errors as their message, anything unexpected as a one-line message (traceback to the log)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except StyleloraError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        except Exception as e:  # noqa: BLE001 - the page gets a message, the server log the traceback
+            log.exception("web UI action %s failed", fn.__name__)
+            raise gr.Error(f"Unexpected error ({type(e).__name__}): {e}", print_exception=False) from None
+    return wrapper
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name)
+
+
+def _progress(progress: gr.Progress):
+    return lambda done, total, what: progress((done, total), desc=what)
+
+
+# ---------------------------------------------------------------------------------------------- Generate
+def _generate_tab(studio: Studio, c: SimpleNamespace) -> None:
+    native = studio.native_size
+    with gr.Row():
+        with gr.Column(scale=5):
+            c.picked = gr.Dropdown(studio.adapters(), value=[], multiselect=True, label="Adapters",
+                                   info="pick adapters from the library; each gets its own weight",
+                                   allow_custom_value=True, elem_id="adapters", interactive=True)
+            _weight_rows(studio, c)
+            c.prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", interactive=True,
+                                  placeholder="a lighthouse at dusk (A1111 <lora:name:w> tags work too)")
+            c.negative = gr.Textbox(label="Negative prompt", elem_id="negative", interactive=True)
+            with gr.Row():
+                c.seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id="seed", interactive=True,
+                                   scale=3)
+                c.random_seed = gr.Button("Random", size="sm", scale=1, elem_id="seed-random")
+                c.reuse_seed = gr.Button("Reuse last", size="sm", scale=1, elem_id="seed-reuse")
+            with gr.Row():
+                c.steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="steps", interactive=True)
+                c.guidance = gr.Slider(0, 20, value=7, step=0.5, label="Guidance (CFG)", elem_id="guidance",
+                                       interactive=True)
+            with gr.Row():
+                c.width = gr.Slider(64, 2048, value=native, step=8, label="Width", elem_id="width", interactive=True)
+                c.height = gr.Slider(64, 2048, value=native, step=8, label="Height", elem_id="height", interactive=True)
+            with gr.Row():
+                c.sampler = gr.Dropdown(["default", *SAMPLERS], value="default", label="Scheduler", elem_id="sampler",
+                                        interactive=True)
+                c.num_images = gr.Slider(1, 16, value=1, step=1, label="Images", elem_id="num-images", interactive=True)
+            c.generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+            c.gen_status = gr.Markdown("", elem_id="gen-status", min_height=24)
+            with gr.Accordion("X/Y grid", open=False, elem_id="xy-grid"):
+                gr.Markdown("Columns sweep one adapter's weight; rows sweep seeds or a second adapter. The other "
+                            "picked adapters keep their weights.")
+                with gr.Row():
+                    c.x_adapter = gr.Dropdown(studio.adapters(), value=None, label="X: adapter",
+                                              allow_custom_value=True, elem_id="x-adapter", interactive=True)
+                    c.x_values = gr.Textbox("0, 0.25, 0.5, 0.75, 1", label="X: weights (a, b, … or start:stop:step)",
+                                            elem_id="x-values", interactive=True)
+                with gr.Row():
+                    c.y_kind = gr.Radio(["seed", "adapter", "none"], value="seed", label="Y axis", elem_id="y-kind",
+                                        interactive=True)
+                    c.y_adapter = gr.Dropdown(studio.adapters(), value=None, label="Y: adapter",
+                                              allow_custom_value=True, elem_id="y-adapter", interactive=True)
+                    c.y_values = gr.Textbox("1, 2, 3", label="Y: seeds or weights", elem_id="y-values",
+                                            interactive=True)
+                c.grid_btn = gr.Button("Generate grid", elem_id="grid-btn")
+        with gr.Column(scale=6):
+            c.gallery = gr.Gallery(label="Images", columns=2, height=520, elem_id="gallery", object_fit="contain",
+                                   buttons=["download", "fullscreen"], interactive=False)
+            c.infotext = gr.Textbox(label="Settings (the PNG's parameters)", lines=5, interactive=False,
+                                    elem_id="infotext", buttons=["copy"])
+            c.files = gr.File(label="Download PNGs", file_count="multiple", interactive=False, elem_id="downloads")
+    c.last_seed = gr.State(None)
+    c.texts = gr.State([])
+
+
+def _weight_rows(studio: Studio, c: SimpleNamespace) -> None:
+    """One weight row per picked adapter (re-rendered when the pick changes); Generate and grid read them."""
+
+    def request(d: dict, weights: dict) -> GenerateRequest:
+        return GenerateRequest(prompt=d[c.prompt], negative_prompt=d[c.negative], adapters=weights,
+                               seed=int(d[c.seed] if d[c.seed] is not None else -1), steps=int(d[c.steps]),
+                               guidance=float(d[c.guidance]), width=int(d[c.width]), height=int(d[c.height]),
+                               sampler=d[c.sampler], num_images=int(d[c.num_images]))
+
+    @gr.render(inputs=[c.picked], triggers=[c.picked.change, c.demo.load])
+    def weight_rows(names):
+        rows = []
+        for name in names or []:
+            with gr.Row(equal_height=True):
+                w = gr.Slider(-2, 2, value=1.0, step=0.05, label=f"{name}: weight", key=f"w:{name}",
+                              elem_id=f"w-{_slug(name)}", scale=4, interactive=True)
+                sep = gr.Checkbox(False, label="own TE weight", key=f"sep:{name}",
+                                  elem_id=f"sep-{_slug(name)}", scale=1, interactive=True)
+                te = gr.Slider(-2, 2, value=1.0, step=0.05, label=f"{name}: text-encoder weight", key=f"te:{name}",
+                               elem_id=f"te-{_slug(name)}", scale=3, visible=False, interactive=True,
+                               preserved_by_key=["value", "visible"])
+                sep.change(lambda on: gr.Slider(visible=on), sep, te, queue=False)
+            rows.append((name, w, sep, te))
+
+        def weights(d: dict) -> dict:
+            return {n: (d[w], d[te]) if d[sep] else d[w] for n, w, sep, te in rows}
+
+        @_ui
+        def run(d, progress=gr.Progress()):
+            start = time.time()
+            res = studio.generate(request(d, weights(d)), progress=_progress(progress))
+            gallery = [(str(p), f"seed {res.seed + i}") for i, p in enumerate(res.paths)]
+            done = f"{len(res.paths)} image(s), seed {res.seed}, {time.time() - start:.1f} s"
+            return gallery, res.infotexts[0], [str(p) for p in res.paths], res.seed, res.infotexts, done
+
+        @_ui
+        def run_grid(d, progress=gr.Progress()):
+            x_values = parse_values(d[c.x_values])
+            y_values = parse_values(d[c.y_values], integers=d[c.y_kind] == "seed") if d[c.y_kind] != "none" else []
+            req = GridRequest(request(d, weights(d)), x_adapter=d[c.x_adapter] or "", x_values=x_values,
+                              y_kind=d[c.y_kind], y_adapter=d[c.y_adapter], y_values=y_values)
+            start = time.time()
+            res = studio.grid(req, progress=_progress(progress))
+            files = [str(res.path)] + [str(p) for p in res.cells]
+            done = f"X/Y grid of {len(res.cells)} images, {time.time() - start:.1f} s"
+            return [(str(res.path), "X/Y grid")], res.infotext, files, res.seed, [res.infotext], done
+
+        # this body runs on page load and pick changes, when every component of the page exists
+        common = {c.prompt, c.negative, c.seed, c.steps, c.guidance, c.width, c.height, c.sampler, c.num_images,
+                  *(x for _, w, sep, te in rows for x in (w, sep, te))}
+        outs = [c.gallery, c.infotext, c.files, c.last_seed, c.texts, c.gen_status]
+        kw = {"outputs": outs, "concurrency_id": "model", "show_progress_on": [c.gen_status]}  # keep the images
+        c.generate_btn.click(run, inputs=common, **kw)
+        c.prompt.submit(run, inputs=common, **kw)
+        c.grid_btn.click(run_grid, inputs={*common, c.x_adapter, c.x_values, c.y_kind, c.y_adapter, c.y_values},
+                         **kw)
+
+
+def _wire_generate(studio: Studio, c: SimpleNamespace) -> None:
+    def reuse(last, current):
+        if last is None:
+            gr.Info("no image generated yet in this page")
+            return current
+        return last
+
+    c.random_seed.click(lambda: -1, outputs=c.seed, queue=False)
+    c.reuse_seed.click(reuse, inputs=[c.last_seed, c.seed], outputs=c.seed, queue=False)
+
+    def show_selected(texts, evt: gr.SelectData):
+        return texts[evt.index] if texts and 0 <= evt.index < len(texts) else (texts[0] if texts else "")
+
+    c.gallery.select(show_selected, inputs=c.texts, outputs=c.infotext, queue=False)
+
+
+# ---------------------------------------------------------------------------------------------- Train
+def _train_tab(studio: Studio, c: SimpleNamespace) -> None:
+    native = studio.native_size
+    folders = studio.image_folders()
+    with gr.Row():
+        with gr.Column(scale=5):
+            c.source = gr.Radio(list(SOURCES), value=SOURCES[0] if studio.train_roots else SOURCES[1],
+                                label="Images", elem_id="train-source")
+            with gr.Row(visible=bool(studio.train_roots)) as c.folder_row:
+                c.folder = gr.Dropdown(folders, value=folders[0] if folders else None, allow_custom_value=True,
+                                       label="Image folder on the server",
+                                       info="inside: " + (", ".join(str(r) for r in studio.train_roots)
+                                                          or "no --train-root given"), elem_id="train-folder",
+                                       scale=4)
+                c.refresh_folders = gr.Button("↻", size="sm", scale=0, elem_id="train-folders-refresh")
+            c.uploads = gr.File(label="Upload images, .txt captions or a .zip", file_count="multiple",
+                                file_types=["image", ".zip", ".txt", ".caption"], elem_id="train-uploads",
+                                visible=not studio.train_roots)
+            with gr.Row():
+                c.name = gr.Textbox(label="Adapter name", placeholder="my-style", elem_id="train-name")
+                c.trigger = gr.Textbox(label="Trigger word", placeholder="mystyle", elem_id="train-trigger")
+            choices = [(f"{k}: {p.steps} steps · rank {p.rank} · lr {p.lr:g}", k) for k, p in PRESETS.items()]
+            c.preset = gr.Radio(choices, value="standard", label="Preset", elem_id="train-preset")
+            c.preset_info = gr.Markdown(PRESETS["standard"].describe(), elem_id="train-preset-info")
+            with gr.Accordion("Advanced (0 = the preset's value)", open=False, elem_id="train-advanced"):
+                with gr.Row():
+                    c.t_steps = gr.Number(0, label="Steps", precision=0, minimum=0, elem_id="train-steps")
+                    c.t_rank = gr.Number(0, label="Rank", precision=0, minimum=0, elem_id="train-rank")
+                    c.t_lr = gr.Number(0, label="Learning rate", minimum=0, elem_id="train-lr")
+                with gr.Row():
+                    c.t_res = gr.Number(max(64, min(native, 1024)), label="Resolution", precision=0, minimum=64,
+                                        elem_id="train-resolution")
+                    c.t_sample_every = gr.Number(-1, label="Sample every N steps (-1 = 4 times, 0 = never)",
+                                                 precision=0, elem_id="train-sample-every")
+                    c.t_sample_steps = gr.Number(20, label="Sample denoising steps", precision=0, minimum=1,
+                                                 elem_id="train-sample-steps")
+            with gr.Row():
+                c.start = gr.Button("Start training", variant="primary", elem_id="train-start")
+                c.stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+        with gr.Column(scale=6):
+            c.status = gr.Markdown(format_status(studio.training_status()), elem_id="train-status")
+            c.bar = gr.HTML(_bar(studio.training_status()), elem_id="train-bar")
+            c.samples = gr.Gallery(label="Samples", columns=4, height=360, elem_id="train-samples",
+                                   interactive=False)
+    c.timer = gr.Timer(1.0, active=False)
+
+
+def _bar(s: dict | None) -> str:
+    if not s:
+        return ""
+    return (f'<progress value="{int(s["step"])}" max="{max(1, int(s["steps"]))}" style="width:100%;height:14px">'
+            f'</progress><div style="font-size:12px">{html.escape(s["status"])}</div>')
+
+
+def _wire_train(studio: Studio, c: SimpleNamespace, lib_outputs: list, lib_refresh) -> None:
+    c.preset.change(lambda k: PRESETS[k].describe(), c.preset, c.preset_info, queue=False)
+    c.source.change(lambda s: (gr.Row(visible=s == SOURCES[0]), gr.File(visible=s == SOURCES[1])), c.source,
+                    [c.folder_row, c.uploads], queue=False)
+    c.refresh_folders.click(_ui(lambda: gr.Dropdown(choices=studio.image_folders())), outputs=c.folder)
+
+    @_ui
+    def start(source, folder, uploads, name, trigger, preset, steps, rank, lr, res, sample_every, sample_steps):
+        upload = source == SOURCES[1]
+        if upload and not uploads:
+            raise gr.Error("choose images (or a .zip) to upload first")
+        req = TrainRequest(name=name or "", folder=None if upload else folder, uploads=list(uploads or []) if upload
+                           else [], trigger=trigger or "", preset=preset, steps=int(steps or 0) or None,
+                           rank=int(rank or 0) or None, lr=float(lr or 0) or None, resolution=int(res or 0) or None,
+                           sample_every=None if sample_every is None or sample_every < 0 else int(sample_every),
+                           sample_steps=int(sample_steps or 20))
+        studio.start_training(req)
+        s = studio.training_status()
+        return format_status(s), _bar(s), [], gr.Timer(active=True)
+
+    c.start.click(start, inputs=[c.source, c.folder, c.uploads, c.name, c.trigger, c.preset, c.t_steps, c.t_rank,
+                                 c.t_lr, c.t_res, c.t_sample_every, c.t_sample_steps],
+                  outputs=[c.status, c.bar, c.samples, c.timer], concurrency_id="train-start",
+                  show_progress_on=[c.status])
+    c.stop.click(_ui(lambda: (studio.stop_training(), format_status(studio.training_status()))[1]),
+                 outputs=c.status)
+
+    def poll(version):
+        s = studio.training_status()
+        active = bool(s and s["status"] in ("starting", "running"))
+        samples = [(p, os.path.basename(p)) for p in (s or {}).get("samples", [])]
+        if s and s["status"] == "failed":
+            gr.Warning(s["message"])
+        lib = lib_refresh(version)
+        return (format_status(s), _bar(s), samples, gr.Timer(active=active), *lib)
+
+    c.timer.tick(poll, inputs=[c.lib_version], outputs=[c.status, c.bar, c.samples, c.timer, *lib_outputs],
+                 show_progress="hidden", concurrency_limit=None)
+
+
+# ---------------------------------------------------------------------------------------------- Library
+def _library_tab(studio: Studio, c: SimpleNamespace) -> None:
+    names = studio.adapters()
+    with gr.Row():
+        c.lib_table = gr.Dataframe(studio.library_rows(), headers=TABLE_HEADERS, interactive=False, wrap=True,
+                                   label=f"Adapters in {studio.library.root}", elem_id="library-table")
+    with gr.Row():
+        c.lib_thumbs = gr.Gallery(studio.thumbnails(), label="Thumbnails", columns=8, height=200,
+                                  elem_id="library-thumbs", interactive=False, allow_preview=False,
+                                  fit_columns=False, object_fit="contain")
+    with gr.Row():
+        c.lib_refresh = gr.Button("↻ Refresh", size="sm", elem_id="library-refresh", scale=0, min_width=120)
+        c.lib_status = gr.Markdown("", elem_id="library-status", min_height=24)
+    with gr.Row():
+        with gr.Column():
+            c.lib_pick = gr.Dropdown(names, value=None, label="Adapter", allow_custom_value=True,
+                                     elem_id="library-pick")
+            with gr.Row():
+                c.lib_thumb = gr.Image(label="Thumbnail", height=180, interactive=False, elem_id="library-thumb",
+                                       scale=1, min_width=200, type="filepath")
+                c.lib_details = gr.JSON(label="Details", elem_id="library-details", open=True, scale=3)
+            with gr.Row():
+                c.conv_to = gr.Radio(["kohya", "peft"], value="peft", label="Convert to", elem_id="convert-to")
+                c.conv_name = gr.Textbox(label="New name (empty: NAME-layout)", elem_id="convert-name")
+            c.conv_btn = gr.Button("Convert", elem_id="convert-btn")
+            with gr.Row():
+                c.del_confirm = gr.Checkbox(False, label="yes, delete this file", elem_id="delete-confirm")
+                c.del_btn = gr.Button("Delete", variant="stop", elem_id="delete-btn")
+        with gr.Column():
+            c.imp_file = gr.File(label="Import an adapter (.safetensors)", file_types=[".safetensors"],
+                                 elem_id="import-file")
+            c.imp_name = gr.Textbox(label="Name in the library (empty: the file's name)", elem_id="import-name")
+            c.imp_btn = gr.Button("Import", elem_id="import-btn")
+            c.merge_pick = gr.Dropdown(names, multiselect=True, allow_custom_value=True, label="Merge: adapters",
+                                       elem_id="merge-pick")
+            c.merge_weights = gr.Textbox("", label="Merge: weights in the same order (w or w_unet/w_te)",
+                                         placeholder="0.5, 0.5", elem_id="merge-weights")
+            with gr.Row():
+                c.merge_name = gr.Textbox(label="Merged name", elem_id="merge-name")
+                c.merge_rank = gr.Number(0, label="Rank (0 = exact)", precision=0, minimum=0, elem_id="merge-rank")
+            c.merge_btn = gr.Button("Merge", elem_id="merge-btn")
+    c.lib_version = gr.State(studio.library.version)
+
+
+def _merge_weights(names: list[str], text: str) -> dict:
+    parts = [p.strip() for p in (text or "").split(",") if p.strip()]
+    if not parts:
+        parts = ["1"] * len(names)
+    if len(parts) != len(names):
+        raise gr.Error(f"give one weight per picked adapter ({len(names)}), e.g. " + ", ".join(["0.5"] * len(names)))
+    out = {}
+    for n, p in zip(names, parts):
+        try:
+            ws = [float(x) for x in p.split("/")]
+        except ValueError:
+            raise gr.Error(f"weight {p!r} for {n} is not a number (use w or w_unet/w_te)") from None
+        out[n] = ws[0] if len(ws) == 1 else (ws[0], ws[1])
+    return out
+
+
+def _wire_library(studio: Studio, c: SimpleNamespace) -> tuple[list, callable]:
+    outputs = [c.lib_table, c.lib_thumbs, c.lib_pick, c.merge_pick, c.picked, c.x_adapter, c.y_adapter,
+               c.lib_version]
+
+    def refresh(version=None, force=False):
+        if not force and version == studio.library.version:
+            return tuple(gr.skip() for _ in outputs)
+        names = studio.adapters()
+        choice = gr.Dropdown(choices=names)
+        return (studio.library_rows(), studio.thumbnails(), choice, choice, choice, choice, choice,
+                studio.library.version)
+
+    def after(message: str):
+        return (message, *refresh(force=True))
+
+    c.lib_refresh.click(_ui(lambda: refresh(force=True)), outputs=outputs)
+
+    @_ui
+    def show(name):
+        if not name:
+            return None, None
+        thumb = studio.library.info(studio.library.find(name)).thumbnail
+        return (str(thumb) if thumb else None), studio.adapter_details(name)
+
+    c.lib_pick.change(show, c.lib_pick, [c.lib_thumb, c.lib_details])
+
+    @_ui
+    def do_import(file, name):
+        if not file:
+            raise gr.Error("choose a .safetensors file to import")
+        return *after(f"imported **{studio.import_adapter(file, name or None)}**"), None, ""
+
+    @_ui
+    def do_convert(name, to, new):
+        if not name:
+            raise gr.Error("pick an adapter first")
+        return after(f"wrote **{studio.convert_adapter(name, to, new or None)}** ({to} layout)")
+
+    @_ui
+    def do_merge(names, weights, new, rank):
+        if not names:
+            raise gr.Error("pick the adapters to merge")
+        merged = studio.merge_adapters(_merge_weights(names, weights), new or "", rank=int(rank or 0) or None)
+        return after(f"merged into **{merged}**")
+
+    @_ui
+    def do_delete(name, confirm):
+        if not name:
+            raise gr.Error("pick an adapter first")
+        if not confirm:
+            raise gr.Error("tick 'yes, delete this file' to delete it")
+        return after(f"deleted **{studio.delete_adapter(name)}**")
+
+    outs = [c.lib_status, *outputs]
+    kw = {"show_progress_on": [c.lib_status]}
+    c.imp_btn.click(do_import, [c.imp_file, c.imp_name], outs + [c.imp_file, c.imp_name], **kw)
+    c.conv_btn.click(do_convert, [c.lib_pick, c.conv_to, c.conv_name], outs, **kw)
+    c.merge_btn.click(do_merge, [c.merge_pick, c.merge_weights, c.merge_name, c.merge_rank], outs, **kw)
+    c.del_btn.click(do_delete, [c.lib_pick, c.del_confirm], outs, **kw).then(lambda: False, outputs=c.del_confirm)
+    return outputs, refresh
+
+
+# ---------------------------------------------------------------------------------------------- the page
+def build_app(studio: Studio) -> gr.Blocks:
+    """The whole page for ``studio``."""
+    c = SimpleNamespace()
+    with gr.Blocks(title="stylelora", analytics_enabled=False) as demo:
+        c.demo = demo
+        with gr.Row():
+            gr.Markdown(f"## stylelora\nAdapters: `{studio.library.root}`")
+            c.base = gr.Dropdown(list(studio.bases), value=studio.base_label, label="Base model", elem_id="base",
+                                 scale=0, min_width=240)
+            c.switch = gr.Button("Switch base", size="sm", scale=0, elem_id="base-switch")
+        with gr.Tabs():
+            with gr.Tab("Generate", id="generate"):
+                _generate_tab(studio, c)
+            with gr.Tab("Train", id="train"):
+                _train_tab(studio, c)
+            with gr.Tab("Library", id="library"):
+                _library_tab(studio, c)
+        lib_outputs, lib_refresh = _wire_library(studio, c)
+        _wire_generate(studio, c)
+        _wire_train(studio, c, lib_outputs, lib_refresh)
+
+        @_ui
+        def switch(label):
+            name = studio.switch_base(label)
+            gr.Info(f"base {name} loaded")
+            return gr.Slider(value=studio.native_size), gr.Slider(value=studio.native_size)
+
+        c.switch.click(switch, c.base, [c.width, c.height], concurrency_id="model")
+
+        def on_load(version):
+            s = studio.training_status()
+            running = bool(s and s["status"] in ("starting", "running"))
+            return (gr.Timer(active=running), format_status(s), _bar(s), *lib_refresh(version, force=True))
+
+        demo.load(on_load, inputs=c.lib_version, outputs=[c.timer, c.status, c.bar, *lib_outputs], queue=False)
+    return demo
+
+
+def launch(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+           block: bool = True, quiet: bool = False):
+    """Serve the page on ``host:port`` (127.0.0.1 unless told otherwise); a public share link only if ``share``."""
+    demo = build_app(studio)
+    demo.queue(default_concurrency_limit=1)
+    app, local_url, share_url = demo.launch(
+        server_name=host, server_port=port, share=bool(share), prevent_thread_lock=not block, quiet=quiet,
+        inbrowser=False, show_error=False, ssr_mode=False, mcp_server=False, allowed_paths=[str(studio.work_dir)],
+        blocked_paths=[str(studio.library.root)],  # adapter files are never served, whatever the URL
+        max_file_size=studio.max_upload_bytes, theme=gr.themes.Soft(), footer_links=[],
+    )
+    return demo, local_url, share_url

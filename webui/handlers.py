@@ -1,0 +1,441 @@
+"""Everything the web UI does, as plain methods of one ``Studio``: testable without Gradio, called by ``app.py``.
+
+A Studio holds the one base model of the process, a ``Blender`` on it (moving a weight re-fuses layers; the base
+is never reloaded), the adapter library, the training roots and at most one training job. One lock guards the
+model: generation, grids, training and base switches take turns; the library and status calls never wait on it.
+Errors are ``StyleloraError``s whose message is meant for the page.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from stylelora.errors import AdapterError, ConfigError, StyleloraError
+
+from . import paths
+from .library import Library
+from .training import PRESETS, TrainJob, TrainRequest, build_config, prepare_uploads
+
+log = logging.getLogger(__name__)
+
+MAX_IMAGES, MAX_STEPS, MAX_SIDE, MAX_CELLS = 16, 150, 2048, 64
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+
+
+class BusyError(StyleloraError):
+    """The model is in use by a training run or a base switch."""
+
+
+@dataclass
+class GenerateRequest:
+    """One Generate click. ``adapters``: {library name: weight or (unet weight, text-encoder weight)}."""
+
+    prompt: str
+    negative_prompt: str = ""
+    adapters: dict = field(default_factory=dict)
+    seed: int = -1  # -1: a random seed (the one used is returned and written into the PNGs)
+    steps: int = 20
+    guidance: float = 7.0
+    width: int | None = None  # None: the base's native size
+    height: int | None = None
+    sampler: str = "default"  # "default" keeps the base's own scheduler
+    num_images: int = 1
+
+
+@dataclass
+class GenerateResult:
+    paths: list[Path]  # PNGs with the A1111 ``parameters`` chunk
+    infotexts: list[str]
+    seed: int
+
+
+@dataclass
+class GridRequest:
+    """An X/Y sweep: X is one adapter's weight; Y is seeds, another adapter's weight, or nothing."""
+
+    settings: GenerateRequest
+    x_adapter: str
+    x_values: list[float]
+    y_kind: str = "seed"  # "seed" | "adapter" | "none"
+    y_adapter: str | None = None
+    y_values: list[float] = field(default_factory=list)
+
+
+@dataclass
+class GridResult:
+    path: Path  # the labelled grid (PNG)
+    cells: list[Path]  # every cell as its own PNG with its parameters
+    infotext: str
+    seed: int
+
+
+def parse_values(text: str, *, integers: bool = False) -> list:
+    """``"0, 0.25, 0.5"`` or ``"0:1:0.25"`` (start:stop:step, stop included) -> numbers."""
+    text = (text or "").strip()
+    kind = int if integers else float
+    try:
+        if text.count(":") == 2 and "," not in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ConfigError(f"range {text!r}: needs start <= stop and a step > 0")
+            n = int((stop - start) / step + 1e-9) + 1
+            return [kind(round(start + i * step, 6)) for i in range(min(n, MAX_CELLS + 1))]
+        return [kind(x) for x in (v.strip() for v in text.replace(";", ",").split(",")) if x]
+    except ValueError:
+        raise ConfigError(f"{text!r}: give numbers separated by commas, or start:stop:step") from None
+
+
+class Studio:
+    """The web UI's state and actions (one per process)."""
+
+    def __init__(self, base, adapters_dir, train_roots=(), *, bases: dict[str, str] | None = None,
+                 loader: Callable | None = None, work_dir=None, max_upload_mb: int = 1024):
+        self.base = base
+        self.bases = dict(bases or {base.name: base.spec})  # label -> spec the UI may switch to (command line)
+        self.base_label = next((k for k, v in self.bases.items() if v == base.spec), base.name)
+        self._loader = loader
+        self._own_work_dir = work_dir is None
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="stylelora-webui-")).resolve()
+        self.outputs = self.work_dir / "outputs"
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        self.max_upload_bytes = int(max_upload_mb) << 20
+        self.library = Library(Path(adapters_dir), self.work_dir / "thumbs", max_upload_bytes=self.max_upload_bytes)
+        if paths.is_within(self.work_dir, self.library.root):
+            raise ConfigError(f"the outputs folder {self.work_dir} must not be inside the adapter folder")
+        self.train_roots = [Path(r).resolve() for r in train_roots]
+        for r in self.train_roots:
+            if not r.is_dir():
+                raise ConfigError(f"--train-root {r}: not a folder")
+        self.job: TrainJob | None = None
+        self.last_seed: int | None = None
+        self._lock = threading.Lock()
+        self._counter = itertools.count(1)
+        self._setup_base()
+
+    def _setup_base(self) -> None:
+        from stylelora.blend import Blender
+
+        pipe = self.base.pipe
+        pipe.set_progress_bar_config(disable=True)
+        self._default_scheduler = pipe.scheduler
+        self.blender = Blender(self.base)
+        self._loaded_sha: dict[str, str] = {}
+
+    @property
+    def native_size(self) -> int:
+        pipe = self.base.pipe
+        return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+    def close(self) -> None:
+        if self.job and self.job.running:
+            self.job.stop()
+            self.job.join(60)
+        if self._own_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------ the model
+    def _acquire(self) -> None:
+        if self.job and self.job.running:
+            s = self.job.status()
+            raise BusyError(f"the model is training {s['name']!r} (step {s['step']}/{s['steps']}); generate again "
+                            "when it has finished, or stop it on the Train tab")
+        if not self._lock.acquire(timeout=600):
+            raise BusyError("the model stayed busy for 10 minutes; try again later")
+
+    def switch_base(self, label: str) -> str:
+        """Replace the base by another one given on the command line (explicit; the old one is released)."""
+        if label not in self.bases:
+            raise ConfigError(f"unknown base {label!r}; the UI can switch between: {', '.join(self.bases)}")
+        if self._loader is None:
+            raise ConfigError("this UI was started with a single base; restart it with --base to use another")
+        self._acquire()
+        try:
+            old = self.bases.get(self.base_label, self.base.spec)
+            self.blender.reset()
+            self.base = self.blender = None  # let the old weights go before the new ones arrive
+            gc.collect()
+            _empty_cuda_cache()
+            try:
+                self.base = self._loader(self.bases[label])
+            except Exception:
+                self.base = self._loader(old)
+                self._setup_base()
+                raise
+            self.base_label = label
+            self._setup_base()
+        finally:
+            self._lock.release()
+        return self.base.name
+
+    def _sync_adapters(self, names) -> None:
+        """Load ``names`` into the blender; drop adapters whose file was deleted or replaced since loading."""
+        from stylelora.blend import file_digests
+
+        files = self.library.files()
+        for name in list(self.blender.loaded):
+            path = files.get(name)
+            if path is None or file_digests(path)[0] != self._loaded_sha.get(name):
+                self.blender.unload(name)
+                self._loaded_sha.pop(name, None)
+        for name in names:
+            if name in self.blender.loaded:
+                continue
+            path = self.library.path(name)
+            self.blender.load(path, name=name)
+            self._loaded_sha[name] = file_digests(path)[0]
+
+    def _weights(self, adapters: dict, prompt: str) -> tuple[dict, str]:
+        """{name: (unet, te)} for the picked adapters and the prompt's ``<lora:name:w>`` tags, and the prompt
+        without its tags. Tag names are looked up in the library only, never as paths on the server; the tags
+        come back in the PNG parameters from the blend itself."""
+        from stylelora.blend import as_pair
+        from stylelora.prompt import parse_prompt
+
+        weights = {self.library.find(n): as_pair(w, f"weight of {n!r}") for n, w in adapters.items()}
+        clean, refs = parse_prompt(prompt)
+        for ref in refs:
+            weights[self.library.find(ref.source)] = ref.weights
+        return weights, clean
+
+    def _check(self, req: GenerateRequest) -> GenerateRequest:
+        from stylelora.generate import SAMPLERS
+
+        if not req.prompt.strip():
+            raise ConfigError("write a prompt first")
+        if not 1 <= req.num_images <= MAX_IMAGES:
+            raise ConfigError(f"number of images must be 1..{MAX_IMAGES}")
+        if not 1 <= req.steps <= MAX_STEPS:
+            raise ConfigError(f"steps must be 1..{MAX_STEPS}")
+        for side in (req.width, req.height):
+            if side is not None and not (64 <= side <= MAX_SIDE and side % 8 == 0):
+                raise ConfigError(f"width and height must be multiples of 8 between 64 and {MAX_SIDE}, got {side}")
+        if req.sampler not in ("default", *SAMPLERS):
+            raise ConfigError(f"unknown scheduler {req.sampler!r}")
+        seed = int(req.seed)
+        return replace(req, seed=secrets.randbelow(2**32) if seed < 0 else seed)
+
+    def _render(self, req: GenerateRequest, weights: dict, prompt: str, seed: int):
+        """One image at ``seed`` with ``weights`` fused (the caller holds the lock and synced the adapters)."""
+        from stylelora.generate import Settings, generate
+
+        self.blender.set(weights)
+        if req.sampler == "default":
+            self.base.pipe.scheduler = self._default_scheduler
+        settings = Settings(prompt=prompt, negative_prompt=req.negative_prompt, seed=seed, steps=req.steps,
+                            guidance=req.guidance, width=req.width, height=req.height,
+                            sampler=None if req.sampler == "default" else req.sampler)
+        return generate(self.base, settings, self.blender)[0]
+
+    def _save(self, image, seed: int, tag: str = "") -> Path:
+        from stylelora.generate import save_png
+
+        return save_png(image, self.outputs / f"{next(self._counter):05d}-{seed}{tag}.png")
+
+    def generate(self, req: GenerateRequest, progress: Progress | None = None) -> GenerateResult:
+        """Generate ``num_images`` images (seeds seed, seed+1, …) with the picked adapters at their weights."""
+        req = self._check(req)
+        weights, prompt = self._weights(req.adapters, req.prompt)
+        out, texts = [], []
+        self._acquire()
+        try:
+            self._sync_adapters(weights)
+            for i in range(req.num_images):
+                if progress:
+                    progress(i, req.num_images, f"image {i + 1}/{req.num_images}")
+                image = self._render(req, weights, prompt, req.seed + i)
+                out.append(self._save(image, req.seed + i))
+                texts.append(image.info["parameters"])
+        finally:
+            self._lock.release()
+        self.last_seed = req.seed
+        return GenerateResult(out, texts, req.seed)
+
+    def grid(self, req: GridRequest, progress: Progress | None = None) -> GridResult:
+        """Sweep one adapter's weight (columns) against seeds or another adapter's weight (rows): one labelled grid."""
+        from stylelora.generate import save_png
+        from stylelora.grid import image_grid
+
+        settings = self._check(replace(req.settings, num_images=1))
+        weights, prompt = self._weights(settings.adapters, settings.prompt)
+        x_name = self.library.find(req.x_adapter)
+        if not req.x_values:
+            raise ConfigError("give the X weights, e.g. 0, 0.25, 0.5, 0.75, 1")
+        y_name = None
+        if req.y_kind == "seed":
+            ys = [int(v) for v in req.y_values] or [settings.seed]
+        elif req.y_kind == "adapter":
+            if not req.y_adapter or not req.y_values:
+                raise ConfigError("pick the Y adapter and its weights")
+            y_name, ys = self.library.find(req.y_adapter), list(req.y_values)
+            if y_name == x_name:
+                raise ConfigError("X and Y must sweep different adapters")
+        elif req.y_kind == "none":
+            ys = [None]
+        else:
+            raise ConfigError(f"unknown Y axis {req.y_kind!r}; use seed, adapter or none")
+        total = len(ys) * len(req.x_values)
+        if total > MAX_CELLS:
+            raise ConfigError(f"the grid would have {total} images; at most {MAX_CELLS}")
+        rows, cells, done = [], [], 0
+        self._acquire()
+        try:
+            self._sync_adapters([*weights, x_name, *([y_name] if y_name else [])])
+            for y in ys:
+                row = []
+                for x in req.x_values:
+                    if progress:
+                        progress(done, total, f"image {done + 1}/{total}")
+                    w = {**weights, x_name: (float(x), float(x))}
+                    seed = settings.seed
+                    if req.y_kind == "adapter":
+                        w[y_name] = (float(y), float(y))
+                    elif req.y_kind == "seed":
+                        seed = y
+                    image = self._render(settings, w, prompt, seed)
+                    cells.append(self._save(image, seed, "-cell"))
+                    row.append(image)
+                    done += 1
+                rows.append(row)
+        finally:
+            self._lock.release()
+        row_labels = None if req.y_kind == "none" else [
+            f"seed {y}" if req.y_kind == "seed" else f"{y_name} {y:g}" for y in ys]
+        grid = image_grid(rows, row_labels=row_labels, col_labels=[f"{x_name} {x:g}" for x in req.x_values])
+        y_text = {"seed": f"seeds {', '.join(str(y) for y in ys)}", "none": "none",
+                  "adapter": f"{y_name} weight {', '.join(f'{y:g}' for y in ys)}"}[req.y_kind]
+        info = rows[0][0].info["parameters"] + (f"\nX/Y grid: X {x_name} weight "
+                                               f"{', '.join(f'{x:g}' for x in req.x_values)}; Y {y_text}")
+        grid.info["parameters"] = info
+        path = save_png(grid, self.outputs / f"{next(self._counter):05d}-grid.png")
+        self.last_seed = settings.seed
+        return GridResult(path, cells, info, settings.seed)
+
+    # ------------------------------------------------------------------------------------------ library
+    def adapters(self) -> list[str]:
+        return self.library.names()
+
+    def library_rows(self) -> list[list]:
+        return [i.row() for i in self.library.entries()]
+
+    def thumbnails(self) -> list[tuple[str, str]]:
+        return [(str(i.thumbnail), i.name) for i in self.library.entries() if i.thumbnail]
+
+    def adapter_details(self, name: str) -> dict:
+        return self.library.details(self.library.find(name))
+
+    def import_adapter(self, upload, name: str | None = None, *, overwrite: bool = False) -> str:
+        return self.library.import_file(upload, name or None, pipe=self.base.pipe, overwrite=overwrite)
+
+    def convert_adapter(self, name: str, to: str, new_name: str | None = None, *, overwrite: bool = False) -> str:
+        return self.library.convert(self.library.find(name), to, new_name or None, pipe=self.base.pipe,
+                                    overwrite=overwrite)
+
+    def merge_adapters(self, weights: dict, new_name: str, *, rank: int | None = None,
+                       overwrite: bool = False) -> str:
+        from stylelora.blend import as_pair
+
+        pairs = {self.library.find(n): as_pair(w, f"weight of {n!r}") for n, w in weights.items()}
+        return self.library.merge(pairs, new_name, rank=rank or None, pipe=self.base.pipe, overwrite=overwrite)
+
+    def delete_adapter(self, name: str) -> str:
+        name = self.library.find(name)
+        self.library.delete(name)  # the blender drops it at the next generation (_sync_adapters)
+        return name
+
+    # ------------------------------------------------------------------------------------------ training
+    def image_folders(self) -> list[str]:
+        return [str(p) for p in paths.image_folders(self.train_roots)]
+
+    def presets(self) -> dict[str, str]:
+        return {k: p.describe() for k, p in PRESETS.items()}
+
+    def start_training(self, req: TrainRequest) -> TrainJob:
+        """Check the request, then train in a background thread; the adapter joins the library when done."""
+        from stylelora.data import scan_folder
+
+        if self.job and self.job.running:
+            raise BusyError(f"a training run ({self.job.name!r}) is already going; stop it first")
+        name = paths.safe_name(req.name, "adapter name")
+        dest = self.library.path(name, must_exist=False)
+        if dest.exists() and not req.overwrite:
+            raise AdapterError(f"an adapter named {name!r} already exists in the library; choose another name")
+        run_dir = self.work_dir / "train" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        if req.uploads:
+            folder = prepare_uploads(req.uploads, run_dir / "images", max_bytes=self.max_upload_bytes)
+        elif req.folder and req.folder.strip():
+            folder = paths.within_any(self.train_roots, req.folder, what="image folder")
+            if not folder.is_dir():
+                raise paths.UnsafePathError(f"{req.folder!r} is not a folder")
+        else:
+            raise ConfigError("choose an image folder on the server or upload images")
+        config = build_config(req, folder, run_dir / f"{name}.safetensors", base=self.base, native=self.native_size)
+        scan_folder(folder, trigger=config.data.trigger, caption_template=config.data.caption_template)
+        self.job = TrainJob(name, config, run=self._train_locked,
+                            on_done=lambda out: self._keep_trained(out, name, req.overwrite)).start()
+        return self.job
+
+    def _train_locked(self, config, progress, should_stop) -> Path:
+        import stylelora
+
+        with self._lock:
+            self.blender.reset()  # train on the plain base, not on today's blend
+            pipe = self.base.pipe
+            placement = {n: (m.device, m.dtype) for n, m in _parts(pipe).items()}
+            try:
+                return stylelora.train(config, base=self.base, progress=progress, should_stop=should_stop)
+            except BaseException:
+                _give_back(pipe, placement)  # whatever went wrong, the next generation gets the plain base
+                raise
+
+    def _keep_trained(self, output: Path, name: str, overwrite: bool) -> str:
+        self.library.keep_file(output, name, overwrite=overwrite)
+        return name
+
+    def stop_training(self) -> str:
+        if not (self.job and self.job.running):
+            return "no training is running"
+        self.job.stop()
+        return "stopping after the current step…"
+
+    def training_status(self) -> dict | None:
+        return self.job.status() if self.job else None
+
+
+def _parts(pipe) -> dict:
+    return {n: getattr(pipe, n) for n in ("unet", "vae", "text_encoder", "text_encoder_2")
+            if getattr(pipe, n, None) is not None}
+
+
+def _give_back(pipe, placement: dict) -> None:
+    """Remove LoRA layers a failed training run left in ``pipe`` and put its parts back where they were."""
+    from peft.tuners.lora import LoraLayer
+
+    from stylelora.lora import remove
+
+    names = {n for m in _parts(pipe).values() for _, layer in m.named_modules() if isinstance(layer, LoraLayer)
+             for n in layer.lora_A}
+    for name in names:
+        remove(pipe, name)
+    for n, (device, dtype) in placement.items():
+        getattr(pipe, n).to(device, dtype)
+        getattr(pipe, n).requires_grad_(False)
+
+
+def _empty_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass

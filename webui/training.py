@@ -1,0 +1,201 @@
+"""Training from the web UI: presets, a request checked before anything starts, and a job in a background thread.
+
+The job calls ``stylelora.training.train`` on the UI's own base (no second base is loaded) and keeps the latest
+progress in a dict that the page polls. The adapter is written in the work folder and copied into the library
+only when training finished, so a stopped or failed run leaves the library untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stylelora.errors import ConfigError, StyleloraError, TrainingCancelled
+
+from . import paths
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preset:
+    steps: int
+    rank: int
+    lr: float
+    note: str
+
+    def describe(self) -> str:
+        return f"{self.steps} steps, rank {self.rank}, learning rate {self.lr:g}: {self.note}"
+
+
+PRESETS = {
+    "quick": Preset(400, 8, 2e-4, "a first look at a style in a few minutes on a GPU"),
+    "standard": Preset(1200, 16, 1e-4, "a good default for 10-40 images"),
+    "thorough": Preset(3000, 32, 1e-4, "for larger or more detailed sets; watch the samples for overfitting"),
+}
+
+
+@dataclass
+class TrainRequest:
+    """What the Train tab sends. ``folder`` is a server folder inside a training root; ``uploads`` are files."""
+
+    name: str
+    folder: str | None = None
+    uploads: list[str] = field(default_factory=list)  # images, captions and/or .zip archives
+    trigger: str = ""
+    preset: str = "standard"
+    steps: int | None = None  # overrides of the preset (None or 0: the preset's value)
+    rank: int | None = None
+    lr: float | None = None
+    resolution: int | None = None  # None: the base's native size (at most 1024)
+    sample_every: int | None = None  # None: 4 sample rounds per run; 0: none
+    sample_steps: int = 20
+    seed: int = 0
+    overwrite: bool = False
+
+
+def prepare_uploads(files: list[str], dest: Path, *, max_bytes: int) -> Path:
+    """Put uploaded images, captions and zip contents into ``dest`` (a fresh folder); refuses anything else."""
+    dest.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for f in files:
+        f = Path(f)
+        name = paths.upload_name(f.name)
+        suffix = f.suffix.lower()
+        paths.check_size(f, max_bytes, name)
+        if suffix == ".zip":
+            count += sum(p.suffix.lower() in paths.IMAGE_SUFFIXES for p in paths.extract_images(f, dest))
+        elif suffix in paths.IMAGE_SUFFIXES + paths.CAPTION_SUFFIXES:
+            shutil.copyfile(f, dest / name)
+            count += suffix in paths.IMAGE_SUFFIXES
+        else:
+            raise paths.UploadError(f"{name}: upload images ({', '.join(paths.IMAGE_SUFFIXES)}), same-name .txt "
+                                    "captions, or a .zip of them")
+    if count == 0:
+        raise paths.UploadError("the upload holds no images")
+    return dest
+
+
+def build_config(req: TrainRequest, folder: Path, output: Path, *, base, native: int):
+    """The ``TrainConfig`` for a request: preset values, then the request's overrides."""
+    from stylelora.config import DataConfig, NetworkConfig, OptimConfig, RunConfig, TrainConfig
+
+    if req.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {req.preset!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[req.preset]
+    steps = int(req.steps or p.steps)
+    resolution = int(req.resolution or max(64, min(1024, native) // 64 * 64))
+    sample_every = max(1, steps // 4) if req.sample_every is None else int(req.sample_every)
+    dtype = str(getattr(base.pipe.unet, "dtype", "float32"))
+    precision = "fp16" if "float16" in dtype and "bfloat" not in dtype else "bf16" if "bfloat16" in dtype else "no"
+    trigger = req.trigger.strip() or None
+    return TrainConfig(
+        data=DataConfig(folder=str(folder), trigger=trigger, resolution=resolution),
+        network=NetworkConfig(rank=int(req.rank or p.rank)),
+        optim=OptimConfig(lr=float(req.lr or p.lr)),
+        run=RunConfig(base=base.spec, output=str(output), steps=steps, seed=int(req.seed),
+                      sample_every=sample_every, sample_steps=int(req.sample_steps), mixed_precision=precision,
+                      log_every=max(1, min(10, steps // 50)), checkpoint_every=0),
+    )
+
+
+class TrainJob:
+    """One training run in a background thread; ``status()`` is what the page shows."""
+
+    def __init__(self, name: str, config, *, run, on_done):
+        self.name = name
+        self.config = config
+        self._run = run  # callable(config, progress, should_stop) -> Path of the written adapter
+        self._on_done = on_done  # callable(Path) -> library name, called when training finished
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._state = {"name": name, "status": "starting", "step": 0, "steps": config.run.steps, "loss": None,
+                       "lr": None, "elapsed": 0.0, "eta": None, "samples": [], "message": "waiting for the model",
+                       "adapter": None}
+        self._started = time.time()
+        self.thread = threading.Thread(target=self._main, name=f"train-{name}", daemon=True)
+
+    def start(self) -> "TrainJob":
+        self.thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._update(message="stopping after the current step…")
+
+    def join(self, timeout: float | None = None) -> dict:
+        self.thread.join(timeout)
+        return self.status()
+
+    def status(self) -> dict:
+        with self._lock:
+            s = dict(self._state)
+            s["samples"] = list(s["samples"])
+        if s["status"] in ("starting", "running"):
+            s["elapsed"] = time.time() - self._started
+        return s
+
+    def _update(self, **kw) -> None:
+        with self._lock:
+            self._state.update(kw)
+
+    def _progress(self, p: dict) -> None:
+        with self._lock:
+            st = self._state
+            st["status"] = "running"
+            st["step"], st["steps"] = p.get("step", st["step"]), p.get("steps", st["steps"])
+            for k in ("loss", "lr", "eta"):
+                if k in p:  # sample-only reports carry no loss
+                    st[k] = p[k]
+            if p.get("sample"):
+                st["samples"] = st["samples"] + [str(x) for x in p["sample"]]
+            st["message"] = f"step {st['step']}/{st['steps']}"
+
+    def _main(self) -> None:
+        try:
+            self._update(status="running", message="preparing images and caches…")
+            output = self._run(self.config, self._progress, self._stop.is_set)
+            output = Path(output)
+            finals = sorted(output.parent.glob(f"{output.stem}-samples/step-{self.config.run.steps:06d}-*.png"))
+            name = self._on_done(Path(output))
+            with self._lock:
+                self._state["samples"] = self._state["samples"] + [str(p) for p in finals]
+            self._update(status="done", adapter=name, step=self.config.run.steps, eta=0.0,
+                         elapsed=time.time() - self._started,
+                         message=f"done: {name} is in the library")
+        except TrainingCancelled:
+            self._update(status="stopped", message="stopped; nothing was added to the library",
+                         elapsed=time.time() - self._started)
+        except StyleloraError as e:
+            self._update(status="failed", message=str(e), elapsed=time.time() - self._started)
+        except Exception as e:  # noqa: BLE001 - the page shows a message; the log keeps the traceback
+            log.exception("training %s failed", self.name)
+            self._update(status="failed", message=f"training failed: {type(e).__name__}: {e}",
+                         elapsed=time.time() - self._started)
+
+
+def format_status(s: dict | None) -> str:
+    """The progress line the page shows (Markdown)."""
+    if not s:
+        return "No training has run in this session."
+    loss = f"{s['loss']:.4f}" if isinstance(s.get("loss"), (int, float)) else "-"
+    eta = _duration(s["eta"]) if isinstance(s.get("eta"), (int, float)) else "-"
+    head = {"starting": "Starting", "running": "Training", "done": "Finished", "stopped": "Stopped",
+            "failed": "Failed"}.get(s["status"], s["status"])
+    return (f"**{head}** `{s['name']}` · step {s['step']}/{s['steps']} · loss {loss} · elapsed "
+            f"{_duration(s.get('elapsed') or 0)} · ETA {eta}\n\n{s.get('message') or ''}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    m, s = divmod(seconds, 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
