@@ -2,6 +2,7 @@
 
     python benchmarks/blend_latency.py                        # tiny base on CPU
     python benchmarks/blend_latency.py --arch sd15 --device cuda --dtype fp16 --steps 30   # SD1.5-sized, random weights
+    python benchmarks/blend_latency.py --arch sd15 --device cuda --dtype fp16 --compile --compile-mode max-autotune
 
 ``--arch sd15`` builds the real SD1.5 architecture (UNet 859.5M parameters, CLIP-L text encoder, SD VAE) with
 random weights and no download; random weights time exactly like trained ones.
@@ -28,34 +29,6 @@ from stylelora.blend import Blender  # noqa: E402
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-
-
-def sd15_pipeline(dtype: torch.dtype, device: str):
-    """SD1.5's architecture (configs as published) with random weights, built in place on ``device``."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from stylelora.models import write_tiny_tokenizer
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(
-            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            sample_size=512)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
-    tok_dir = Path(tempfile.mkdtemp(prefix="stylelora-bench-tok-"))
-    write_tiny_tokenizer(tok_dir)  # byte-level BPE: token ids stay below 514, fine for timing
-    scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler,
-                                   tokenizer=CLIPTokenizer.from_pretrained(tok_dir), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    return pipe.to(device, dtype)
 
 
 def random_adapter(pipe, name: str, rank: int, seed: int) -> Adapter:
@@ -108,7 +81,14 @@ def build(args, dtype):
     from stylelora.models import load_base
 
     if args.arch == "sd15":
-        return sd15_pipeline(dtype, args.device), "sd15 architecture (random weights)"
+        from diffusers import DPMSolverMultistepScheduler
+
+        from stylelora.reference import reference_pipeline
+
+        pipe = reference_pipeline("sd15", dtype=dtype, device=args.device)
+        pipe.vae.to(dtype)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # what users sample with
+        return pipe, "sd15 architecture (random weights)"
     return load_base(args.base, dtype=dtype).pipe.to(args.device), args.base
 
 
@@ -164,9 +144,35 @@ def run(args) -> dict:
     rows["change weight (1 of 5)"] = timed(lambda: blender.update({"a2": 0.2 + 0.01 * (next(flip) % 7)}),
                                            args.device, args.repeats)
     rows["restore base (5 active -> all 0)"] = restore_time(blender, args.device, args.repeats)
-    return {"base": label, "device": args.device, "dtype": args.dtype, "size": size, "steps": args.steps,
+    extra = compiled_rows(args, pipe, blender, image) if args.compile else {}
+    rows.update(extra.pop("seconds", {}))
+    return {**extra, "base": label, "device": args.device, "dtype": args.dtype, "size": size, "steps": args.steps,
             "rank": args.rank, "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "seconds": {k: round(v, 6) for k, v in rows.items()}}
+
+
+def compiled_rows(args, pipe, blender, image) -> dict:
+    """Latency with a torch.compile'd UNet, and how many graphs weight changes add (should be none).
+
+    The Blender writes fused weights in place (``weight.copy_``), so compiled graphs see the same parameters and
+    stay valid: a weight change must cost no recompilation.
+    """
+    from torch._dynamo.utils import counters
+
+    pipe.unet = torch.compile(pipe.unet, mode=args.compile_mode)
+    blender.reset()
+    image(pipe)  # compile
+    image(pipe)
+    graphs = counters["stats"]["unique_graphs"]
+    out = {"base (compiled)": timed(lambda: image(pipe), args.device, args.repeats, warmup=0)}
+    blender.set({f"a{i}": 0.5 for i in range(5)})
+    image(pipe)
+    out["fused blend, 5 adapters (compiled)"] = timed(lambda: image(pipe), args.device, args.repeats, warmup=0)
+    for w in (0.1, 0.7, -0.3):
+        blender.set({"a0": w, "a3": 0.2})
+        image(pipe)
+    return {"seconds": out, "compile_mode": args.compile_mode,
+            "recompilations_after_weight_changes": counters["stats"]["unique_graphs"] - graphs}
 
 
 def table(result: dict) -> str:
@@ -176,13 +182,17 @@ def table(result: dict) -> str:
             f"{result['size']}x{result['size']}, {result['steps']} steps, adapter rank {result['rank']}, "
             f"best of {result['repeats']}, torch {result['torch']}, {result['threads']} thread(s)")
     lines = [head, "", f"{'per image':<40}{'ms':>10}{'vs base':>10}"]
-    order = ["base"] + [k for k in s if k.startswith("fused")] + [k for k in s if k.startswith("PEFT")]
+    order = ["base"] + [k for k in s if k.startswith("fused") and "compiled" not in k] + \
+        [k for k in s if k.startswith("PEFT")] + [k for k in s if "compiled" in k]
     for k in order:
         lines.append(f"{k:<40}{1000 * s[k]:>10.1f}{s[k] / base:>9.2f}x")
     lines += ["", f"{'operation':<40}{'ms':>10}"]
     for k in s:
         if k not in order:
             lines.append(f"{k:<40}{1000 * s[k]:>10.2f}")
+    if "recompilations_after_weight_changes" in result:
+        lines += ["", f"torch.compile mode {result['compile_mode']}: "
+                  f"{result['recompilations_after_weight_changes']} recompilation(s) after 4 weight changes"]
     return "\n".join(lines)
 
 
@@ -197,6 +207,8 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, help="CPU threads for torch (1 gives steadier numbers on a busy machine)")
+    p.add_argument("--compile", action="store_true", help="also time a torch.compile'd UNet and count recompilations")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune (CUDA graphs)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
     if args.threads:
