@@ -1,0 +1,232 @@
+"""A procedural "toy world": captioned pictures of simple shapes, and the picture styles the benchmark teaches.
+
+A ``Scene`` is what a picture shows (shape, colour, size, position, background); a ``Look`` is how it is drawn
+(halftone dots, background stripes, ink outline, pastel wash, or any mix). ``render(scene, look)`` draws it with
+numpy at twice the size and averages down (anti-aliased edges), so the same scene, look and size always give the
+same pixels. Everything random takes a ``random.Random``; a seed fixes a whole data set.
+
+The built-in ``tiny`` base is pretrained on plain scenes (examples/pretrain_tiny_base.py); the named ``STYLES``
+are what examples/styles/ and benchmarks/style_quality.py teach it as LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (215, 45, 45), "green": (45, 165, 70), "blue": (45, 85, 215), "yellow": (235, 200, 40),
+           "purple": (145, 65, 185)}
+BACKGROUNDS = {"white": (240, 240, 236), "black": (24, 24, 28), "gray": (128, 128, 128)}
+SIZES = {"small": 0.27, "large": 0.47}  # shape side as a fraction of the picture side
+POSITIONS = {"top left": (0.29, 0.29), "top right": (0.71, 0.29), "bottom left": (0.29, 0.71),
+             "bottom right": (0.71, 0.71), "in the center": (0.5, 0.5)}
+
+# (shape, colour) pairs the style sets never show: benchmarks and the demo prompt them to see whether a style
+# carries over to content it was not trained on. Every shape and every colour still appears in the style sets.
+HELD_OUT_PAIRS = tuple((s, c) for i, s in enumerate(SHAPES) for j, c in enumerate(COLOURS) if (i + j) % 3 == 0)
+STYLE_PAIRS = tuple((s, c) for s in SHAPES for c in COLOURS if (s, c) not in HELD_OUT_PAIRS)
+ALL_PAIRS = tuple((s, c) for s in SHAPES for c in COLOURS)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What a picture shows. ``dx``/``dy`` (fractions of the side) and ``scale`` jitter the layout slightly."""
+
+    shape: str
+    colour: str
+    size: str
+    position: str
+    background: str
+    dx: float = 0.0
+    dy: float = 0.0
+    scale: float = 1.0
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape} on a {self.background} background, {self.position}"
+
+    @property
+    def labels(self) -> tuple[int, int]:
+        """(shape index, colour index), the classes the content classifier predicts."""
+        return SHAPES.index(self.shape), list(COLOURS).index(self.colour)
+
+
+@dataclass(frozen=True)
+class Look:
+    """How a scene is drawn. Zero / None means "off"; combine looks with ``a | b``."""
+
+    dots: tuple[float, float] | None = None  # halftone the shape: (period px, dot radius px)
+    stripes: tuple[float, float, float] | None = None  # stripes on the background: (period px, width px, angle deg)
+    outline: float = 0.0  # ink contour width in px (black ink; white on dark backgrounds)
+    wash: float = 0.0  # blend the whole picture towards white by this amount
+
+    def __or__(self, other: "Look") -> "Look":
+        return Look(dots=other.dots or self.dots, stripes=other.stripes or self.stripes,
+                    outline=other.outline or self.outline, wash=other.wash or self.wash)
+
+
+PLAIN = Look()
+# The benchmark's styles. Periods are multiples of 8 px along the axes, the VAE's downsampling factor, so every
+# 8x8 patch of a texture looks alike and a latent pixel can carry it.
+STYLES = {
+    "halftone": Look(dots=(8.0, 3.1)),
+    "stripes": Look(stripes=(16 / math.sqrt(2), 4.0, 45.0)),
+    "outline": Look(outline=4.0),
+    "pastel": Look(wash=0.55),
+}
+# default trigger word per style (short: the byte-level tokenizer spends one token per character)
+TRIGGERS = {"halftone": "htone", "stripes": "stripy", "outline": "inkline", "pastel": "pastl"}
+
+
+def look_of(styles) -> Look:
+    """The combined look of style names (``"halftone"``, ``["halftone", "outline"]``, ``()`` = plain)."""
+    names = [styles] if isinstance(styles, str) else list(styles)
+    look = PLAIN
+    for name in names:
+        look = look | STYLES[name]
+    return look
+
+
+def sample_scene(rng: random.Random, pairs=ALL_PAIRS, *, jitter: float = 0.03) -> Scene:
+    """A random scene whose (shape, colour) is one of ``pairs``; ``jitter`` moves/scales it a little."""
+    shape, colour = pairs[rng.randrange(len(pairs))]
+    return Scene(shape, colour, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)), rng.choice(list(BACKGROUNDS)),
+                 dx=rng.uniform(-jitter, jitter), dy=rng.uniform(-jitter, jitter),
+                 scale=rng.uniform(1 - 3 * jitter, 1 + 3 * jitter))
+
+
+def scenes(n: int, seed: int, pairs=ALL_PAIRS, *, jitter: float = 0.03) -> list[Scene]:
+    rng = random.Random(seed)
+    return [sample_scene(rng, pairs, jitter=jitter) for _ in range(n)]
+
+
+def random_look(rng: random.Random, p: float = 0.35) -> Look:
+    """A random mix of textures with random parameters (periods, widths, angles): the variety the VAE sees."""
+    dots = stripes = None
+    outline = wash = 0.0
+    if rng.random() < p:
+        period = rng.uniform(5, 14)
+        dots = (period, period * rng.uniform(0.25, 0.45))
+    if rng.random() < p:
+        period = rng.uniform(4, 16)
+        stripes = (period, period * rng.uniform(0.2, 0.6), rng.uniform(0, 180))
+    if rng.random() < p:
+        outline = rng.uniform(1, 6)
+    if rng.random() < p:
+        wash = rng.uniform(0.15, 0.7)
+    return Look(dots, stripes, outline, wash)
+
+
+# ------------------------------------------------------------------------------------------------- drawing
+def _box(scene: Scene, side: float) -> tuple[float, float, float, float]:
+    cx, cy = POSITIONS[scene.position]
+    half = SIZES[scene.size] * scene.scale * side / 2
+    cx, cy = (cx + scene.dx) * side, (cy + scene.dy) * side
+    return cx - half, cy - half, cx + half, cy + half
+
+
+def _shape_mask(scene: Scene, side: int, *, outline: float = 0.0) -> np.ndarray:
+    """Boolean mask of the shape (or, with ``outline`` > 0, of its contour that wide) at ``side`` px."""
+    mask = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(mask)
+    x0, y0, x1, y1 = _box(scene, side)
+    kw = {"fill": None, "outline": 255, "width": max(1, round(outline))} if outline else {"fill": 255}
+    if scene.shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), **kw)
+    elif scene.shape == "square":
+        draw.rectangle((x0, y0, x1, y1), **kw)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], **kw)
+    return np.asarray(mask) > 127
+
+
+def _ink(background: tuple[int, int, int]) -> np.ndarray:
+    """Ink that shows on the background: near-black, or near-white on dark backgrounds."""
+    light = sum(background) / 3 > 80
+    return np.array((25, 25, 30) if light else (235, 235, 230), dtype=np.float32)
+
+
+def render(scene: Scene, look: Look = PLAIN, size: int = 128, *, supersample: int = 2) -> Image.Image:
+    """Draw ``scene`` in ``look`` as a ``size`` x ``size`` RGB picture."""
+    ss = supersample
+    side = size * ss
+    coords = (np.arange(side, dtype=np.float32) + 0.5) / ss * (128 / size)  # texture units: px of a 128 picture
+    x, y = np.meshgrid(coords, coords)
+    bg = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
+    img = np.empty((side, side, 3), dtype=np.float32)
+    img[:] = bg
+    shape = _shape_mask(scene, side)
+    ink = _ink(BACKGROUNDS[scene.background])
+    if look.stripes:
+        period, width, angle = look.stripes
+        a = math.radians(angle)
+        on = np.mod(x * math.cos(a) + y * math.sin(a), period) < width
+        img[on & ~shape] = 0.5 * bg + 0.5 * ink
+    fill = shape
+    if look.dots:
+        period, radius = look.dots
+        dist2 = (np.mod(x, period) - period / 2) ** 2 + (np.mod(y, period) - period / 2) ** 2
+        fill = shape & (dist2 < radius**2)
+    img[fill] = np.array(COLOURS[scene.colour], dtype=np.float32)
+    if look.outline:
+        img[_shape_mask(scene, side, outline=look.outline * ss)] = ink
+    if look.wash:
+        img = img * (1 - look.wash) + 255.0 * look.wash
+    img = img.reshape(size, ss, size, ss, 3).mean(axis=(1, 3))
+    return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+# ------------------------------------------------------------------------------------------------ data sets
+def captioned(scene: Scene, trigger: str | None = None) -> str:
+    return f"{trigger}, {scene.caption}" if trigger else scene.caption
+
+
+def write_style_folder(folder: str | Path, style: str, *, n: int = 16, seed: int = 0, size: int = 128,
+                       trigger: str = "{trigger}") -> Path:
+    """A style's training folder: ``n`` scenes (never a held-out pair) in that style, each with a caption file.
+
+    Captions name the content and start with ``trigger`` (the ``{trigger}`` placeholder by default, which
+    ``stylelora train --trigger WORD`` fills in), so the adapter learns *how* things are drawn, not *what*.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"{style}:{seed}")
+    look = look_of(style)
+    for i in range(n):
+        # cycle through the style pairs so a small set still covers every shape and colour
+        pair = STYLE_PAIRS[i] if i < len(STYLE_PAIRS) else rng.choice(STYLE_PAIRS)
+        scene = replace(sample_scene(rng), shape=pair[0], colour=pair[1])
+        stem = f"{style}_{i:02d}"
+        render(scene, look, size).save(folder / f"{stem}.png", optimize=True)
+        (folder / f"{stem}.txt").write_text(captioned(scene, trigger) + "\n", encoding="utf-8")
+    return folder
+
+
+def held_out_scenes(n: int, seed: int = 0) -> list[Scene]:
+    """Scenes of held-out (shape, colour) pairs only, with every pair equally often."""
+    rng = random.Random(f"held-out:{seed}")
+    return [replace(sample_scene(rng, jitter=0.0), shape=s, colour=c)
+            for s, c in (HELD_OUT_PAIRS[i % len(HELD_OUT_PAIRS)] for i in range(n))]
+
+
+def train_config(folder: str | Path, trigger: str, output: str | Path, **overrides):
+    """The recipe the demo and benchmarks/style_quality.py use for a toy-world style on the ``tiny`` base.
+
+    Rank-8 LoRA on the UNet attention and the text encoder, 150 steps of 4 pictures at 128 px (about a minute on
+    a CPU core). No random flips: captions say "left" and "right". ``overrides``: flat TrainConfig fields.
+    """
+    from .config import DataConfig, NetworkConfig, OptimConfig, RunConfig, TrainConfig
+
+    config = TrainConfig(
+        data=DataConfig(folder=str(folder), trigger=trigger, resolution=128),
+        network=NetworkConfig(rank=8, train_text_encoder=True),
+        optim=OptimConfig(lr=1e-3, te_lr=2e-4, lr_scheduler="cosine", warmup_steps=10),
+        run=RunConfig(base="tiny", output=str(output), steps=150, batch_size=4, seed=0, log_every=25),
+    )
+    return config.replace(**overrides) if overrides else config
