@@ -40,8 +40,8 @@ def main() -> None:
         data=stylelora.DataConfig(folder=str(styles), trigger="inkhatch", resolution=128, random_flip=True),
         network=stylelora.NetworkConfig(rank=8, train_text_encoder=True),
         optim=stylelora.OptimConfig(lr=1e-3, te_lr=2e-4, lr_scheduler="cosine", warmup_steps=10),
-        run=stylelora.RunConfig(base="tiny", output=str(OUT / "ink-hatching.safetensors"), steps=150, batch_size=4,
-                                checkpoint_every=50, sample_prompts=[PROMPTS[0]], sample_every=50, seed=0),
+        run=stylelora.RunConfig(base="tiny", output=str(OUT / "ink-hatching.safetensors"), steps=100, batch_size=4,
+                                checkpoint_every=50, sample_prompts=[PROMPTS[0]], sample_steps=12, seed=0),
     )
     adapter_path = stylelora.train(config)
     t_train = time.time() - t0
@@ -51,7 +51,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
 
     def render():
-        return [pipe(p, num_inference_steps=20, height=128, width=128,
+        return [pipe(p, num_inference_steps=12, height=128, width=128,
                      generator=torch.Generator().manual_seed(s)).images[0] for p in PROMPTS for s in SEEDS]
 
     before = render()
