@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+SIZE = 64  # picture side (px) of the pretrained ``tiny`` base, its style sets and the benchmark
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (215, 45, 45), "green": (45, 165, 70), "blue": (45, 85, 215), "yellow": (235, 200, 40),
            "purple": (145, 65, 185)}
@@ -72,16 +73,24 @@ class Look:
 
 
 PLAIN = Look()
-# The benchmark's styles. Periods are multiples of 8 px along the axes, the VAE's downsampling factor, so every
-# 8x8 patch of a texture looks alike and a latent pixel can carry it.
+# The benchmark's styles, in units of a 128 px picture (textures scale with the picture). Periods are multiples
+# of 8 units along the axes: 4 px in a 64 px picture, the VAE's downsampling factor, so every latent pixel covers
+# the same part of a texture and can carry it.
 STYLES = {
     "halftone": Look(dots=(8.0, 3.1)),
     "stripes": Look(stripes=(16 / math.sqrt(2), 4.0, 45.0)),
-    "outline": Look(outline=4.0),
+    "outline": Look(outline=6.0),
     "pastel": Look(wash=0.55),
 }
 # default trigger word per style (short: the byte-level tokenizer spends one token per character)
 TRIGGERS = {"halftone": "htone", "stripes": "stripy", "outline": "inkline", "pastel": "pastl"}
+
+
+def vocabulary() -> tuple[str, ...]:
+    """Every word a caption can hold (the ``tiny`` base's tokenizer makes each one a single token)."""
+    words = {"a", "on", "background"} | set(SHAPES) | set(COLOURS) | set(BACKGROUNDS) | set(SIZES)
+    words |= {w for pos in POSITIONS for w in pos.split()}
+    return tuple(sorted(words))
 
 
 def look_of(styles) -> Look:
@@ -152,7 +161,7 @@ def _ink(background: tuple[int, int, int]) -> np.ndarray:
     return np.array((25, 25, 30) if light else (235, 235, 230), dtype=np.float32)
 
 
-def render(scene: Scene, look: Look = PLAIN, size: int = 128, *, supersample: int = 2) -> Image.Image:
+def render(scene: Scene, look: Look = PLAIN, size: int = SIZE, *, supersample: int = 2) -> Image.Image:
     """Draw ``scene`` in ``look`` as a ``size`` x ``size`` RGB picture."""
     ss = supersample
     side = size * ss
@@ -175,7 +184,7 @@ def render(scene: Scene, look: Look = PLAIN, size: int = 128, *, supersample: in
         fill = shape & (dist2 < radius**2)
     img[fill] = np.array(COLOURS[scene.colour], dtype=np.float32)
     if look.outline:
-        img[_shape_mask(scene, side, outline=look.outline * ss)] = ink
+        img[_shape_mask(scene, side, outline=look.outline * ss * size / 128)] = ink  # width in 128-px units
     if look.wash:
         img = img * (1 - look.wash) + 255.0 * look.wash
     img = img.reshape(size, ss, size, ss, 3).mean(axis=(1, 3))
@@ -183,15 +192,21 @@ def render(scene: Scene, look: Look = PLAIN, size: int = 128, *, supersample: in
 
 
 # ------------------------------------------------------------------------------------------------ data sets
-def captioned(scene: Scene, trigger: str | None = None) -> str:
-    return f"{trigger}, {scene.caption}" if trigger else scene.caption
+def captioned(scene: Scene, *triggers: str) -> str:
+    """The scene's caption with trigger words *after* it.
+
+    The ``tiny`` base's text encoder only ever saw captions of one template, each word at its usual position; a
+    trigger in front would move every content word to a position it never had there and garble the content. At
+    the end it leaves them where they were (a big pretrained text encoder does not care, this one does).
+    """
+    return ", ".join([scene.caption, *triggers])
 
 
-def write_style_folder(folder: str | Path, style: str, *, n: int = 16, seed: int = 0, size: int = 128,
+def write_style_folder(folder: str | Path, style: str, *, n: int = 16, seed: int = 0, size: int = SIZE,
                        trigger: str = "{trigger}") -> Path:
     """A style's training folder: ``n`` scenes (never a held-out pair) in that style, each with a caption file.
 
-    Captions name the content and start with ``trigger`` (the ``{trigger}`` placeholder by default, which
+    Captions name the content and end with ``trigger`` (the ``{trigger}`` placeholder by default, which
     ``stylelora train --trigger WORD`` fills in), so the adapter learns *how* things are drawn, not *what*.
     """
     folder = Path(folder)
@@ -218,13 +233,13 @@ def held_out_scenes(n: int, seed: int = 0) -> list[Scene]:
 def train_config(folder: str | Path, trigger: str, output: str | Path, **overrides):
     """The recipe the demo and benchmarks/style_quality.py use for a toy-world style on the ``tiny`` base.
 
-    Rank-8 LoRA on the UNet attention and the text encoder, 150 steps of 4 pictures at 128 px (about a minute on
+    Rank-8 LoRA on the UNet attention and the text encoder, 150 steps of 4 pictures at 64 px (under a minute on
     a CPU core). No random flips: captions say "left" and "right". ``overrides``: flat TrainConfig fields.
     """
     from .config import DataConfig, NetworkConfig, OptimConfig, RunConfig, TrainConfig
 
     config = TrainConfig(
-        data=DataConfig(folder=str(folder), trigger=trigger, resolution=128),
+        data=DataConfig(folder=str(folder), trigger=trigger, resolution=SIZE),
         network=NetworkConfig(rank=8, train_text_encoder=True),
         optim=OptimConfig(lr=1e-3, te_lr=2e-4, lr_scheduler="cosine", warmup_steps=10),
         run=RunConfig(base="tiny", output=str(output), steps=150, batch_size=4, seed=0, log_every=25),

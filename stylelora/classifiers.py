@@ -23,18 +23,18 @@ from . import toyworld
 STYLE_NAMES = tuple(toyworld.STYLES)
 COLOUR_NAMES = tuple(toyworld.COLOURS)
 CLASSIFIER_WEIGHTS = Path(__file__).resolve().parent / "assets" / "tiny" / "toyworld-classifier.safetensors"
-INPUT = 128  # pictures are resized to INPUT x INPUT (area average) before the network sees them
+INPUT = toyworld.SIZE  # pictures are resized to INPUT x INPUT (area average) before the network sees them
 
 
 class ToyClassifier(nn.Module):
-    """Conv stack (128 -> 4 px) with average+max pooling and three heads: shape, colour, style (multi-label)."""
+    """Conv stack (64 -> 4 px) with average+max pooling and three heads: shape, colour, style (multi-label)."""
 
-    def __init__(self, widths=(16, 32, 48, 64, 96)):
+    def __init__(self, widths=(24, 48, 64, 96)):
         super().__init__()
         layers, c = [], 3
         for i, w in enumerate(widths):
             layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GroupNorm(4, w), nn.SiLU()]
-            if i >= 2:  # a second conv where it is cheap (16 px and below)
+            if i >= 1:  # a second conv where it is cheap (16 px and below)
                 layers += [nn.Conv2d(w, w, 3, padding=1), nn.GroupNorm(4, w), nn.SiLU()]
             c = w
         self.features = nn.Sequential(*layers)
@@ -95,8 +95,14 @@ def batch(rng: random.Random, n: int, **kw):
 
 # ---------------------------------------------------------------------------------------------- train / load
 def train_classifier(path: str | Path, *, steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-                     log: Callable[[str], None] = print) -> ToyClassifier:
-    """Train on freshly drawn batches (no picture is seen twice) and save as safetensors; returns the model."""
+                     log: Callable[[str], None] = print, roundtrip: Callable | None = None,
+                     p_roundtrip: float = 0.5) -> ToyClassifier:
+    """Train on freshly drawn batches (no picture is seen twice) and save as safetensors; returns the model.
+
+    ``roundtrip`` (N x 3 x H x W in [-1, 1] -> same): the base's VAE encode + decode. A share ``p_roundtrip`` of
+    every batch goes through it, so the classifier also reads pictures as the base's decoder draws them (softer
+    dots and stripes): a diffusion model's output can be no sharper than its VAE's round trip.
+    """
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
@@ -108,6 +114,10 @@ def train_classifier(path: str | Path, *, steps: int = 1500, batch_size: int = 6
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         x, shape, colour, style = batch(rng, batch_size)
+        if roundtrip is not None:
+            k = int(round(p_roundtrip * len(x)))
+            with torch.no_grad():
+                x = torch.cat([roundtrip(x[:k]).clamp(-1, 1), x[k:]])
         out = model(x)
         loss = (F.cross_entropy(out["shape"], shape) + F.cross_entropy(out["colour"], colour)
                 + F.binary_cross_entropy_with_logits(out["style"], style))
@@ -120,6 +130,8 @@ def train_classifier(path: str | Path, *, steps: int = 1500, batch_size: int = 6
             acc = 0.0
     model.eval()
     log(f"classifier: held-out accuracy {evaluate(model, 256, seed=seed + 1)}")
+    if roundtrip is not None:
+        log(f"classifier: held-out accuracy, VAE round trips {evaluate(model, 256, seed=seed + 2, roundtrip=roundtrip)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
@@ -150,10 +162,24 @@ def classify(model: ToyClassifier, images, threshold: float = 0.5) -> list[dict]
              "style_probs": {s: float(p) for s, p in zip(STYLE_NAMES, probs[i])}} for i in range(len(images))]
 
 
+def vae_roundtrip(vae) -> Callable:
+    """Encode + decode with ``vae`` (posterior mean), for ``train_classifier``/``evaluate``."""
+
+    @torch.no_grad()
+    def roundtrip(x: torch.Tensor) -> torch.Tensor:
+        return vae.decode(vae.encode(x).latent_dist.mean).sample
+
+    return roundtrip
+
+
 @torch.no_grad()
-def evaluate(model: ToyClassifier, n: int = 256, seed: int = 1, augment: bool = False) -> dict[str, float]:
-    """Accuracy on ``n`` fresh procedural pictures: shape, colour, styles (all four labels right), per style."""
+def evaluate(model: ToyClassifier, n: int = 256, seed: int = 1, augment: bool = False,
+             roundtrip: Callable | None = None) -> dict[str, float]:
+    """Accuracy on ``n`` fresh procedural pictures (optionally through ``roundtrip``, the base's VAE): shape,
+    colour, styles (all four labels right), per style."""
     x, shape, colour, style = batch(random.Random(f"classifier-eval:{seed}"), n, augment=augment)
+    if roundtrip is not None:
+        x = torch.cat([roundtrip(x[i:i + 64]).clamp(-1, 1) for i in range(0, len(x), 64)])
     out = model(x)
     pred = torch.sigmoid(out["style"]) > 0.5
     res = {"shape": (out["shape"].argmax(1) == shape).float().mean().item(),
