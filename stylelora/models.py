@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -16,7 +18,7 @@ from .errors import ModelError
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "1"
+TINY_VERSION = "2"  # 2: ``tiny`` is the pretrained toy-world base; the random SD1 one is ``tiny-random``
 
 
 @dataclass(frozen=True)
@@ -93,26 +95,44 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def write_tiny_tokenizer(folder: Path) -> None:
-    """A real byte-level CLIP BPE tokenizer (vocab.json + merges.txt) with a 514-token byte vocabulary.
+def write_tiny_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> None:
+    """A real byte-level CLIP BPE tokenizer (vocab.json + merges.txt): 512 byte tokens, start/end, plus ``words``.
 
     Written by hand because the real 49408-token vocabulary needs a download; the format is CLIP's own, so
-    ``CLIPTokenizer.from_pretrained`` reads it through the same code path as a real model folder.
+    ``CLIPTokenizer.from_pretrained`` reads it through the same code path as a real model folder. Each word in
+    ``words`` gets a chain of BPE merges (``c i``, ``ci r``, ... ``circl e</w>``) so it becomes one token, as
+    common words are in CLIP's real vocabulary; every other word still falls back to one token per byte.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
+    byte_chars = _bytes_to_unicode()
+    chars = list(byte_chars.values())
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = 512
     vocab["<|endoftext|>"] = 513
+    merges: list[str] = []
+    # Longer words first: their merges get the lower (earlier) ranks, so a short word's merge ("r e" of "red")
+    # cannot split a longer word ("green") before that word's own chain runs.
+    for word in sorted(set(words), key=lambda w: (-len(w), w)):
+        pieces = [byte_chars[b] for b in word.lower().encode("utf-8")]
+        pieces[-1] += "</w>"
+        left = pieces[0]
+        for right in pieces[1:]:
+            merge = f"{left} {right}"
+            left += right
+            if merge not in merges:
+                merges.append(merge)
+                vocab.setdefault(left, len(vocab))
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}), encoding="utf-8"
     )
 
 
-TINY = {"tiny": "sd1", "tiny-sd2-v": "sd2-v", "tiny-sdxl": "sdxl"}
+# spec -> kind. ``tiny`` is pretrained on the toy world (stylelora/assets/tiny); the others have random weights
+# and exist to test every code path fast: ``tiny-random`` is the SD1 layout, the last two are SD2-v and SDXL.
+TINY = {"tiny": "toy", "tiny-random": "sd1", "tiny-sd2-v": "sd2-v", "tiny-sdxl": "sdxl"}
 
 
 def _tiny_clip_config(hidden_act: str = "quick_gelu", projection_dim: int = 32):
@@ -132,6 +152,8 @@ def build_tiny_components(kind: str = "sd1") -> dict:
     """
     if kind == "sdxl":
         return _build_tiny_sdxl()
+    if kind == "toy":
+        return build_toy_components()
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -158,6 +180,85 @@ def build_tiny_components(kind: str = "sd1") -> dict:
         prediction_type="epsilon" if kind == "sd1" else "v_prediction", steps_offset=1,
     )
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+TOY_WEIGHTS = Path(__file__).resolve().parent / "assets" / "tiny" / "tiny-toy-sd1.safetensors"
+
+
+def toy_words() -> tuple[str, ...]:
+    """The toy world's caption words (one token each in the ``tiny`` tokenizer)."""
+    from . import toyworld
+
+    return toyworld.vocabulary()
+
+
+def build_toy_components(pretrained: bool = True) -> dict:
+    """The ``tiny`` base: an SD1-layout pipeline sized for 64 px pictures of the toy world (stylelora/toyworld.py).
+
+    VAE: 4x downsampling (64 px -> 16 x 16 x 4 latents); UNet: three levels (32/64/128 channels) with
+    cross-attention at each; CLIP text encoder: 4 layers, width 64, over the byte tokenizer plus one token per
+    toy-world word. With ``pretrained`` (and the committed file present) the weights are the ones
+    examples/pretrain_tiny_base.py trained; otherwise deterministic random weights of the same shapes.
+    """
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=64, attention_head_dim=2, norm_num_groups=8,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        sample_size=64, in_channels=3, out_channels=3, block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4, layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False,
+    )
+    torch.manual_seed(0)
+    vocab = 514 + _merge_count(toy_words())
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=512, eos_token_id=513, pad_token_id=513,
+        projection_dim=64))
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", steps_offset=1,
+    )
+    parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+    if pretrained:
+        if not TOY_WEIGHTS.exists():
+            raise ModelError(f"{TOY_WEIGHTS} is missing: the pretrained tiny base ships with the package. Reinstall "
+                             "stylelora, or rebuild it with examples/pretrain_tiny_base.py")
+        load_toy_weights(parts, TOY_WEIGHTS)
+    return parts
+
+
+def _merge_count(words) -> int:
+    """How many tokens ``write_tiny_tokenizer(words=...)`` adds (one per distinct word prefix of length >= 2)."""
+    prefixes = set()
+    for w in words:
+        b = w.lower().encode("utf-8")
+        prefixes.update((b[:i], i == len(b)) for i in range(2, len(b) + 1))
+    return len(prefixes)
+
+
+def load_toy_weights(parts: dict, path: Path) -> None:
+    """Load ``component.param`` tensors (stored fp16) into the fp32 modules; the file's metadata holds the VAE's
+    latent scaling factor."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name in ("unet", "vae", "text_encoder"):
+        state = {k[len(name) + 1:]: v.float() for k, v in tensors.items() if k.startswith(name + ".")}
+        missing, unexpected = parts[name].load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise ModelError(f"{path} does not fit the tiny {name}: missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]} (rebuild it with examples/pretrain_tiny_base.py)")
+    parts["vae"].register_to_config(scaling_factor=float(meta.get("vae.scaling_factor", 1.0)))
 
 
 def _tiny_vae():
@@ -203,7 +304,22 @@ def _build_tiny_sdxl() -> dict:
 
 
 def tiny_path(spec: str = "tiny") -> Path:
-    return stylelora_home() / f"{spec}-v{TINY_VERSION}"
+    """Where the built-in base ``spec`` is cached. The pretrained one's folder is named after its weights' digest,
+    so new committed weights are never shadowed by an old cached copy."""
+    suffix = f"-{_weights_digest(TOY_WEIGHTS)}" if TINY.get(spec) == "toy" else ""
+    return stylelora_home() / f"{spec}-v{TINY_VERSION}{suffix}"
+
+
+def _weights_digest(path: Path) -> str:
+    if not path.exists():
+        return "missing"
+    st = path.stat()
+    return _file_digest(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:10]
 
 
 def ensure_tiny(spec: str = "tiny") -> Path:
@@ -232,7 +348,7 @@ def _build_tiny(target: Path, kind: str) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        write_tiny_tokenizer(tmp / "tok")
+        write_tiny_tokenizer(tmp / "tok", toy_words() if kind == "toy" else ())
         tokenizer = CLIPTokenizer.from_pretrained(tmp / "tok")
         parts = build_tiny_components(kind)
         if kind == "sdxl":

@@ -46,4 +46,4 @@ def tiny_base():
     """A freshly loaded tiny base (fp32, CPU). Tests that modify it must load their own."""
     from stylelora.models import load_base
 
-    return load_base("tiny")
+    return load_base("tiny-random")

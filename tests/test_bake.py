@@ -24,7 +24,7 @@ WEIGHTS = {"ink": (0.7, 0.7), "pastel": (0.4, -0.2)}
 def files(tmp_path_factory):
     from stylelora.formats import save_adapter
 
-    base = load_base("tiny")
+    base = load_base("tiny-random")
     folder = tmp_path_factory.mktemp("loras")
     return {a.name: save_adapter(a, folder / f"{a.name}.safetensors", pipe=base.pipe)
             for a in three_adapters(base.pipe)}
@@ -33,7 +33,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def blend_image(files):
     """The images the blend gives through the Blender on a fresh tiny base."""
-    base = load_base("tiny")
+    base = load_base("tiny-random")
     quiet(base.pipe)
     blender = Blender(base)
     blender.set({blender.load(files[n]): w for n, w in WEIGHTS.items()})
@@ -45,7 +45,7 @@ def test_bake_folder_and_single_file_reproduce_blend(files, blend_image, tmp_pat
 
     out = tmp_path / "my-model"
     loras = ["--lora", f"{files['ink']}:0.7", "--lora", f"{files['pastel']}:0.4:-0.2"]
-    assert main(["bake", "--base", "tiny", *loras, "-o", str(out)]) == 0
+    assert main(["bake", "--base", "tiny-random", *loras, "-o", str(out)]) == 0
     baked = quiet(StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False))
     assert abs(render(baked) - blend_image).max() < 1e-5
     info = json.loads((out / BAKE_INFO).read_text())
@@ -53,7 +53,7 @@ def test_bake_folder_and_single_file_reproduce_blend(files, blend_image, tmp_pat
         ("ink", 0.7), ("pastel", {"unet": 0.4, "text_encoder": -0.2})]
 
     single = tmp_path / "my-model.safetensors"
-    assert main(["bake", "--base", "tiny", *loras, "-o", str(single), "--single-file"]) == 0
+    assert main(["bake", "--base", "tiny-random", *loras, "-o", str(single), "--single-file"]) == 0
     with safe_open(str(single), "pt") as f:
         keys = set(f.keys())
         md = f.metadata()
@@ -67,9 +67,9 @@ def test_bake_folder_and_single_file_reproduce_blend(files, blend_image, tmp_pat
     assert capsys.readouterr().out.count("wrote") == 2
 
     # an existing output is kept unless --overwrite
-    assert main(["bake", "--base", "tiny", *loras, "-o", str(out)]) == 2
+    assert main(["bake", "--base", "tiny-random", *loras, "-o", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["bake", "--base", "tiny", "--lora", f"{files['tonly']}:0.5", "-o", str(out), "--overwrite"]) == 0
+    assert main(["bake", "--base", "tiny-random", "--lora", f"{files['tonly']}:0.5", "-o", str(out), "--overwrite"]) == 0
     assert json.loads((out / BAKE_INFO).read_text())["adapters"][0]["name"] == "tonly"
 
 
@@ -148,9 +148,9 @@ def test_single_file_config_from_tiny_folder(files, tmp_path):
     from stylelora.bake import bake
     from stylelora.prompt import parse_spec
 
-    out = bake(load_base("tiny"), [parse_spec(f"{files['ink']}:0.5")], tmp_path / "x.safetensors", single_file=True,
+    out = bake(load_base("tiny-random"), [parse_spec(f"{files['ink']}:0.5")], tmp_path / "x.safetensors", single_file=True,
                dtype=torch.float16)
-    loaded = StableDiffusionPipeline.from_single_file(str(out), config=str(ensure_tiny()), safety_checker=None,
+    loaded = StableDiffusionPipeline.from_single_file(str(out), config=str(ensure_tiny("tiny-random")), safety_checker=None,
                                                       requires_safety_checker=False, torch_dtype=torch.float32)
     with safe_open(str(out), "pt") as f:
         assert f.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16

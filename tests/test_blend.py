@@ -31,7 +31,7 @@ def random_adapter(pipe, name: str, rank: int, seed: int, *, unet=UNET_TARGETS, 
     """Random down/up for the tiny pipe's attention layers (large enough to change images visibly)."""
     g = torch.Generator().manual_seed(seed)
     adapter = Adapter(name=name, family="sd1",
-                      metadata={"ss_sd_model_name": "tiny", "stylelora.version": __version__})
+                      metadata={"ss_sd_model_name": "tiny-random", "stylelora.version": __version__})
     for comp, module, targets in (("unet", pipe.unet, unet), ("text_encoder", pipe.text_encoder, te)):
         mods = {}
         for path, m in module.named_modules():
@@ -69,7 +69,7 @@ def quiet(pipe):
 @pytest.fixture(scope="module")
 def blended():
     """A tiny pipe with a Blender holding the three adapters, plus the pristine state and base image."""
-    base = load_base("tiny")
+    base = load_base("tiny-random")
     quiet(base.pipe)
     adapters = three_adapters(base.pipe)
     state = snapshot(base.pipe)
@@ -83,7 +83,7 @@ def blended():
 @pytest.fixture(scope="module")
 def reference(blended):
     """A second tiny pipe with the same adapters attached unfused as PEFT layers."""
-    pipe = quiet(load_base("tiny").pipe)
+    pipe = quiet(load_base("tiny-random").pipe)
     for a in blended[1]:
         lora.attach(pipe, a, a.name)
     return pipe

@@ -23,7 +23,7 @@ def config(folder, out, base, **run):
 
 
 @pytest.mark.parametrize("spec,key,version,arch,pred", [
-    ("tiny", "sd1", "sd_v1", "stable-diffusion-v1/lora", "epsilon"),
+    ("tiny-random", "sd1", "sd_v1", "stable-diffusion-v1/lora", "epsilon"),
     ("tiny-sd2-v", "sd2-v", "sd_v2_v", "stable-diffusion-v2-768-v/lora", "v"),
     ("tiny-sdxl", "sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "epsilon"),
 ])
@@ -66,7 +66,7 @@ def test_zero_terminal_snr_requires_v_and_rescales(style_dir, tmp_path):
     assert float(sched.alphas_cumprod[-1]) < 1e-6  # terminal SNR ~ 0
     assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
     with pytest.raises(ConfigError, match="v-prediction"):
-        make_noise_scheduler(load_base("tiny").pipe, "epsilon", True)
+        make_noise_scheduler(load_base("tiny-random").pipe, "epsilon", True)
 
 
 def test_sdxl_micro_conditioning_uses_real_sizes_and_crops(tmp_path):
@@ -100,7 +100,7 @@ def test_nan_latent_is_an_error_naming_the_image(style_dir, tmp_path, monkeypatc
     from stylelora.data import scan_folder
     from stylelora.dataset import TrainingSet
 
-    base = load_base("tiny")
+    base = load_base("tiny-random")
     real = base.pipe.vae.encode
 
     def nan_encode(x):

@@ -25,7 +25,7 @@ def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("fam")
     images = make_style_images(root / "imgs", 2)
     out = {}
-    for spec in ("tiny-sdxl", "tiny-sd2-v", "tiny"):
+    for spec in ("tiny-sdxl", "tiny-sd2-v", "tiny-random"):
         cfg = TrainConfig(data=DataConfig(folder=str(images), trigger="zz", resolution=128, cache_dir=str(root / "c")),
                           network=NetworkConfig(rank=4, train_text_encoder=True),
                           run=RunConfig(base=spec, output=str(root / f"{spec}.safetensors"), steps=2, batch_size=2))
@@ -57,14 +57,14 @@ def test_fused_blend_matches_diffusers_and_restores(adapters, spec):
 
 
 def test_mixing_families_is_refused(adapters):
-    sd1 = Blender(load_base("tiny"))
+    sd1 = Blender(load_base("tiny-random"))
     with pytest.raises(AdapterError, match="(?i)sdxl"):
         sd1.load(adapters["tiny-sdxl"])
     xl = Blender(load_base("tiny-sdxl"))
     with pytest.raises(AdapterError, match="(?i)sd1"):
-        xl.load(adapters["tiny"])
+        xl.load(adapters["tiny-random"])
     with pytest.raises(Exception, match="(?i)famil"):
-        merge([(load_adapter(adapters["tiny"], pipe=load_base("tiny").pipe), 0.5),
+        merge([(load_adapter(adapters["tiny-random"], pipe=load_base("tiny-random").pipe), 0.5),
                (load_adapter(adapters["tiny-sdxl"], pipe=load_base("tiny-sdxl").pipe), 0.5)])
 
 
@@ -96,12 +96,12 @@ def test_single_file_checkpoint_as_training_base(adapters, tmp_path):
     from stylelora.models import ensure_tiny
     from stylelora.prompt import parse_spec
 
-    base = load_base("tiny")
-    ckpt = bake(base, [parse_spec(f"{adapters['tiny']}:0.5")], tmp_path / "baked.safetensors", single_file=True)
-    loaded = load_base(str(ckpt), base_config=str(ensure_tiny("tiny")))
+    base = load_base("tiny-random")
+    ckpt = bake(base, [parse_spec(f"{adapters['tiny-random']}:0.5")], tmp_path / "baked.safetensors", single_file=True)
+    loaded = load_base(str(ckpt), base_config=str(ensure_tiny("tiny-random")))
     assert loaded.family.key == "sd1" and loaded.name == "baked"
-    blended = Blender(load_base("tiny"))
-    blended.set({blended.load(adapters["tiny"]): 0.5})
+    blended = Blender(load_base("tiny-random"))
+    blended.set({blended.load(adapters["tiny-random"]): 0.5})
     assert np.abs(render(loaded.pipe) - render(blended.pipe)).max() < 1e-4
     meta = json.loads(__import__("safetensors").safe_open(str(ckpt), "pt").metadata()["stylelora_baked_from"])
     assert meta[0]["weight"] == 0.5

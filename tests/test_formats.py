@@ -43,8 +43,9 @@ def make_adapter(pipe, *, ranks=(4, 2), alphas=(2.0, 6.0), std=0.3, seed=0, dtyp
 
 
 def tiny_meta() -> dict:
-    """What a file trained on the tiny base carries (its config names the base), so it resolves without a pipe."""
-    return {"stylelora.config": TrainConfig().to_json()}
+    """What a file trained on the tiny-random base carries (its config names the base), so it resolves without a
+    pipe."""
+    return {"stylelora.config": TrainConfig().replace(base="tiny-random").to_json()}
 
 
 def same_tensors(a: dict, b: dict) -> None:
@@ -167,7 +168,7 @@ def test_diffusers_output_folder_from_save_lora_weights(tiny, tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    pipe = load_base("tiny").pipe
+    pipe = load_base("tiny-random").pipe
     torch.manual_seed(1)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(UNET_T), init_lora_weights=False))
     pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=list(TE_T), init_lora_weights=False))

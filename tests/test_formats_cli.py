@@ -37,11 +37,11 @@ def make_adapter(pipe) -> Adapter:
 @pytest.fixture
 def trained(tiny, tmp_path):
     """A kohya file as training writes it: tiny base, trigger word, full metadata."""
-    config = TrainConfig(data=DataConfig(folder=str(tmp_path / "imgs"), trigger="inkwash"))
+    config = TrainConfig(data=DataConfig(folder=str(tmp_path / "imgs"), trigger="inkwash")).replace(base="tiny-random")
     items = [ImageItem(tmp_path / "imgs" / f"{i}.png", "inkwash, mountain" if i else "inkwash", 2, ".", 512, 512)
              for i in range(3)]
     now = time.time()
-    md = training_metadata(config, tiny.family, items=items, base_name="tiny", steps=50, epoch=2,
+    md = training_metadata(config, tiny.family, items=items, base_name="tiny-random", steps=50, epoch=2,
                            started_at=now - 90, finished_at=now)
     return save_adapter(make_adapter(tiny.pipe), tmp_path / "inkwash.safetensors", metadata=md, pipe=tiny.pipe)
 
@@ -62,7 +62,7 @@ def test_inspect_json(trained, capsys):
     h = info["hashes"]
     assert h["matches"] is True and h["sshs_model_hash"] == h["model_hash"] == read_metadata(trained)["sshs_model_hash"]
     t = info["training"]
-    assert (t["steps"], t["epoch"], t["num_train_images"], t["base_model"]) == (50, 2, 6, "tiny")
+    assert (t["steps"], t["epoch"], t["num_train_images"], t["base_model"]) == (50, 2, 6, "tiny-random")
     assert t["resolution"] == "512x512" and t["top_tags"][0] == ["inkwash", 3] and round(t["duration_s"]) == 90
     assert t["config"]["data"]["trigger"] == "inkwash"
     assert t["network_dim"] == 4 and t["network_alpha"] == 2.0  # the tensors win over the config (rank 16)
@@ -134,7 +134,7 @@ def test_convert_with_base_for_file_without_metadata(tiny, tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     assert main(["convert", str(bare), "--to", "peft", "-o", str(out)]) == 2
     assert "--base" in capsys.readouterr().err
-    assert main(["convert", str(bare), "--to", "peft", "-o", str(out), "--base", "tiny"]) == 0
+    assert main(["convert", str(bare), "--to", "peft", "-o", str(out), "--base", "tiny-random"]) == 0
     assert load_adapter(out, pipe=tiny.pipe).content_hash() == load_adapter(bare, pipe=tiny.pipe).content_hash()
 
 

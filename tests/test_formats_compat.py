@@ -150,7 +150,7 @@ def generate(pipe) -> np.ndarray:
 
 
 def fused_by_hand(adapter: Adapter, components=("unet", "text_encoder")):
-    pipe = load_base("tiny").pipe
+    pipe = load_base("tiny-random").pipe
     with torch.no_grad():
         for comp in components:
             model = getattr(pipe, comp)
@@ -169,10 +169,10 @@ def test_diffusers_load_lora_weights_matches_our_math(tiny, tmp_path, fmt, one_t
         a.modules["unet"][odd] = LoraModule(torch.randn(6, m.down.shape[1], generator=g) * 0.3,
                                             torch.randn(m.up.shape[0], 6, generator=g) * 0.3, 9.0)
     f = save_adapter(a, tmp_path / f"style.{fmt}.safetensors", format=fmt, pipe=tiny.pipe)
-    base = generate(load_base("tiny").pipe)
+    base = generate(load_base("tiny-random").pipe)
     mine = generate(fused_by_hand(a))
     unet_only = generate(fused_by_hand(a, ("unet",)))
-    theirs_pipe = load_base("tiny").pipe
+    theirs_pipe = load_base("tiny-random").pipe
     theirs_pipe.load_lora_weights(str(f))
     assert any("lora_A" in n for n, _ in theirs_pipe.text_encoder.named_modules())
     theirs = generate(theirs_pipe)

@@ -73,7 +73,7 @@ def test_infotext_matches_a1111_layout():
 
 
 def test_sampler_names(tiny_base):
-    pipe = load_base("tiny").pipe
+    pipe = load_base("tiny-random").pipe
     assert sampler_label(pipe.scheduler) == ("DPM++ 2M", None)
     set_sampler(pipe, "dpm++2m-karras")
     assert sampler_label(pipe.scheduler) == ("DPM++ 2M", "Karras")
@@ -89,7 +89,7 @@ def test_sampler_names(tiny_base):
 def lora_dir(tmp_path_factory):
     from stylelora.formats import save_adapter
 
-    base = load_base("tiny")
+    base = load_base("tiny-random")
     folder = tmp_path_factory.mktemp("loras")
     for a in three_adapters(base.pipe):
         save_adapter(a, folder / f"{a.name}.safetensors", pipe=base.pipe)
@@ -103,7 +103,7 @@ def png(path):
 
 def test_cli_generate_tags_and_specs_agree(lora_dir, tmp_path, capsys):
     tags = tmp_path / "tags.png"
-    assert main(["generate", "a lighthouse <lora:ink:0.8> <lora:pastel:0.4:0.2>", "--base", "tiny",
+    assert main(["generate", "a lighthouse <lora:ink:0.8> <lora:pastel:0.4:0.2>", "--base", "tiny-random",
                  "--adapters", str(lora_dir), "-o", str(tags), "-n", "blurry", *FAST]) == 0
     pixels, params = png(tags)
     lines = params.split("\n")
@@ -111,13 +111,13 @@ def test_cli_generate_tags_and_specs_agree(lora_dir, tmp_path, capsys):
     assert lines[1] == "Negative prompt: blurry"
     fields = parse_infotext(params)
     assert (fields["Steps"], fields["Sampler"], fields["CFG scale"], fields["Seed"], fields["Size"],
-            fields["Model"]) == ("2", "DPM++ 2M", "7", "7", "32x32", "tiny")
+            fields["Model"]) == ("2", "DPM++ 2M", "7", "7", "32x32", "tiny-random")
     hashes = dict(item.split(": ") for item in fields["Lora hashes"].split(", "))
     assert set(hashes) == {"ink", "pastel"} and all(len(h) == 12 for h in hashes.values())
 
     # the same blend from --lora specs (UNet weight first) gives the same pixels; tags are added to the infotext
     specs = tmp_path / "specs.png"
-    assert main(["generate", "a lighthouse", "--base", "tiny", "--lora", f"{lora_dir / 'ink.safetensors'}:0.8",
+    assert main(["generate", "a lighthouse", "--base", "tiny-random", "--lora", f"{lora_dir / 'ink.safetensors'}:0.8",
                  "--lora", f"{lora_dir / 'pastel.safetensors'}:0.2:0.4", "-o", str(specs), "-n", "blurry",
                  *FAST]) == 0
     pixels2, params2 = png(specs)
@@ -126,7 +126,7 @@ def test_cli_generate_tags_and_specs_agree(lora_dir, tmp_path, capsys):
     assert np.array_equal(pixels, pixels2)
 
     # and the Python API with the names already loaded
-    base = load_base("tiny")
+    base = load_base("tiny-random")
     quiet(base.pipe)
     blender = Blender(base)
     for name in ("ink", "pastel"):
@@ -139,17 +139,17 @@ def test_cli_generate_tags_and_specs_agree(lora_dir, tmp_path, capsys):
 
 
 def test_cli_generate_errors(lora_dir, tmp_path, capsys):
-    assert main(["generate", "x <lora:watercolor:1>", "--base", "tiny", "--adapters", str(lora_dir),
+    assert main(["generate", "x <lora:watercolor:1>", "--base", "tiny-random", "--adapters", str(lora_dir),
                  "-o", str(tmp_path / "a.png"), *FAST]) == 2
     err = capsys.readouterr().err
     assert "unknown adapter 'watercolor'" in err and "ink, pastel, tonly" in err
-    assert main(["generate", "x", "--base", "tiny", "-o", str(tmp_path / "a.jpg"), *FAST]) == 2
+    assert main(["generate", "x", "--base", "tiny-random", "-o", str(tmp_path / "a.jpg"), *FAST]) == 2
     assert ".png" in capsys.readouterr().err
 
 
 def test_several_images_use_consecutive_seeds(lora_dir, tmp_path, capsys):
     out = tmp_path / "many.png"
-    assert main(["generate", "a lighthouse", "--base", "tiny", "--lora", f"{lora_dir / 'tonly.safetensors'}:-0.5",
+    assert main(["generate", "a lighthouse", "--base", "tiny-random", "--lora", f"{lora_dir / 'tonly.safetensors'}:-0.5",
                  "-o", str(out), "--num-images", "2", "--sampler", "euler", *FAST]) == 0
     (a, pa), (b, pb) = png(tmp_path / "many-0.png"), png(tmp_path / "many-1.png")
     assert parse_infotext(pa)["Seed"] == "7" and parse_infotext(pb)["Seed"] == "8"

@@ -21,7 +21,7 @@ WEIGHTS = {"ink": (0.6, 0.6), "pastel": (0.4, -0.2), "tonly": (0.0, 0.9)}
 
 @pytest.fixture(scope="module")
 def pipe_and_adapters():
-    base = load_base("tiny")
+    base = load_base("tiny-random")
     return base, three_adapters(base.pipe)
 
 

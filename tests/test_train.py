@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def quick_config(folder, output, **run) -> TrainConfig:
-    run = {"steps": 2, "batch_size": 2, **run}
+    run = {"steps": 2, "batch_size": 2, "base": "tiny-random", **run}
     return TrainConfig(
         data=DataConfig(folder=str(folder), trigger="zzstyle", resolution=128, cache_dir=str(Path(output).parent / "cache")),
         network=NetworkConfig(rank=4),
@@ -41,7 +41,7 @@ def cli(*args, env=None, check=True) -> subprocess.CompletedProcess:
 
 
 def test_two_steps_change_only_lora_parameters(style_dir, tmp_path):
-    base = load_base("tiny")
+    base = load_base("tiny-random")
     before = {n: {k: v.clone() for k, v in getattr(base.pipe, n).state_dict().items()}
               for n in ("unet", "text_encoder", "vae")}
     cfg = quick_config(style_dir, tmp_path / "a.safetensors")
@@ -62,7 +62,7 @@ def test_two_steps_change_only_lora_parameters(style_dir, tmp_path):
 
 
 def test_fresh_adapter_leaves_outputs_unchanged():
-    pipe = load_base("tiny").pipe
+    pipe = load_base("tiny-random").pipe
     x, t, ids = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randint(0, 512, (2, 77))
     with torch.no_grad():
         hidden = pipe.text_encoder(ids)[0]
@@ -90,7 +90,7 @@ def test_saved_adapter_reproduces_trained_outputs(style_dir, tmp_path):
         return np.asarray(pipe("zzstyle, a tree", num_inference_steps=4, height=128, width=128, generator=g).images[0],
                           dtype=np.int16)
 
-    fresh = load_base("tiny").pipe
+    fresh = load_base("tiny-random").pipe
     fresh.set_progress_bar_config(disable=True)
     plain = render(fresh)
     lora.attach(fresh, load_adapter(out, pipe=fresh), "s")
@@ -100,7 +100,7 @@ def test_saved_adapter_reproduces_trained_outputs(style_dir, tmp_path):
 
 
 def _run_cli_train(folder, out, steps, *extra, env=None, check=True):
-    return cli("train", str(folder), "-o", str(out), "--trigger", "zzstyle", "--resolution", "128", "--rank", "4",
+    return cli("train", str(folder), "-o", str(out), "--base", "tiny-random", "--trigger", "zzstyle", "--resolution", "128", "--rank", "4",
                "--steps", str(steps), "--batch-size", "2", "--checkpoint-every", "2", "--random-flip", "--lr", "1e-3",
                "--cache-dir", str(Path(out).parent / "cache"), *extra, env=env, check=check)
 
@@ -132,7 +132,7 @@ def test_cache_reuses_latents_and_reencodes_only_the_edited_image(style_dir, tmp
     from stylelora.data import scan_folder
     from stylelora.dataset import TrainingSet
 
-    pipe = load_base("tiny").pipe
+    pipe = load_base("tiny-random").pipe
     cfg = DataConfig(folder=str(style_dir), trigger="zzstyle", resolution=128, random_flip=True)
 
     def prepared():
@@ -189,7 +189,7 @@ def test_bad_input_fails_cleanly_and_writes_nothing(tmp_path, case):
         make_style_images(folder, 2)
         (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     out = tmp_path / "out" / "x.safetensors"
-    p = cli("train", str(folder), "-o", str(out), "--trigger", "t", "--steps", "1", check=False)
+    p = cli("train", str(folder), "-o", str(out), "--base", "tiny-random", "--trigger", "t", "--steps", "1", check=False)
     assert p.returncode == 2
     assert "Traceback" not in p.stderr
     assert str(folder) in p.stderr
@@ -237,7 +237,7 @@ def test_multi_process_training_writes_one_adapter(style_dir, tmp_path):
     # accelerate's --cpu multi-process mode needs MPI; its torchrun path runs on CPU (gloo) with ACCELERATE_USE_CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stylelora", "train", str(style_dir),
-           "-o", str(out), "--trigger", "zzstyle", "--resolution", "128", "--rank", "4", "--steps", "2",
+           "-o", str(out), "--base", "tiny-random", "--trigger", "zzstyle", "--resolution", "128", "--rank", "4", "--steps", "2",
            "--cache-dir", str(tmp_path / "cache")]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]

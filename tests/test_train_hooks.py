@@ -12,7 +12,7 @@ from stylelora.training import train
 
 
 def test_progress_and_stop_then_resume(style_dir, tmp_path):
-    base = load_base("tiny")
+    base = load_base("tiny-random")
     before = {k: v.clone() for k, v in base.pipe.unet.state_dict().items()}
     events = []
     cfg = quick_config(style_dir, tmp_path / "w.safetensors", steps=6, log_every=1, sample_every=2,
@@ -40,7 +40,7 @@ def test_borrowed_base_is_given_back_after_a_failed_run(style_dir, tmp_path, mon
     import stylelora.training as T
     from stylelora.errors import TrainingError
 
-    base = load_base("tiny")
+    base = load_base("tiny-random")
     before = {k: v.clone() for k, v in base.pipe.unet.state_dict().items()}
     monkeypatch.setattr(T, "compute_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(TrainingError, match="NaN"):

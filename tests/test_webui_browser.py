@@ -45,7 +45,7 @@ def server(tmp_path_factory):
     from webui import Studio, launch
 
     root = tmp_path_factory.mktemp("webui-e2e")
-    base = load_base("tiny")
+    base = load_base("tiny-random")
     make_style_images(root / "datasets" / "stripes")
     studio = Studio(base, make_library(base.pipe, root / "loras"), [root / "datasets"], work_dir=root / "work")
     demo, url, share_url = launch(studio, port=_free_port(), block=False, quiet=True)

@@ -29,7 +29,7 @@ STEPS, SIZE = 2, 64
 def random_adapter(pipe, name: str, rank: int, seed: int, std: float = 0.3) -> Adapter:
     """Random factors on the tiny pipe's attention layers (UNet and text encoder), big enough to show."""
     g = torch.Generator().manual_seed(seed)
-    adapter = Adapter(name=name, family="sd1", metadata={"ss_sd_model_name": "tiny"})
+    adapter = Adapter(name=name, family="sd1", metadata={"ss_sd_model_name": "tiny-random"})
     for comp, module, targets in (("unet", pipe.unet, ("to_q", "to_k", "to_v", "to_out.0")),
                                   ("text_encoder", pipe.text_encoder, ("q_proj", "v_proj"))):
         adapter.modules[comp] = {
@@ -55,7 +55,7 @@ def studio(tmp_path_factory):
     from stylelora.models import load_base
 
     root = tmp_path_factory.mktemp("webui")
-    base = load_base("tiny")  # our own copy: the studio fuses adapters into it
+    base = load_base("tiny-random")  # our own copy: the studio fuses adapters into it
     make_style_images(root / "datasets" / "stripes")
     s = Studio(base, make_library(base.pipe, root / "loras"), [root / "datasets"], work_dir=root / "work")
     yield s
@@ -357,7 +357,7 @@ def test_cli_serves_on_localhost_without_share_unless_asked(studio, monkeypatch)
     from stylelora import models
     from stylelora.cli import build_parser
 
-    args = build_parser().parse_args(["webui", "--base", "tiny", "--adapters", str(studio.library.root)])
+    args = build_parser().parse_args(["webui", "--base", "tiny-random", "--adapters", str(studio.library.root)])
     assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
     seen = {}
     monkeypatch.setattr(models, "load_base", lambda spec, **kw: studio.base)
@@ -373,7 +373,7 @@ def test_cli_serves_on_localhost_without_share_unless_asked(studio, monkeypatch)
     assert args.func(args) == 0
     assert seen["host"] == "127.0.0.1" and seen["share"] is False and seen["blocked"]
     assert seen["studio"].adapters() == studio.adapters()
-    args = build_parser().parse_args(["webui", "--base", "tiny", "--adapters", str(studio.library.root), "--share",
+    args = build_parser().parse_args(["webui", "--base", "tiny-random", "--adapters", str(studio.library.root), "--share",
                                       "--port", "9999"])
     args.func(args)
     assert seen["share"] is True and seen["port"] == 9999
@@ -382,13 +382,13 @@ def test_cli_serves_on_localhost_without_share_unless_asked(studio, monkeypatch)
 def test_switch_base_is_explicit(tmp_path, studio):
     studio.blender.reset()  # the studios below share this pipe: give them the plain weights
     base = studio.base
-    other = Studio(base, studio.library.root, bases={"tiny": "tiny", "again": "tiny"}, loader=lambda spec: base,
+    other = Studio(base, studio.library.root, bases={"tiny-random": "tiny-random", "again": "tiny-random"}, loader=lambda spec: base,
                    work_dir=tmp_path / "w")
     with pytest.raises(ConfigError, match="unknown base"):
         other.switch_base("/etc/passwd")
     old_blender = other.blender
-    assert other.switch_base("again") == "tiny" and other.blender is not old_blender
+    assert other.switch_base("again") == "tiny-random" and other.blender is not old_blender
     assert other.base_label == "again"
     single = Studio(base, studio.library.root, work_dir=tmp_path / "w2")
     with pytest.raises(ConfigError, match="single base"):
-        single.switch_base("tiny")
+        single.switch_base("tiny-random")

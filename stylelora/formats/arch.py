@@ -216,8 +216,8 @@ def table_from_pipe(pipe, family: Family) -> ArchTable:
 
 
 @functools.lru_cache(maxsize=8)
-def builtin_table(arch: str, tiny: bool = False) -> ArchTable:
-    """The table of a released architecture (or the built-in ``tiny`` base), built on the meta device."""
+def builtin_table(arch: str, tiny: str | None = None) -> ArchTable:
+    """The table of a released architecture (or of the built-in base named ``tiny``), built on the meta device."""
     from diffusers import UNet2DConditionModel
     import transformers
 
@@ -225,12 +225,12 @@ def builtin_table(arch: str, tiny: bool = False) -> ArchTable:
         from ..models import ensure_tiny
 
         # the tiny base's own saved configs (whatever builds it), instantiated without weights
-        folder = ensure_tiny("tiny")
+        folder = ensure_tiny(tiny)
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
             te = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_pretrained(folder / "text_encoder"))
         models = {"unet": unet, "text_encoder": te}
-        label, unet_cfg = "tiny", unet.config
+        label, unet_cfg = tiny, unet.config
     else:
         label, unet_cfg, tes = ARCHS[arch]
         with torch.device("meta"):

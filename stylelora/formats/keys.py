@@ -154,12 +154,15 @@ def family_from_keys(keys, parsed: ParsedKeys, shape_of) -> tuple[str | None, st
     return None, ""
 
 
-def is_tiny(md: dict[str, str]) -> bool:
-    """Trained on stylelora's built-in ``tiny`` base (its module table differs from SD1.5's)."""
+def tiny_spec(md: dict[str, str]) -> str | None:
+    """The built-in SD1-layout base (``tiny`` or ``tiny-random``) an adapter was trained on, from its metadata, or
+    None. Their module tables differ from SD1.5's and from each other's."""
     import json
 
     try:
         base = json.loads(md.get("stylelora.config", "{}")).get("run", {}).get("base")
     except (ValueError, AttributeError):
         base = None
-    return base == "tiny" or (md.get("ss_sd_model_name") == "tiny" and "stylelora.version" in md)
+    if base not in ("tiny", "tiny-random") and "stylelora.version" in md:
+        base = md.get("ss_sd_model_name")
+    return base if base in ("tiny", "tiny-random") else None

@@ -11,7 +11,7 @@ from ..models import Family, detect_family
 from . import peft, validate
 from .arch import ArchTable, builtin_table, table_from_pipe
 from .io import read_tensors, weights_file
-from .keys import FAMILY_NAMES, Group, ParsedKeys, family_from_keys, family_from_metadata, is_tiny, parse_keys
+from .keys import FAMILY_NAMES, Group, ParsedKeys, family_from_keys, family_from_metadata, parse_keys, tiny_spec
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _table(file, pipe, family, found, why, metadata) -> ArchTable | None:
     target = family or family_for_key(found)
     if target is None:
         return None
-    return builtin_table(target.arch, tiny=target.arch == "sd1" and is_tiny(metadata))
+    return builtin_table(target.arch, tiny=tiny_spec(metadata) if target.arch == "sd1" else None)
 
 
 def _module(file, group: Group, tensors, cfg: dict | None, names: list[str]) -> LoraModule:
