@@ -1,72 +1,56 @@
-"""Draw the demo's style set: scenes of simple shapes rendered in an 'ink hatching' style (procedural, no downloads).
+"""Draw the example style sets: examples/styles/<style>/ with toy-world scenes in each procedural style.
 
-Run: python examples/make_style_images.py [OUT_DIR]. Deterministic: the same seed gives the same files.
-Each image gets a caption naming its content plus the {trigger} placeholder, as a style dataset should:
-the caption describes *what* is drawn so the adapter learns *how* it is drawn.
+Run: python examples/make_style_images.py [OUT_DIR] [--n 16] [--seed 0]. Deterministic: the same seed gives the
+same files. Each picture gets a caption naming its content after the ``{trigger}`` placeholder, as a style data
+set should: the caption says *what* is drawn so the adapter learns *how* it is drawn. No picture shows a held-out
+(shape, colour) pair (stylelora.toyworld.HELD_OUT_PAIRS), so prompts for those test whether a style carries over.
+
+Styles (stylelora.toyworld.STYLES; default trigger words in TRIGGERS):
+  halftone  the shape drawn as a grid of dots       stripes  diagonal stripes over the background
+  outline   a thick ink contour around the shape    pastel   everything washed towards white
 """
 
 from __future__ import annotations
 
-import random
+import argparse
+import shutil
 import sys
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 
-SHAPES = ["circle", "square", "triangle"]
-COLOURS = {"red": (200, 40, 40), "blue": (40, 70, 200), "green": (40, 150, 60), "yellow": (220, 190, 40)}
-PAPER = (242, 234, 214)
-INK = (30, 25, 20)
+from stylelora.toyworld import STYLES, write_style_folder  # noqa: E402
 
-
-def draw_shape(draw: ImageDraw.ImageDraw, kind: str, box, **kw) -> None:
-    x0, y0, x1, y1 = box
-    if kind == "circle":
-        draw.ellipse(box, **kw)
-    elif kind == "square":
-        draw.rectangle(box, **kw)
-    else:
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], **kw)
+N_IMAGES = 16
+SEED = 0
 
 
-def hatch(img: Image.Image, spacing: int, rng: random.Random) -> Image.Image:
-    """Cross-hatch every non-paper pixel region with ink lines: the 'style' the adapter should learn."""
-    w, h = img.size
-    lines = Image.new("L", (w, h), 0)
-    d = ImageDraw.Draw(lines)
-    off = rng.randint(0, spacing)
-    for k in range(-h, w + h, spacing):
-        d.line([(k + off, 0), (k + off + h, h)], fill=255, width=1)
-    mask = img.convert("L").point(lambda v: 255 if v < 225 else 0)
-    ink = Image.new("RGB", (w, h), INK)
-    out = img.copy()
-    out.paste(ink, (0, 0), Image.composite(lines, Image.new("L", (w, h), 0), mask))
-    return out
+def main(out: Path = HERE / "styles", styles=tuple(STYLES), n: int = N_IMAGES, seed: int = SEED) -> list[Path]:
+    """(Re)write one folder per style under ``out``; returns the folders."""
+    folders = []
+    for style in styles:
+        folder = Path(out) / style
+        if folder.exists():
+            shutil.rmtree(folder)  # a smaller n must not leave old pictures behind
+        folders.append(write_style_folder(folder, style, n=n, seed=seed))
+    return folders
 
 
-def make_image(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, str]:
-    w, h = size
-    img = Image.new("RGB", size, PAPER)
-    draw = ImageDraw.Draw(img)
-    kind, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
-    s = rng.randint(min(w, h) // 3, min(w, h) // 2)
-    x, y = rng.randint(4, w - s - 4), rng.randint(4, h - s - 4)
-    draw_shape(draw, kind, (x, y, x + s, y + s), fill=COLOURS[colour], outline=INK, width=3)
-    img = hatch(img, spacing=rng.choice([5, 6, 7]), rng=rng)
-    ImageDraw.Draw(img).rectangle((1, 1, w - 2, h - 2), outline=INK, width=2)  # a drawn frame, part of the style
-    return img, f"{{trigger}}, a {colour} {kind} on paper"
-
-
-def main(out: Path, n: int = 12, seed: int = 7) -> Path:
-    rng = random.Random(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        size = rng.choice([(128, 128), (192, 128), (128, 192)])  # mixed aspect ratios exercise bucketing
-        img, caption = make_image(rng, size)
-        img.save(out / f"ink_{i:02d}.png", optimize=True)
-        (out / f"ink_{i:02d}.txt").write_text(caption + "\n", encoding="utf-8")
-    return out
+def ensure(out: Path = HERE / "styles", styles=tuple(STYLES)) -> dict[str, Path]:
+    """The style folders, drawn first where missing."""
+    missing = [s for s in styles if not any((Path(out) / s).glob("*.png"))]
+    if missing:
+        main(out, missing)
+    return {s: Path(out) / s for s in styles}
 
 
 if __name__ == "__main__":
-    print(main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "styles" / "ink-hatching"))
+    p = argparse.ArgumentParser(description="Draw the example style sets (toy-world scenes in procedural styles).")
+    p.add_argument("out", nargs="?", default=str(HERE / "styles"))
+    p.add_argument("--n", type=int, default=N_IMAGES, help="pictures per style")
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--styles", default=",".join(STYLES))
+    a = p.parse_args()
+    for f in main(Path(a.out), a.styles.split(","), a.n, a.seed):
+        print(f)
