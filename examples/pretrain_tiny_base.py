@@ -109,6 +109,18 @@ def vae_batch(seed: int, step: int, batch: int, crop: int) -> torch.Tensor:
     return to_tensor(images)
 
 
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, *, edge_weight: float, chroma_weight: float):
+    """L1 + L2 on pixels, L1 on pixel gradients (sharp edges), and L1 + L2 on colour without the grey level
+    (grey structure is learnt first; colour is slow without the extra weight)."""
+    def grad(t):
+        return t[..., 1:, :] - t[..., :-1, :], t[..., :, 1:] - t[..., :, :-1]
+
+    (gy, gx), (ry, rx) = grad(x), grad(rec)
+    cx, cr = x - x.mean(1, keepdim=True), rec - rec.mean(1, keepdim=True)
+    return (F.l1_loss(rec, x) + F.mse_loss(rec, x) + edge_weight * (F.l1_loss(ry, gy) + F.l1_loss(rx, gx))
+            + chroma_weight * (F.l1_loss(cr, cx) + F.mse_loss(cr, cx)))
+
+
 def stage_vae(args, work: Path, device) -> None:
     path = work / "vae.pt"
     ck = load_ckpt(path)
@@ -135,11 +147,7 @@ def stage_vae(args, work: Path, device) -> None:
         torch.manual_seed(args.seed * 1_000_003 + step)  # the posterior sample
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        grad = lambda t: (t[..., 1:, :] - t[..., :-1, :], t[..., :, 1:] - t[..., :, :-1])  # noqa: E731
-        (gy, gx), (ry, rx) = grad(x), grad(rec)
-        cx, cr = x - x.mean(1, keepdim=True), rec - rec.mean(1, keepdim=True)  # colour without the grey level
-        loss = (F.l1_loss(rec, x) + F.mse_loss(rec, x) + 0.25 * (F.l1_loss(ry, gy) + F.l1_loss(rx, gx))
-                + args.chroma_weight * (F.l1_loss(cr, cx) + F.mse_loss(cr, cx))
+        loss = (reconstruction_loss(rec, x, edge_weight=0.25, chroma_weight=args.chroma_weight)
                 + args.kl_weight * post.kl().mean() / post.mean[0].numel())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -337,11 +345,7 @@ def stage_decoder(args, work: Path, device) -> None:
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         rec = vae.decode(z).sample
-        grad = lambda t: (t[..., 1:, :] - t[..., :-1, :], t[..., :, 1:] - t[..., :, :-1])  # noqa: E731
-        (gy, gx), (ry, rx) = grad(x), grad(rec)
-        cx, cr = x - x.mean(1, keepdim=True), rec - rec.mean(1, keepdim=True)
-        loss = (F.l1_loss(rec, x) + F.mse_loss(rec, x) + 0.5 * (F.l1_loss(ry, gy) + F.l1_loss(rx, gx))
-                + args.chroma_weight * (F.l1_loss(cr, cx) + F.mse_loss(cr, cx)))
+        loss = reconstruction_loss(rec, x, edge_weight=0.5, chroma_weight=args.chroma_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
