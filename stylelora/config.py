@@ -50,6 +50,9 @@ class DataConfig:
     skip_bad_images: bool = opt(False, "skip unreadable images with a warning instead of stopping")
     cache_latents: bool = opt(True, "encode each image once with the VAE and keep the latents on disk")
     cache_dir: str | None = opt(None, "cache folder (default: $STYLELORA_HOME/cache)")
+    reg_folder: str | None = opt(None, "regularization images (prior preservation): trained beside the style images "
+                                       "with their captions as written, never given the trigger, so the adapter "
+                                       "learns to leave prompts without the trigger alone")
 
     def __post_init__(self):
         _check(self.resolution >= 64 and self.resolution % self.bucket_step == 0,

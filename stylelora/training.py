@@ -7,6 +7,7 @@ seeded by (seed, s, process), so a run resumed from a checkpoint ends exactly wh
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -73,6 +74,8 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
     items = data.scan_folder(cfg.data.folder, trigger=cfg.data.trigger, caption_template=cfg.data.caption_template,
                              repeats=cfg.data.repeats, default_repeats=cfg.data.default_repeats,
                              skip_bad_images=cfg.data.skip_bad_images)
+    if cfg.data.reg_folder:
+        items += regularization_items(cfg.data.reg_folder, skip_bad_images=cfg.data.skip_bad_images)
 
     # ---- base model: a caller's base is given back as it was found, whatever happens in the run
     borrowed = base is not None
@@ -88,6 +91,14 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
             for n, (dev, dtype) in original.items():
                 getattr(base.pipe, n).to(dev, dtype)
             base.pipe.scheduler = scheduler
+
+
+def regularization_items(folder: str, *, skip_bad_images: bool = False) -> list[data.ImageItem]:
+    """Prior-preservation images: captions exactly as written (no trigger added; uncaptioned ones train the empty
+    prompt), folder repeats as usual, and their own ``reg/...`` subset in the adapter's metadata."""
+    items = data.scan_folder(folder, trigger=None, caption_template="", skip_bad_images=skip_bad_images)
+    name = Path(folder).expanduser().absolute().name
+    return [dataclasses.replace(it, subset=f"reg/{name if it.subset in ('', '.') else it.subset}") for it in items]
 
 
 def _train_on(base: Base, cfg: TrainConfig, accelerator, items, output: Path, started_at: float, progress,

@@ -251,3 +251,30 @@ def test_multi_process_training_writes_one_adapter(style_dir, tmp_path):
 def test_data_errors_are_data_errors(tmp_path):
     with pytest.raises(DataError):
         train(quick_config(tmp_path / "nope", tmp_path / "o.safetensors"))
+
+
+def test_regularization_images_keep_their_captions_and_train_beside_the_style(style_dir, tmp_path):
+    """Prior preservation: reg images never get the trigger, are listed as their own dataset dir, and train."""
+    import json
+
+    from safetensors import safe_open
+
+    from conftest import make_style_images
+
+    from stylelora.training import regularization_items
+
+    reg = tmp_path / "plain"
+    make_style_images(reg, 2, seed=5)  # img0 has a caption file, img1 none
+    (reg / "img0.txt").write_text("a plain picture", encoding="utf-8")
+    items = {it.path.name: it for it in regularization_items(str(reg))}
+    assert items["img0.png"].caption == "a plain picture" and items["img1.png"].caption == ""
+    assert {it.subset for it in items.values()} == {"reg/plain"}
+
+    out = tmp_path / "r" / "x.safetensors"
+    cfg = quick_config(style_dir, out).replace(reg_folder=str(reg))
+    assert train(cfg) == out
+    with safe_open(str(out), "pt") as f:
+        md = f.metadata()
+    dirs = json.loads(md["ss_dataset_dirs"])
+    assert dirs["reg/plain"]["img_count"] == 2 and sum(d["img_count"] for d in dirs.values()) == 6
+    assert "zzstyle" not in json.dumps(json.loads(md["ss_tag_frequency"])["reg/plain"])
