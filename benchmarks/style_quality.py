@@ -37,9 +37,9 @@ from stylelora import classifiers, toyworld  # noqa: E402
 GOALS = {"fidelity": 0.90, "content_gap": 0.10, "leakage": 0.10, "blend_both": 0.70}
 
 
-def train_adapters(styles, out: Path, **overrides) -> dict[str, Path]:
+def train_adapters(styles, out: Path, no_reg: bool = False, **overrides) -> dict[str, Path]:
     import stylelora
-    from make_style_images import ensure
+    from make_style_images import PLAIN, ensure
 
     folders = ensure(ROOT / "examples" / "styles", styles)
     paths = {}
@@ -47,7 +47,8 @@ def train_adapters(styles, out: Path, **overrides) -> dict[str, Path]:
         path = out / f"{style}.safetensors"
         if not path.exists():
             t = time.time()
-            stylelora.train(toyworld.train_config(folders[style], toyworld.TRIGGERS[style], path, **overrides))
+            stylelora.train(toyworld.train_config(folders[style], toyworld.TRIGGERS[style], path,
+                                                  reg_folder=None if no_reg else PLAIN, **overrides))
             print(f"trained {style} in {time.time() - t:.0f} s", flush=True)
         paths[style] = path
     return paths
@@ -78,6 +79,7 @@ def main(argv=None) -> dict:
     p.add_argument("--styles", default=",".join(toyworld.STYLES))
     p.add_argument("--n", type=int, default=20, help="held-out prompts per measurement")
     p.add_argument("--train-steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--no-reg", action="store_true", help="train on the style set alone (no plain pictures)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the recipe (TrainConfig, flat: lr=2e-3, rank=16, ...); repeatable")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
@@ -101,7 +103,7 @@ def main(argv=None) -> dict:
     overrides = dict(_parse_set(kv) for kv in args.set)
     if args.train_steps:
         overrides["steps"] = args.train_steps
-    adapters = train_adapters(styles, out, **overrides)
+    adapters = train_adapters(styles, out, no_reg=args.no_reg, **overrides)
     t_train = time.time() - t0
 
     base = load_base("tiny")

@@ -9,7 +9,7 @@ shows: rows are pictures of the style set, the base, and the base + adapter with
 Honest state (see benchmarks/style_quality.py): with this small base and the default recipe the adapter's effect
 is visible but faint; the pastel wash is the clearest, textures (halftone, stripes) mostly do not come through.
 
-    python examples/demo.py [--style pastel|halftone|stripes|outline] [--steps 150]
+    python examples/demo.py [--style pastel|halftone|stripes|outline] [--steps 300]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from make_style_images import ensure  # noqa: E402
+from make_style_images import PLAIN, ensure  # noqa: E402
 
 import stylelora  # noqa: E402
 from stylelora import toyworld  # noqa: E402
@@ -41,7 +41,7 @@ OUT = HERE.parent / "out" / "demo"
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description="Train a style adapter on the tiny base and draw a before/after grid.")
     p.add_argument("--style", default="pastel", choices=list(toyworld.STYLES))
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()),
                    help="torch CPU threads (use 1 when the machine is busy)")
     args = p.parse_args(argv)
@@ -53,7 +53,8 @@ def main(argv=None) -> Path:
     held_out = toyworld.held_out_scenes(5, seed=3)
     prompts = [toyworld.captioned(s, trigger) for s in held_out]
     adapter_path = OUT / f"{style}.safetensors"
-    config = toyworld.train_config(folder, trigger, adapter_path, steps=args.steps, sample_prompts=prompts[:1])
+    config = toyworld.train_config(folder, trigger, adapter_path, reg_folder=PLAIN, steps=args.steps,
+                                    sample_prompts=prompts[:1])
     stylelora.train(config)
     t_train = time.time() - t0
 

@@ -20,10 +20,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from stylelora.toyworld import STYLES, write_style_folder  # noqa: E402
+from stylelora.toyworld import STYLES, write_plain_folder, write_style_folder  # noqa: E402
 
 N_IMAGES = 16
 SEED = 0
+PLAIN = HERE / "plain"  # regularization pictures (no style, no trigger) for the recipes
 
 
 def main(out: Path = HERE / "styles", styles=tuple(STYLES), n: int = N_IMAGES, seed: int = SEED) -> list[Path]:
@@ -34,12 +35,17 @@ def main(out: Path = HERE / "styles", styles=tuple(STYLES), n: int = N_IMAGES, s
         if folder.exists():
             shutil.rmtree(folder)  # a smaller n must not leave old pictures behind
         folders.append(write_style_folder(folder, style, n=n, seed=seed))
+    if PLAIN.exists():
+        shutil.rmtree(PLAIN)
+    write_plain_folder(PLAIN, n=n, seed=seed)
     return folders
 
 
 def ensure(out: Path = HERE / "styles", styles=tuple(STYLES)) -> dict[str, Path]:
     """The style folders, drawn first where missing."""
     missing = [s for s in styles if not any((Path(out) / s).glob("*.png"))]
+    if not any(PLAIN.glob("*.png")):
+        write_plain_folder(PLAIN, n=N_IMAGES, seed=SEED)
     if missing:
         main(out, missing)
     return {s: Path(out) / s for s in styles}
