@@ -95,21 +95,10 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def write_tiny_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> None:
-    """A real byte-level CLIP BPE tokenizer (vocab.json + merges.txt): 512 byte tokens, start/end, plus ``words``.
-
-    Written by hand because the real 49408-token vocabulary needs a download; the format is CLIP's own, so
-    ``CLIPTokenizer.from_pretrained`` reads it through the same code path as a real model folder. Each word in
-    ``words`` gets a chain of BPE merges (``c i``, ``ci r``, ... ``circl e</w>``) so it becomes one token, as
-    common words are in CLIP's real vocabulary; every other word still falls back to one token per byte.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
+def word_merges(words) -> list[str]:
+    """The BPE merges, in rank order, that make each of ``words`` one token: a chain per word (``c i``, ``ci r``,
+    ... ``circl e</w>``); each merge adds one token to the vocabulary (its two halves joined)."""
     byte_chars = _bytes_to_unicode()
-    chars = list(byte_chars.values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = 512
-    vocab["<|endoftext|>"] = 513
     merges: list[str] = []
     # Longer words first: their merges get the lower (earlier) ranks, so a short word's merge ("r e" of "red")
     # cannot split a longer word ("green") before that word's own chain runs.
@@ -122,7 +111,26 @@ def write_tiny_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> None:
             left += right
             if merge not in merges:
                 merges.append(merge)
-                vocab.setdefault(left, len(vocab))
+    return merges
+
+
+def write_tiny_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> None:
+    """A real byte-level CLIP BPE tokenizer (vocab.json + merges.txt): 512 byte tokens, start/end, plus ``words``.
+
+    Written by hand because the real 49408-token vocabulary needs a download; the format is CLIP's own, so
+    ``CLIPTokenizer.from_pretrained`` reads it through the same code path as a real model folder. Each word in
+    ``words`` gets a chain of BPE merges (``c i``, ``ci r``, ... ``circl e</w>``) so it becomes one token, as
+    common words are in CLIP's real vocabulary; every other word still falls back to one token per byte.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = 512
+    vocab["<|endoftext|>"] = 513
+    merges = word_merges(words)
+    for merge in merges:
+        vocab[merge.replace(" ", "")] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(
@@ -216,7 +224,7 @@ def build_toy_components(pretrained: bool = True) -> dict:
         latent_channels=4, layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False,
     )
     torch.manual_seed(0)
-    vocab = 514 + _merge_count(toy_words())
+    vocab = 514 + len(word_merges(toy_words()))
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
         max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=512, eos_token_id=513, pad_token_id=513,
@@ -232,15 +240,6 @@ def build_toy_components(pretrained: bool = True) -> dict:
                              "stylelora, or rebuild it with examples/pretrain_tiny_base.py")
         load_toy_weights(parts, TOY_WEIGHTS)
     return parts
-
-
-def _merge_count(words) -> int:
-    """How many tokens ``write_tiny_tokenizer(words=...)`` adds (one per distinct word prefix of length >= 2)."""
-    prefixes = set()
-    for w in words:
-        b = w.lower().encode("utf-8")
-        prefixes.update((b[:i], i == len(b)) for i in range(2, len(b) + 1))
-    return len(prefixes)
 
 
 def load_toy_weights(parts: dict, path: Path) -> None:

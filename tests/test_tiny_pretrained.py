@@ -94,10 +94,10 @@ def test_missing_weights_file_gives_a_clear_error(monkeypatch, tmp_path):
 def test_tokenizer_vocab_size_matches_the_text_encoder(tmp_path):
     from transformers import CLIPTokenizer
 
-    from stylelora.models import _merge_count, toy_words, write_tiny_tokenizer
+    from stylelora.models import toy_words, word_merges, write_tiny_tokenizer
 
     write_tiny_tokenizer(tmp_path / "tok", toy_words())
     tok = CLIPTokenizer.from_pretrained(tmp_path / "tok")
-    assert len(tok) == 514 + _merge_count(toy_words())
+    assert len(tok) == 514 + len(word_merges(toy_words()))
     for word in toy_words():  # every caption word is one token, even where words share letters ("red", "green")
         assert len(tok(word).input_ids) == 3, word
