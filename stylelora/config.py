@@ -53,12 +53,16 @@ class DataConfig:
     reg_folder: str | None = opt(None, "regularization images (prior preservation): trained beside the style images "
                                        "with their captions as written, never given the trigger, so the adapter "
                                        "learns to leave prompts without the trigger alone")
+    caption_dropout: float = opt(0.0, "share of training images shown with an empty caption, so the adapter also "
+                                      "learns the unconditional prediction that classifier-free guidance subtracts "
+                                      "(without it, guidance can cancel much of a style); 0.05-0.2 typical")
 
     def __post_init__(self):
         _check(self.resolution >= 64 and self.resolution % self.bucket_step == 0,
                f"resolution must be >= 64 and a multiple of bucket_step ({self.bucket_step}), got {self.resolution}")
         _check(self.bucket_step in (8, 16, 32, 64, 128), f"bucket_step must be 8, 16, 32, 64 or 128, got {self.bucket_step}")
         _check(self.default_repeats >= 1, "default_repeats must be >= 1")
+        _check(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         _check(all(isinstance(v, int) and v >= 1 for v in self.repeats.values()), "repeats values must be integers >= 1")
 
 

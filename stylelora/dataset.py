@@ -76,7 +76,8 @@ class TrainingSet:
         if self.cache_text:
             te_id = "".join(module_fingerprint(e) for e in self.encoders)
             te_id += "".join(_tokenizer_id(t) for t in self.text.tokenizers)
-            for caption in sorted({it.caption for it in self.items}):
+            captions = {it.caption for it in self.items} | ({""} if self.cfg.caption_dropout else set())
+            for caption in sorted(captions):
                 key = TensorCache.key("text", caption, te_id, str(self.weight_dtype), self.family.arch)
                 entry = self.text_cache.get(key)
                 if entry is None:
@@ -121,11 +122,12 @@ class TrainingSet:
         return {"latents": ((lat - shift) * vae.config.scaling_factor).to(self.device),
                 "original_sizes": torch.stack(orig), "crops": torch.stack(crops), "target_sizes": targets}
 
-    def captions(self, indices: list[int]) -> list[str]:
-        return [self.items[i].caption for i in indices]
+    def captions(self, indices: list[int], drop: list[bool] | None = None) -> list[str]:
+        """The items' captions; where ``drop`` is True, the empty caption (caption dropout)."""
+        return ["" if drop and drop[k] else self.items[i].caption for k, i in enumerate(indices)]
 
-    def cached_text(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        entries = [self._text[self.items[i].caption] for i in indices]
+    def cached_text(self, indices: list[int], drop: list[bool] | None = None) -> dict[str, torch.Tensor]:
+        entries = [self._text[c] for c in self.captions(indices, drop)]
         return {k: torch.stack([e[k] for e in entries]).to(self.device) for k in entries[0]}
 
 

@@ -300,10 +300,14 @@ def compute_loss(tset, indices, gen, unet, encoders, noise_scheduler, cfg, predi
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
     t = t.to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
+    # caption dropout: drawn only when on, so runs without it keep their random streams
+    drop = {}
+    if cfg.data.caption_dropout:
+        drop["drop"] = (torch.rand(len(indices), generator=gen) < cfg.data.caption_dropout).tolist()
     if train_te:
-        cond = tset.text.encode(encoders, tset.text.tokenize(tset.captions(indices)))
+        cond = tset.text.encode(encoders, tset.text.tokenize(tset.captions(indices, **drop)))
     else:
-        cond = tset.cached_text(indices)
+        cond = tset.cached_text(indices, **drop)
     dtype = tset.weight_dtype
     extra = unet_kwargs(tset.family, cond, original_sizes=batch["original_sizes"], crops=batch["crops"],
                         target_sizes=batch["target_sizes"], dtype=dtype)

@@ -278,3 +278,36 @@ def test_regularization_images_keep_their_captions_and_train_beside_the_style(st
     dirs = json.loads(md["ss_dataset_dirs"])
     assert dirs["reg/plain"]["img_count"] == 2 and sum(d["img_count"] for d in dirs.values()) == 6
     assert "zzstyle" not in json.dumps(json.loads(md["ss_tag_frequency"])["reg/plain"])
+
+
+def test_caption_dropout_trains_the_empty_caption(style_dir, tmp_path, monkeypatch):
+    from stylelora import training
+    from stylelora.data import scan_folder
+    from stylelora.dataset import TrainingSet
+
+    with pytest.raises(ConfigError, match="caption_dropout"):
+        DataConfig(folder=str(style_dir), caption_dropout=1.0)
+    pipe = load_base("tiny-random").pipe
+    cfg = DataConfig(folder=str(style_dir), trigger="zzstyle", resolution=128, caption_dropout=0.5)
+    ts = TrainingSet(scan_folder(style_dir, trigger="zzstyle"), cfg, pipe, cache_root=tmp_path / "cache",
+                     cache_text=True, device=torch.device("cpu"), weight_dtype=torch.float32)
+    ts.prepare()
+    assert ts.captions([0, 1], drop=[True, False]) == ["", ts.items[1].caption]
+    empty = ts.text.encode(ts.encoders, ts.text.tokenize([""]))["hidden"][0]
+    assert torch.equal(ts.cached_text([0, 1], drop=[True, False])["hidden"][0], empty)  # cached with the rest
+
+    # in a run, about half the captions the step encodes are empty; without dropout none is
+    seen = []
+    real = TrainingSet.cached_text
+
+    def spy(self, indices, drop=None):
+        seen.extend(self.captions(indices, drop))
+        return real(self, indices, drop)
+
+    monkeypatch.setattr(TrainingSet, "cached_text", spy)
+    for rate, expect_empty in ((0.5, True), (0.0, False)):
+        seen.clear()
+        c = quick_config(style_dir, tmp_path / f"d{rate}.safetensors", steps=8)
+        c.data.caption_dropout = rate
+        training.train(c)
+        assert len(seen) == 16 and (0 < seen.count("") < 16) == expect_empty and ("" in seen) == expect_empty, seen
