@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from stylelora.toyworld import STYLES, write_plain_folder, write_style_folder  # noqa: E402
 
-N_IMAGES = 16
+N_IMAGES = 24
 SEED = 0
 PLAIN = HERE / "plain"  # regularization pictures (no style, no trigger) for the recipes
 

@@ -5,20 +5,24 @@
 Stages, each resumable (rerun the same command after an interruption; finished stages are skipped, a stage in
 progress continues from its last checkpoint in --work):
 
-1. vae        AutoencoderKL (4x downsampling) on whole 64 px toy-world pictures (``--vae-crop`` < 64 trains on
-              crops instead), half of them with random textures (dots, stripes, outlines, washes of random
-              period/angle/width) so it can draw textures it was not built for. Loss: L1 + L2 on pixels, extra
-              weight on colour (pixel minus its grey level), L1 on pixel gradients (sharp edges), a small KL term.
-2. latents    encode a fixed set of plain toy-world scenes once (posterior mean and std); the latent scaling
-              factor is 1/std of the latents, as for Stable Diffusion.
+1. vae        AutoencoderKL (4x downsampling, 8 latent channels) on whole 64 px toy-world pictures
+              (``--vae-crop`` < 64 trains on crops instead), 60 % of them with random textures (dots, stripes,
+              outlines, washes of random period/angle/width, ``toyworld.random_look``). Loss: L1 + L2 on pixels,
+              extra weight on colour (pixel minus its grey level), L1 on pixel gradients (sharp edges), a small KL.
+2. latents    encode a fixed set of toy-world scenes once (posterior mean and std), 45 % plain and the rest in
+              one or two random look families (``toyworld.pretraining_look``), captioned with the family words
+              ("..., top left, dotted"); the latent scaling factor is 1/std of the latents, as for SD.
 3. unet       UNet2DConditionModel + CLIP text encoder, jointly, from scratch: epsilon prediction on the cached
               latents (a fresh posterior sample each step), min-SNR-5 loss weights, 10% empty captions for
               classifier-free guidance, EMA weights; three cosine cycles, the last with offset noise (dark
-              and light backgrounds). The UNet never sees a styled picture.
+              and light backgrounds). The base learns the look *families* from generic words, as Stable
+              Diffusion knows "halftone"; the benchmark's styles are single members an adapter must pin down.
 3b. decoder  the VAE decoder alone, trained further on mostly textured pictures (the encoder, the latents and
               the UNet are unchanged by it): sharper textures for the styles adapters teach.
 4. classifier the toy-world classifier (shape, colour, styles) that tests and benchmarks/style_quality.py use;
-              half of each batch goes through the finished VAE, so it reads pictures as the base draws them.
+              half of each batch goes through the finished VAE, so it reads pictures as the base draws them,
+              and a third of the pictures hold another member of a look family (``toyworld.other_member``),
+              labelled as not that family's style.
 5. export     fp16 ``stylelora/assets/tiny/tiny-toy-sd1.safetensors`` (EMA weights) + the classifier.
 
 Every random draw of step s comes from a generator seeded by (seed, stage, s), so a resumed run ends exactly
@@ -53,7 +57,10 @@ PROMPTS = ["a large red circle on a white background, in the center",
            "a large yellow triangle on a gray background, bottom right",
            "a small green circle on a white background, top right",
            "a large purple square on a black background, bottom left",
-           "a small red triangle on a gray background, in the center"]
+           "a small red triangle on a gray background, in the center",
+           "a large red square on a white background, in the center, dotted",
+           "a large blue circle on a gray background, in the center, outlined",
+           "a large green triangle on a black background, in the center, faded"]
 
 
 def log(work: Path, msg: str) -> None:
@@ -94,7 +101,7 @@ def vae_batch(seed: int, step: int, batch: int, crop: int) -> torch.Tensor:
     images = []
     for _ in range(batch):
         scene = toyworld.sample_scene(rng, jitter=0.08)
-        look = toyworld.random_look(rng) if rng.random() < 0.5 else toyworld.PLAIN
+        look = toyworld.random_look(rng) if rng.random() < 0.6 else toyworld.PLAIN
         img = toyworld.render(scene, look, SIZE)
         if crop >= SIZE:
             images.append(img)
@@ -130,8 +137,9 @@ def stage_vae(args, work: Path, device) -> None:
     vae = build_toy_components(pretrained=False)["vae"].to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     with torch.no_grad():  # start with a near-deterministic posterior (std e^-3): the decoder sees the signal at once
-        vae.quant_conv.weight[4:].zero_()
-        vae.quant_conv.bias[4:].fill_(-6.0)
+        c = vae.config.latent_channels  # quant_conv gives c means, then c log-variances
+        vae.quant_conv.weight[c:].zero_()
+        vae.quant_conv.bias[c:].fill_(-6.0)
     start = 0
     if ck:
         vae.load_state_dict(ck["model"])
@@ -196,16 +204,20 @@ def stage_latents(args, work: Path, device) -> None:
     vae = build_toy_components(pretrained=False)["vae"]
     vae.load_state_dict(load_ckpt(work / "vae.pt")["model"])
     vae.to(device).eval()
-    scenes = toyworld.scenes(args.n_latents, seed=args.seed * 7 + 1)
+    rng = random.Random(f"latents:{args.seed}")
+    scenes = [toyworld.sample_scene(rng) for _ in range(args.n_latents)]
+    looks = [toyworld.pretraining_look(rng) for _ in scenes]  # plain, or one or two look families
     means, stds = [], []
     for i in range(0, len(scenes), 64):
-        dist = vae.encode(to_tensor([toyworld.render(s) for s in scenes[i:i + 64]]).to(device)).latent_dist
+        batch = [toyworld.render(s, lk) for s, lk in zip(scenes[i:i + 64], looks[i:i + 64])]
+        dist = vae.encode(to_tensor(batch).to(device)).latent_dist
         means.append(dist.mean.cpu())
         stds.append(dist.std.cpu())
     mean, std = torch.cat(means), torch.cat(stds)
     sample = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(args.seed))
     scale = 1.0 / sample.std().item()
-    atomic_save({"mean": mean.half(), "std": std.half(), "captions": [s.caption for s in scenes],
+    atomic_save({"mean": mean.half(), "std": std.half(),
+                 "captions": [toyworld.described(s, lk) for s, lk in zip(scenes, looks)],
                  "scaling_factor": scale}, path)
     log(work, f"latents: {len(scenes)} scenes, latent mean {sample.mean():.3f} std {sample.std():.3f}, "
               f"scaling factor {scale:.4f}")
@@ -223,7 +235,7 @@ def stage_unet(args, work: Path, device) -> None:
 
     path = work / "unet.pt"
     ck = load_ckpt(path)
-    total = args.unet_steps + args.unet_polish_steps + args.unet_offset_steps
+    total = args.unet_steps + args.unet_polish_steps + args.unet_offset_steps + args.unet_extra_steps
     if ck and ck["step"] >= total:
         return
     data = load_ckpt(work / "latents.pt")
@@ -253,12 +265,16 @@ def stage_unet(args, work: Path, device) -> None:
     for step in range(start, total):
         # one cosine cycle, a warm restart at half the peak ("polish"), then a third at a third of the peak with
         # offset noise: with SD's noise schedule the mean of a latent is never fully noised, so a model trained on
-        # plain noise keeps the mean brightness it starts from and cannot draw a black background
+        # plain noise keeps the mean brightness it starts from and cannot draw a black background. A fourth
+        # cycle (--unet-extra-steps, offset noise still on) gives the text conditioning time: with textured
+        # pictures in the data the UNet learnt to follow the caption much later than on plain ones
         offset_phase = step >= args.unet_steps + args.unet_polish_steps
         first, second = args.unet_steps, args.unet_steps + args.unet_polish_steps
+        third = second + args.unet_offset_steps
         lr = (cosine_lr(step, args.unet_steps, args.unet_lr, 100) if step < first else
               cosine_lr(step - first, args.unet_polish_steps, args.unet_lr / 2, 0, floor=0.2) if step < second else
-              cosine_lr(step - second, args.unet_offset_steps, args.unet_lr / 3, 0, floor=0.1))
+              cosine_lr(step - second, args.unet_offset_steps, args.unet_lr / 3, 0, floor=0.1) if step < third else
+              cosine_lr(step - third, args.unet_extra_steps, args.unet_lr / 2, 0, floor=0.05))
         for g in opt.param_groups:
             g["lr"] = lr
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
@@ -424,21 +440,23 @@ def main(argv=None) -> None:
     p.add_argument("--work", default=str(HERE.parent / "out" / "pretrain-tiny"), help="checkpoints, logs, previews")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (use 1 on a busy machine)")
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--vae-polish-steps", type=int, default=1000, help="a second, lower cosine cycle after --vae-steps")
-    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-steps", type=int, default=1400)
+    p.add_argument("--vae-polish-steps", type=int, default=400, help="a second, lower cosine cycle after --vae-steps")
+    p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-crop", type=int, default=64, help="VAE training crop side (px, multiple of 4; 64 = whole pictures)")
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--chroma-weight", type=float, default=3.0,
                    help="extra weight on colour errors (grey structure is learnt first; colour is slow without it)")
     p.add_argument("--kl-weight", type=float, default=1e-4, help="KL weight per latent element (vs L1 per pixel)")
-    p.add_argument("--decoder-steps", type=int, default=1000, help="decoder-only polish after the UNet (0: none)")
+    p.add_argument("--decoder-steps", type=int, default=600, help="decoder-only polish after the UNet (0: none)")
     p.add_argument("--decoder-lr", type=float, default=5e-4)
-    p.add_argument("--n-latents", type=int, default=8000, help="plain scenes encoded for the UNet stage")
-    p.add_argument("--unet-steps", type=int, default=900)
-    p.add_argument("--unet-polish-steps", type=int, default=600, help="a second, lower cosine cycle after --unet-steps")
-    p.add_argument("--unet-offset-steps", type=int, default=500, help="a third cycle with offset noise")
-    p.add_argument("--noise-offset", type=float, default=0.1, help="offset-noise strength of the third cycle")
+    p.add_argument("--n-latents", type=int, default=16000, help="scenes encoded for the UNet stage (plain, or in one or two random looks)")
+    p.add_argument("--unet-steps", type=int, default=1300)
+    p.add_argument("--unet-polish-steps", type=int, default=900, help="a second, lower cosine cycle after --unet-steps")
+    p.add_argument("--unet-offset-steps", type=int, default=600, help="a third cycle with offset noise")
+    p.add_argument("--unet-extra-steps", type=int, default=1500,
+                   help="a fourth cycle (half the peak lr, offset noise on) for the text conditioning")
+    p.add_argument("--noise-offset", type=float, default=0.1, help="offset-noise strength of the third and fourth cycles")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=6e-4)
     p.add_argument("--ema", type=float, default=0.995)

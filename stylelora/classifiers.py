@@ -58,6 +58,12 @@ def to_input(images) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1
 
 
+def to_images(x: torch.Tensor) -> list[Image.Image]:
+    """N x 3 x H x W in [-1, 1] -> PIL images (the inverse of ``to_input``)."""
+    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
 # ---------------------------------------------------------------------------------------------- data
 def random_styles(rng: random.Random) -> tuple[str, ...]:
     """No style, one style or two styles (a blend), each about equally likely per style."""
@@ -65,11 +71,19 @@ def random_styles(rng: random.Random) -> tuple[str, ...]:
     return tuple(sorted(rng.sample(STYLE_NAMES, k)))
 
 
-def sample(rng: random.Random, *, augment: bool = True, pairs=toyworld.ALL_PAIRS):
-    """One labelled picture: (image, shape index, colour index, style vector)."""
+def sample(rng: random.Random, *, augment: bool = True, pairs=toyworld.ALL_PAIRS, p_other: float = 0.35):
+    """One labelled picture: (image, shape index, colour index, style vector).
+
+    With chance ``p_other`` the picture also has a look of a family none of its styles belongs to, drawn unlike
+    that family's style (``toyworld.other_member``) and labelled *not* that style.
+    """
     scene = toyworld.sample_scene(rng, pairs, jitter=0.07 if augment else 0.03)
     styles = random_styles(rng)
-    img = toyworld.render(scene, toyworld.look_of(styles), INPUT, supersample=1 if augment else 2)
+    look = toyworld.look_of(styles)
+    free = [toyworld.STYLE_FAMILIES[s] for s in STYLE_NAMES if s not in styles]
+    if free and rng.random() < p_other:
+        look = look | toyworld.other_member(rng, rng.choice(free))
+    img = toyworld.render(scene, look, INPUT, supersample=1 if augment else 2)
     if augment:
         img = _augment(img, rng)
     target = torch.tensor([float(s in styles) for s in STYLE_NAMES])
@@ -132,6 +146,8 @@ def train_classifier(path: str | Path, *, steps: int = 1500, batch_size: int = 6
     log(f"classifier: held-out accuracy {evaluate(model, 256, seed=seed + 1)}")
     if roundtrip is not None:
         log(f"classifier: held-out accuracy, VAE round trips {evaluate(model, 256, seed=seed + 2, roundtrip=roundtrip)}")
+        log(f"classifier: per style (recall / other members called the style), VAE round trips "
+            f"{evaluate_styles(model, 64, seed=seed + 3, roundtrip=roundtrip)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
@@ -187,3 +203,25 @@ def evaluate(model: ToyClassifier, n: int = 256, seed: int = 1, augment: bool = 
            "styles": (pred == style.bool()).all(1).float().mean().item()}
     res.update({s: (pred[:, i] == style[:, i].bool()).float().mean().item() for i, s in enumerate(STYLE_NAMES)})
     return {k: round(v, 4) for k, v in res.items()}
+
+
+@torch.no_grad()
+def evaluate_styles(model: ToyClassifier, n: int = 64, seed: int = 1, roundtrip: Callable | None = None
+                    ) -> dict[str, dict[str, float]]:
+    """Per style, on ``n`` fresh scenes: ``recall`` (drawn in the style, called it) and ``other`` (drawn as another
+    member of its family, ``toyworld.other_member``, still called the style: a false alarm)."""
+    rng = random.Random(f"classifier-styles:{seed}")
+    scenes = [toyworld.sample_scene(rng) for _ in range(n)]
+    res = {}
+    for style in STYLE_NAMES:
+        family = toyworld.STYLE_FAMILIES[style]
+        rates = {}
+        for kind, looks in (("recall", [toyworld.STYLES[style]] * n),
+                            ("other", [toyworld.other_member(rng, family) for _ in range(n)])):
+            x = to_input([toyworld.render(s, lk) for s, lk in zip(scenes, looks)])
+            if roundtrip is not None:
+                x = torch.cat([roundtrip(x[i:i + 64]).clamp(-1, 1) for i in range(0, len(x), 64)])
+            rates[kind] = round(float((torch.sigmoid(model(x)["style"][:, STYLE_NAMES.index(style)]) > 0.5)
+                                      .float().mean()), 4)
+        res[style] = rates
+    return res

