@@ -12,6 +12,11 @@ classifier (stylelora.classifiers, trained on procedural pictures only) reads ev
 - content    share whose shape AND colour are the prompt's, next to the base's     goal within 10 points
 - leakage    share of untriggered pictures (adapter loaded) called this style      goal <= 10 %
 - base FP    share of base pictures called this style (the classifier's false alarms here)
+- base+word  share of base pictures (no adapter) called this style when the prompt ends in the style's family
+             word ("dotted", "striped", "outlined", "faded"): how much the base gives for free; the adapter
+             has to pin down one member of the family (one period, angle, width, amount) under its trigger
+- ceiling    share of the held-out scenes, drawn in the style and put through the base's VAE, called this
+             style: no generated picture can be sharper than that round trip
 - blends     for each pair at 0.5/0.5 with both triggers: share where both styles are called   goal >= 70 %
 
 Adapters, pictures (grids per style) and results.json go to --out; trained adapters are reused on a rerun.
@@ -115,6 +120,12 @@ def main(argv=None) -> dict:
     base_imgs = draw(pipe, prompts, args.seed, args.steps, args.cfg)
     base_lab = classifiers.classify(clf, base_imgs)
     base_rates = rates(base_lab, scenes)
+    ceiling = vae_ceiling(pipe.vae, clf, scenes, styles)
+    family_word = {}
+    for style in styles:
+        labs = classifiers.classify(clf, draw(pipe, [toyworld.described(s, toyworld.STYLES[style]) for s in scenes],
+                                              args.seed, args.steps, args.cfg))
+        family_word[style] = sum(style in lab["styles"] for lab in labs) / len(labs)
     blender = Blender(base)
     for style in styles:
         blender.load(adapters[style], name=style)
@@ -129,7 +140,7 @@ def main(argv=None) -> dict:
         results["styles"][style] = {
             "fidelity": on_r["style"], "content": on_r["content"], "shape": on_r["shape"], "colour": on_r["colour"],
             "leakage": off_r["style"], "base_fp": sum(style in lab["styles"] for lab in base_lab) / len(base_lab),
-            "base_content": base_rates["content"]}
+            "base_content": base_rates["content"], "base_word": family_word[style], "ceiling": ceiling[style]}
         k = min(8, len(prompts))
         image_grid([base_imgs[:k], on[:k], off[:k]], row_labels=["base", f"+{style}, trigger", "no trigger"]
                    ).save(out / f"{style}.png")
@@ -151,6 +162,18 @@ def main(argv=None) -> dict:
     return results
 
 
+@torch.no_grad()
+def vae_ceiling(vae, clf, scenes, styles) -> dict[str, float]:
+    """Per style: share of ``scenes`` drawn in it, encoded and decoded by ``vae``, that the classifier calls it."""
+    out = {}
+    for style in styles:
+        x = classifiers.to_input([toyworld.render(s, toyworld.STYLES[style]) for s in scenes])
+        y = classifiers.vae_roundtrip(vae)(x).clamp(-1, 1)
+        labs = classifiers.classify(clf, classifiers.to_images(y))
+        out[style] = sum(style in lab["styles"] for lab in labs) / len(labs)
+    return out
+
+
 def _parse_set(kv: str):
     import ast
 
@@ -169,11 +192,12 @@ def print_table(r: dict) -> None:
     base = r["base"]
     print(f"\nbase model on {r['args']['n']} held-out prompts: content {pct(base['content'])} "
           f"(shape {pct(base['shape'])}, colour {pct(base['colour'])})\n")
-    print(f"{'style':<10} {'fidelity':>9} {'content':>9} {'vs base':>8} {'leakage':>9} {'base FP':>9}")
+    print(f"{'style':<10} {'fidelity':>9} {'content':>9} {'vs base':>8} {'leakage':>9} {'base FP':>9} "
+          f"{'base+word':>10} {'ceiling':>9}")
     for style, m in r["styles"].items():
         gap = 100 * (m["content"] - m["base_content"])
         print(f"{style:<10} {pct(m['fidelity']):>9} {pct(m['content']):>9} {gap:+7.0f}  {pct(m['leakage']):>9} "
-              f"{pct(m['base_fp']):>9}")
+              f"{pct(m['base_fp']):>9} {pct(m['base_word']):>10} {pct(m['ceiling']):>9}")
     if r["blends"]:
         w = r["args"]["blend"]
         print(f"\n{'blend (' + str(w) + ' each)':<22} {'both':>7} {'first':>7} {'second':>7} {'content':>8}")
