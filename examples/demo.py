@@ -1,15 +1,16 @@
 """`make demo`: teach the built-in tiny base a style with a LoRA adapter, then draw content the style set never had.
 
-Everything runs offline on a CPU in well under a minute. The base is stylelora's ``tiny`` pipeline, pretrained on
-a procedural toy world of shapes (examples/pretrain_tiny_base.py): it draws the shape and colour a prompt asks
-for. The style set is examples/styles/<style>/, 16 toy-world pictures in one procedural style
-(examples/make_style_images.py). The grid's prompts use (shape, colour) pairs that no picture of the style set
-shows: rows are pictures of the style set, the base, and the base + adapter with the trigger word.
+Everything runs offline on a CPU in about a minute. The base is stylelora's ``tiny`` pipeline, pretrained on a
+procedural toy world of shapes (examples/pretrain_tiny_base.py): it draws the shape, colour and place a prompt asks
+for. The style set is examples/styles/<style>/, 24 toy-world pictures in one procedural style
+(examples/make_style_images.py), trained beside the plain pictures of examples/plain/ as regularization images.
+The grid's prompts use (shape, colour) pairs that no picture of the style set shows: rows are pictures of the
+style set, the base, and the base + adapter with the trigger word.
 
-Honest state (see benchmarks/style_quality.py): with this small base and the default recipe the adapter's effect
-is visible but faint; the pastel wash is the clearest, textures (halftone, stripes) mostly do not come through.
+Honest state (benchmarks/style_quality.py, README "Style quality"): stripes and outline come through clearly on
+held-out prompts; the pastel wash shows but is fainter than the style set's; halftone dots mostly do not.
 
-    python examples/demo.py [--style pastel|halftone|stripes|outline] [--steps 300]
+    python examples/demo.py [--style stripes|outline|pastel|halftone] [--steps N]
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ OUT = HERE.parent / "out" / "demo"
 
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description="Train a style adapter on the tiny base and draw a before/after grid.")
-    p.add_argument("--style", default="pastel", choices=list(toyworld.STYLES))
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--style", default="stripes", choices=list(toyworld.STYLES))
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()),
                    help="torch CPU threads (use 1 when the machine is busy)")
     args = p.parse_args(argv)
@@ -53,8 +54,9 @@ def main(argv=None) -> Path:
     held_out = toyworld.held_out_scenes(5, seed=3)
     prompts = [toyworld.captioned(s, trigger) for s in held_out]
     adapter_path = OUT / f"{style}.safetensors"
-    config = toyworld.train_config(folder, trigger, adapter_path, reg_folder=PLAIN, steps=args.steps,
-                                    sample_prompts=prompts[:1])
+    config = toyworld.train_config(folder, trigger, adapter_path, reg_folder=PLAIN,
+                                    sample_prompts=prompts[:1],
+                                    **({"steps": args.steps} if args.steps else {}))
     stylelora.train(config)
     t_train = time.time() - t0
 
