@@ -1,0 +1,62 @@
+"""The benchmark scripts run end to end at toy sizes (their real runs are not tests; this keeps them from rotting)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_style_quality_runs_and_writes_its_table(tmp_path, capsys):
+    sq = _script("style_quality")
+    out = tmp_path / "sq"
+    results = sq.main(["--styles", "stripes,pastel", "--n", "2", "--train-steps", "2", "--steps", "2",
+                       "--out", str(out), "--threads", "1"])
+    assert set(results["styles"]) == {"stripes", "pastel"} and set(results["blends"]) == {"stripes+pastel"}
+    for m in results["styles"].values():
+        for key in ("fidelity", "content", "leakage", "base_fp", "base_word", "ceiling"):
+            assert 0.0 <= m[key] <= 1.0, (key, m)
+    # the VAE round trip of the committed base keeps these styles for the classifier (it does not generate)
+    assert all(m["ceiling"] == 1.0 for m in results["styles"].values()), results["styles"]
+    assert json.loads((out / "results.json").read_text())["styles"].keys() == results["styles"].keys()
+    assert (out / "stripes.safetensors").exists() and (out / "blend-stripes+pastel.png").exists()
+    table = capsys.readouterr().out
+    assert "fidelity" in table and "ceiling" in table and "goals:" in table
+
+
+def _run_json(script: str, *args: str) -> dict:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args, "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout[done.stdout.index("{"):])
+
+
+def test_train_throughput_measures_both_modes():
+    r = _run_json("train_throughput", "--base", "tiny-random", "--batch-sizes", "2", "--warmup", "1", "--steps", "1",
+                  "--resolution", "64")
+    rows = {row["mode"]: row for row in r["rows"]}
+    assert set(rows) == {"reencode", "cached"}
+    for row in rows.values():
+        assert row["batch"] == 2 and row["images_per_s"] > 0 and row["step_ms"] > 0
+    # re-encoding runs the VAE and text encoder too, so it counts more FLOPs per step than the cached step
+    assert rows["reencode"]["tflop_per_step"] > rows["cached"]["tflop_per_step"] > 0
+
+
+def test_blend_latency_times_every_case():
+    r = _run_json("blend_latency", "--base", "tiny-random", "--steps", "2", "--repeats", "1", "--threads", "1")
+    seconds = r["seconds"]
+    for key in ("base", "fused blend, 5 adapters", "PEFT unfused set_adapters, 5 adapters", "change weight (1 of 5)",
+                "restore base (5 active -> all 0)"):
+        assert seconds[key] > 0, key
