@@ -168,7 +168,7 @@ def vae_ceiling(vae, clf, scenes, styles) -> dict[str, float]:
     out = {}
     for style in styles:
         x = classifiers.to_input([toyworld.render(s, toyworld.STYLES[style]) for s in scenes])
-        y = classifiers.vae_roundtrip(vae)(x).clamp(-1, 1)
+        y = classifiers.through(classifiers.vae_roundtrip(vae), x)
         labs = classifiers.classify(clf, classifiers.to_images(y))
         out[style] = sum(style in lab["styles"] for lab in labs) / len(labs)
     return out

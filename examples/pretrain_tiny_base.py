@@ -14,7 +14,7 @@ progress continues from its last checkpoint in --work):
               ("..., top left, dotted"); the latent scaling factor is 1/std of the latents, as for SD.
 3. unet       UNet2DConditionModel + CLIP text encoder, jointly, from scratch: epsilon prediction on the cached
               latents (a fresh posterior sample each step), min-SNR-5 loss weights, 10% empty captions for
-              classifier-free guidance, EMA weights; three cosine cycles, the last with offset noise (dark
+              classifier-free guidance, EMA weights; four cosine cycles, the last two with offset noise (dark
               and light backgrounds). The base learns the look *families* from generic words, as Stable
               Diffusion knows "halftone"; the benchmark's styles are single members an adapter must pin down.
 3b. decoder  the VAE decoder alone, trained further on mostly textured pictures (the encoder, the latents and

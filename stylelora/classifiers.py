@@ -188,6 +188,11 @@ def vae_roundtrip(vae) -> Callable:
     return roundtrip
 
 
+def through(roundtrip: Callable, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """``x`` put through ``roundtrip`` (``vae_roundtrip``) ``chunk`` pictures at a time, clamped to [-1, 1]."""
+    return torch.cat([roundtrip(x[i:i + chunk]).clamp(-1, 1) for i in range(0, len(x), chunk)])
+
+
 @torch.no_grad()
 def evaluate(model: ToyClassifier, n: int = 256, seed: int = 1, augment: bool = False,
              roundtrip: Callable | None = None) -> dict[str, float]:
@@ -195,7 +200,7 @@ def evaluate(model: ToyClassifier, n: int = 256, seed: int = 1, augment: bool = 
     colour, styles (all four labels right), per style."""
     x, shape, colour, style = batch(random.Random(f"classifier-eval:{seed}"), n, augment=augment)
     if roundtrip is not None:
-        x = torch.cat([roundtrip(x[i:i + 64]).clamp(-1, 1) for i in range(0, len(x), 64)])
+        x = through(roundtrip, x)
     out = model(x)
     pred = torch.sigmoid(out["style"]) > 0.5
     res = {"shape": (out["shape"].argmax(1) == shape).float().mean().item(),
@@ -220,7 +225,7 @@ def evaluate_styles(model: ToyClassifier, n: int = 64, seed: int = 1, roundtrip:
                             ("other", [toyworld.other_member(rng, family) for _ in range(n)])):
             x = to_input([toyworld.render(s, lk) for s, lk in zip(scenes, looks)])
             if roundtrip is not None:
-                x = torch.cat([roundtrip(x[i:i + 64]).clamp(-1, 1) for i in range(0, len(x), 64)])
+                x = through(roundtrip, x)
             rates[kind] = round(float((torch.sigmoid(model(x)["style"][:, STYLE_NAMES.index(style)]) > 0.5)
                                       .float().mean()), 4)
         res[style] = rates

@@ -92,14 +92,20 @@ TRIGGERS = {"halftone": "htone", "stripes": "stripy", "outline": "inkline", "pas
 LOOK_WORDS = {"dots": "dotted", "stripes": "striped", "outline": "outlined", "wash": "faded"}
 
 
-STYLE_FAMILIES = {"halftone": "dots", "stripes": "stripes", "outline": "outline", "pastel": "wash"}
+def look_families(look: Look) -> tuple[str, ...]:
+    """The families (``LOOK_WORDS`` keys) of the textures ``look`` has on, in a fixed order (dots, stripes, ...)."""
+    on = {"dots": look.dots is not None, "stripes": look.stripes is not None, "outline": bool(look.outline),
+          "wash": bool(look.wash)}
+    return tuple(k for k in LOOK_WORDS if on[k])
 
 
 def look_words(look: Look) -> tuple[str, ...]:
-    """The family words of the textures ``look`` has on, in a fixed order (dots, stripes, outline, wash)."""
-    on = {"dots": look.dots is not None, "stripes": look.stripes is not None, "outline": bool(look.outline),
-          "wash": bool(look.wash)}
-    return tuple(LOOK_WORDS[k] for k in LOOK_WORDS if on[k])
+    """The family words of the textures ``look`` has on, in the order of ``look_families``."""
+    return tuple(LOOK_WORDS[k] for k in look_families(look))
+
+
+# each benchmark style is one member of one family: {"halftone": "dots", "stripes": "stripes", ...}
+STYLE_FAMILIES = {name: look_families(look)[0] for name, look in STYLES.items()}
 
 
 def vocabulary() -> tuple[str, ...]:
