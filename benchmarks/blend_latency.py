@@ -83,7 +83,7 @@ def build(args, dtype):
     if args.arch == "sd15":
         from diffusers import DPMSolverMultistepScheduler
 
-        from stylelora.reference import reference_pipeline
+        from stylelora.toy.reference import reference_pipeline
 
         pipe = reference_pipeline("sd15", dtype=dtype, device=args.device)
         pipe.vae.to(dtype)

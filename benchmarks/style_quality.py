@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-from stylelora import classifiers, toyworld  # noqa: E402
+from stylelora.toy import classifiers  # noqa: E402
+from stylelora.toy import world as toyworld  # noqa: E402
 
 GOALS = {"fidelity": 0.90, "content_gap": 0.10, "leakage": 0.10, "blend_both": 0.70}
 

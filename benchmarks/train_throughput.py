@@ -80,7 +80,7 @@ def build(args, dtype):
     if args.arch == "base":
         base = load_base(args.base)
         return base.pipe, f"{args.base} (loaded)"
-    from stylelora.reference import reference_pipeline
+    from stylelora.toy.reference import reference_pipeline
 
     return reference_pipeline(args.arch, dtype=dtype, device=args.device), f"{args.arch} architecture, random weights"
 

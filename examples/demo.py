@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 from make_style_images import PLAIN, ensure  # noqa: E402
 
 import stylelora  # noqa: E402
-from stylelora import toyworld  # noqa: E402
+from stylelora.toy import world as toyworld  # noqa: E402
 from stylelora.cli import quiet_libraries  # noqa: E402
 from stylelora.data import load_image  # noqa: E402
 from stylelora.grid import image_grid  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from stylelora.toyworld import STYLES, write_plain_folder, write_style_folder  # noqa: E402
+from stylelora.toy.world import STYLES, write_plain_folder, write_style_folder  # noqa: E402
 
 N_IMAGES = 24
 SEED = 0

@@ -1,4 +1,4 @@
-"""Pretrain stylelora's built-in ``tiny`` base on the procedural toy world (stylelora/toyworld.py), from scratch.
+"""Pretrain stylelora's built-in ``tiny`` base on the procedural toy world (stylelora/toy/world.py), from scratch.
 
     python examples/pretrain_tiny_base.py --seed 0      # CPU (about an hour on 2 cores) or CUDA
 
@@ -46,8 +46,8 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from stylelora import toyworld  # noqa: E402
-from stylelora.models import TINY_VERSION, TOY_WEIGHTS, build_toy_components, toy_words, write_tiny_tokenizer  # noqa: E402
+from stylelora.toy import world as toyworld  # noqa: E402
+from stylelora.models import TINY_VERSION, TOY_TOKENIZER, TOY_WEIGHTS, build_toy_components, write_tiny_tokenizer  # noqa: E402
 
 ASSETS = TOY_WEIGHTS.parent
 SIZE = toyworld.SIZE
@@ -239,7 +239,7 @@ def stage_unet(args, work: Path, device) -> None:
     if ck and ck["step"] >= total:
         return
     data = load_ckpt(work / "latents.pt")
-    write_tiny_tokenizer(work / "tokenizer", toy_words())
+    write_tiny_tokenizer(work / "tokenizer", toyworld.vocabulary())
     tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
     ids = tokenize(tokenizer, data["captions"])
     empty = tokenize(tokenizer, [""])[0]
@@ -386,7 +386,7 @@ def assemble(work: Path, ema: dict, scaling_factor: float):
     parts["text_encoder"].load_state_dict({k[13:]: v for k, v in ema.items() if k.startswith("text_encoder.")})
     parts["vae"].load_state_dict(vae_weights(work))
     parts["vae"].register_to_config(scaling_factor=scaling_factor)
-    write_tiny_tokenizer(work / "tokenizer", toy_words())
+    write_tiny_tokenizer(work / "tokenizer", toyworld.vocabulary())
     pipe = StableDiffusionPipeline(**parts, tokenizer=CLIPTokenizer.from_pretrained(work / "tokenizer"),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -408,7 +408,7 @@ def preview(args, work: Path, ema: dict, sf: float, name: str, prompts=PROMPTS, 
 
 # -------------------------------------------------------------------------------------- 4-5. classifier, export
 def stage_classifier(args, work: Path) -> None:
-    from stylelora import classifiers
+    from stylelora.toy import classifiers
 
     path = work / "classifier.safetensors"
     if not path.exists():
@@ -421,6 +421,8 @@ def stage_classifier(args, work: Path) -> None:
 def stage_export(args, work: Path, command: str, wall: float) -> None:
     from safetensors.torch import save_file
 
+    from stylelora.toy import classifiers
+
     ck, data = load_ckpt(work / "unet.pt"), load_ckpt(work / "latents.pt")
     tensors = {k: v.half().contiguous() for k, v in ck["ema"].items() if v.is_floating_point()}
     tensors.update({f"vae.{k}": v.half().contiguous() for k, v in vae_weights(work).items()})
@@ -430,7 +432,8 @@ def stage_export(args, work: Path, command: str, wall: float) -> None:
     tmp = TOY_WEIGHTS.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, TOY_WEIGHTS)
-    clf = ASSETS / "toyworld-classifier.safetensors"
+    write_tiny_tokenizer(TOY_TOKENIZER, toyworld.vocabulary())
+    clf = classifiers.CLASSIFIER_WEIGHTS
     clf.write_bytes((work / "classifier.safetensors").read_bytes())
     log(work, f"export: {TOY_WEIGHTS} ({TOY_WEIGHTS.stat().st_size / 1e6:.1f} MB), {clf}; wall {wall / 60:.1f} min")
 

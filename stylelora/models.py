@@ -203,15 +203,19 @@ TOY_WEIGHTS = Path(__file__).resolve().parent / "assets" / "tiny" / "tiny-toy-sd
 TOY_LATENT_CHANNELS = 8
 
 
-def toy_words() -> tuple[str, ...]:
-    """The toy world's caption words (one token each in the ``tiny`` tokenizer)."""
-    from . import toyworld
+# The ``tiny`` base's tokenizer, committed beside its weights: the byte-level tokenizer plus one token per toy-world
+# caption word, written by ``write_tiny_tokenizer(folder, stylelora.toy.world.vocabulary())`` (a test checks the
+# committed files still equal that), so loading the base never imports the toy world.
+TOY_TOKENIZER = TOY_WEIGHTS.parent / "tokenizer"
 
-    return toyworld.vocabulary()
+
+def toy_vocab_size() -> int:
+    """Token count of the committed ``tiny`` tokenizer (the text encoder's embedding rows)."""
+    return len(json.loads((TOY_TOKENIZER / "vocab.json").read_text(encoding="utf-8")))
 
 
 def build_toy_components(pretrained: bool = True) -> dict:
-    """The ``tiny`` base: an SD1-layout pipeline sized for 64 px pictures of the toy world (stylelora/toyworld.py).
+    """The ``tiny`` base: an SD1-layout pipeline sized for 64 px pictures of the toy world (stylelora/toy/world.py).
 
     VAE: 4x downsampling (64 px -> 16 x 16 x 8 latents); UNet: three levels (32/64/128 channels) with
     cross-attention at each; CLIP text encoder: 4 layers, width 64, over the byte tokenizer plus one token per
@@ -235,7 +239,7 @@ def build_toy_components(pretrained: bool = True) -> dict:
         latent_channels=TOY_LATENT_CHANNELS, layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False,
     )
     torch.manual_seed(0)
-    vocab = 514 + len(word_merges(toy_words()))
+    vocab = toy_vocab_size()
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
         max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=512, eos_token_id=513, pad_token_id=513,
@@ -358,7 +362,10 @@ def _build_tiny(target: Path, kind: str) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        write_tiny_tokenizer(tmp / "tok", toy_words() if kind == "toy" else ())
+        if kind == "toy":
+            shutil.copytree(TOY_TOKENIZER, tmp / "tok")
+        else:
+            write_tiny_tokenizer(tmp / "tok")
         tokenizer = CLIPTokenizer.from_pretrained(tmp / "tok")
         parts = build_tiny_components(kind)
         if kind == "sdxl":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stylelora import classifiers
+from stylelora.toy import classifiers
 from stylelora.models import TINY_VERSION, TOY_WEIGHTS, build_toy_components, detect_family, tiny_path
 
 # prompt -> (shape, colour) the classifier must read off the picture (fixed seeds, 64 px, 20 steps)
@@ -96,14 +96,29 @@ def test_missing_weights_file_gives_a_clear_error(monkeypatch, tmp_path):
         models.build_toy_components()
 
 
-def test_tokenizer_vocab_size_matches_the_text_encoder(tmp_path):
+def test_committed_tokenizer_is_the_toy_vocabulary_and_fits_the_text_encoder(tmp_path):
     from transformers import CLIPTokenizer
 
-    from stylelora.models import toy_words, word_merges, write_tiny_tokenizer
+    from stylelora.models import TOY_TOKENIZER, build_toy_components, word_merges, write_tiny_tokenizer
+    from stylelora.toy.world import vocabulary
 
-    write_tiny_tokenizer(tmp_path / "tok", toy_words())
-    tok = CLIPTokenizer.from_pretrained(tmp_path / "tok")
-    assert len(tok) == 514 + len(word_merges(toy_words()))
-    for word in toy_words():  # every caption word is one token, even where words share letters ("red", "green")
+    # the committed files are exactly what the writer makes from the toy world's words (nothing hand-edited)
+    write_tiny_tokenizer(tmp_path / "tok", vocabulary())
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert (tmp_path / "tok" / name).read_bytes() == (TOY_TOKENIZER / name).read_bytes(), name
+    tok = CLIPTokenizer.from_pretrained(TOY_TOKENIZER)
+    assert len(tok) == 514 + len(word_merges(vocabulary()))
+    assert len(tok) == build_toy_components(pretrained=False)["text_encoder"].config.vocab_size
+    for word in vocabulary():  # every caption word is one token, even where words share letters ("red", "green")
         if word != "striped":  # the one documented exception, see models.word_merges
             assert len(tok(word).input_ids) == 3, word
+
+
+def test_loading_the_tiny_base_never_imports_the_toy_world():
+    import subprocess
+    import sys
+
+    code = ("import sys; from stylelora.models import build_toy_components; build_toy_components(); "
+            "bad = [m for m in sys.modules if m.startswith(('stylelora.toy', 'stylelora.webui'))]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

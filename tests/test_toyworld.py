@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from stylelora import toyworld
-from stylelora.toyworld import HELD_OUT_PAIRS, STYLES, Scene, render
+from stylelora.toy import world as toyworld
+from stylelora.toy.world import HELD_OUT_PAIRS, STYLES, Scene, render
 
 
 def _digest(folder) -> dict[str, str]:
@@ -97,7 +97,7 @@ def test_committed_classifier_reads_fresh_pictures():
     """Stated accuracy on held-out procedural pictures (seeds the classifier never trained on). Measured at
     training time with the committed weights (256 pictures): clean shape 0.98 / colour 1.00 / all four style
     labels 0.97; through the tiny base's VAE 0.98 / 0.98 / 0.96."""
-    from stylelora import classifiers
+    from stylelora.toy import classifiers
 
     model = classifiers.load_classifier()
     acc = classifiers.evaluate(model, 192, seed=1234)
@@ -109,7 +109,7 @@ def test_committed_classifier_reads_fresh_pictures():
 
 def test_committed_classifier_reads_the_bases_vae_round_trips():
     """Pictures as the tiny base's decoder draws them (the sharpest a generated picture can be)."""
-    from stylelora import classifiers
+    from stylelora.toy import classifiers
     from stylelora.models import build_toy_components
 
     vae = build_toy_components()["vae"].eval()
@@ -123,7 +123,7 @@ def test_committed_classifier_tells_a_style_from_the_rest_of_its_family():
     """Fidelity means *this* style: other members of its family (finer/coarser dots, stripes at another angle,
     thin ink, a light wash) are not called it. At training time, through the VAE: recall 0.98-1.00, other
     members called the style 0-14 % (outline the weakest)."""
-    from stylelora import classifiers
+    from stylelora.toy import classifiers
     from stylelora.models import build_toy_components
 
     vae = build_toy_components()["vae"].eval()

@@ -42,7 +42,7 @@ def server(tmp_path_factory):
     from stylelora.models import load_base
     from test_webui_handlers import make_library
 
-    from webui import Studio, launch
+    from stylelora.webui import Studio, launch
 
     root = tmp_path_factory.mktemp("webui-e2e")
     base = load_base("tiny-random")

@@ -18,10 +18,10 @@ from conftest import make_style_images
 from stylelora.adapter import Adapter, LoraModule
 from stylelora.errors import AdapterError, ConfigError, StyleloraError
 
-from webui import GenerateRequest, GridRequest, Studio, TrainRequest
-from webui import paths
-from webui.handlers import BusyError, parse_values
-from webui.training import PRESETS, prepare_uploads
+from stylelora.webui import GenerateRequest, GridRequest, Studio, TrainRequest
+from stylelora.webui import paths
+from stylelora.webui.handlers import BusyError, parse_values
+from stylelora.webui.training import PRESETS, prepare_uploads
 
 STEPS, SIZE = 2, 64
 
@@ -172,7 +172,7 @@ def test_training_from_uploaded_files_can_be_stopped(studio, tmp_path):
 def test_failed_training_gives_the_base_back(studio, monkeypatch):
     from peft.tuners.lora import LoraLayer
 
-    from webui.training import TrainJob
+    from stylelora.webui.training import TrainJob
 
     plain = studio.generate(request())
 
@@ -353,7 +353,7 @@ def test_paths_helpers(tmp_path):
 
 
 def test_cli_serves_on_localhost_without_share_unless_asked(studio, monkeypatch):
-    import webui
+    import stylelora.webui as webui
     from stylelora import models
     from stylelora.cli import build_parser
 

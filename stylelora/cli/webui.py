@@ -44,7 +44,7 @@ def run(args) -> int:
         base.pipe.to(device)
         return base
 
-    from webui import Studio, launch
+    from ..webui import Studio, launch
 
     labels = {}
     for spec in args.base:

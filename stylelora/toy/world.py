@@ -321,7 +321,7 @@ def train_config(folder: str | Path, trigger: str, output: str | Path, reg_folde
     into a style. About 50 s on 2 CPU cores. ``overrides``: flat TrainConfig fields. What was tried and measured
     for this choice is in the README's "Style quality" section.
     """
-    from .config import DataConfig, NetworkConfig, OptimConfig, RunConfig, TrainConfig
+    from ..config import DataConfig, NetworkConfig, OptimConfig, RunConfig, TrainConfig
 
     config = TrainConfig(
         data=DataConfig(folder=str(folder), trigger=trigger, resolution=SIZE,

@@ -1,8 +1,8 @@
 """Toy-world classifiers: what a picture shows (shape, colour) and how it is drawn (which styles), for benchmarks.
 
-One small CNN with three heads, trained on procedural pictures (stylelora/toyworld.py) in every style and every
+One small CNN with three heads, trained on procedural pictures (stylelora/toy/world.py) in every style and every
 pair of styles, blurred and noised a little so it also reads a diffusion model's softer drawings. The committed
-weights are ``stylelora/assets/tiny/toyworld-classifier.safetensors`` (made by examples/pretrain_tiny_base.py).
+weights are ``stylelora/toy/assets/toyworld-classifier.safetensors`` (made by examples/pretrain_tiny_base.py).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch import nn
 
-from . import toyworld
+from . import world as toyworld
 
 STYLE_NAMES = tuple(toyworld.STYLES)
 COLOUR_NAMES = tuple(toyworld.COLOURS)
-CLASSIFIER_WEIGHTS = Path(__file__).resolve().parent / "assets" / "tiny" / "toyworld-classifier.safetensors"
+CLASSIFIER_WEIGHTS = Path(__file__).resolve().parent / "assets" / "toyworld-classifier.safetensors"
 INPUT = toyworld.SIZE  # pictures are resized to INPUT x INPUT (area average) before the network sees them
 
 

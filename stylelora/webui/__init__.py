@@ -2,7 +2,7 @@
 
 ``stylelora webui --base tiny --adapters ./loras`` starts it; from Python::
 
-    from webui import Studio, build_app, launch
+    from stylelora.webui import Studio, build_app, launch
     studio = Studio(load_base("tiny"), "./loras", train_roots=["./datasets"])
     launch(studio)  # http://127.0.0.1:7860
 """
@@ -19,7 +19,7 @@ def build_app(studio):
 
 
 def launch(studio, **kwargs):
-    """Serve ``studio`` (see ``webui.app.launch``)."""
+    """Serve ``studio`` (see ``stylelora.webui.app.launch``)."""
     from .app import launch as _launch
 
     return _launch(studio, **kwargs)

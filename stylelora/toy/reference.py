@@ -21,8 +21,8 @@ def reference_pipeline(arch: str, *, dtype: torch.dtype = torch.float32, device:
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .formats.arch import CLIP_L, OPENCLIP_BIGG, SD15_UNET, SDXL_UNET
-    from .models import write_tiny_tokenizer
+    from ..formats.arch import CLIP_L, OPENCLIP_BIGG, SD15_UNET, SDXL_UNET
+    from ..models import write_tiny_tokenizer
 
     if arch not in ("sd15", "sdxl"):
         raise ValueError(f"unknown reference architecture {arch!r}: sd15 or sdxl")
