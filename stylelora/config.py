@@ -1,7 +1,9 @@
-"""Training configuration: one dataclass per concern, validated on creation, loadable from TOML.
+"""Training configuration: one dataclass per concern, validated on creation and on every assignment, loadable from TOML.
 
 Each field's ``help`` is also its CLI help; the CLI flag is the field name with dashes (``--te-lr``). A TOML file
 uses one table per concern (``[data]``, ``[network]``, ``[optim]``, ``[run]``); unknown keys are an error.
+The defaults of the training numbers (resolution, rank, learning rate, steps, ...) are the ``DEFAULT`` recipe of
+stylelora/presets.py, where every recipe's numbers live.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .presets import DEFAULT
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,17 +33,50 @@ def opt(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+D = DEFAULT.overrides  # the default recipe: field defaults below are read from it, never written here
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
+class _Validated:
+    """Checks its fields (``_validate``) on creation and again on every later assignment.
+
+    Tests and scripts adjust a config after building it (``cfg.optim.lr = 5e-2``), so the dataclasses stay
+    mutable, but an assignment goes through the same checks as the constructor: an invalid value raises
+    ``ConfigError`` and leaves the old one in place, and a misspelled field name raises instead of quietly adding
+    an attribute that nothing reads. (Lists and dicts edited in place are not seen; assign a new one.)
+    """
+
+    def _validate(self) -> None:
+        pass
+
+    def __post_init__(self):
+        self._validate()
+        object.__setattr__(self, "_ready", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not self.__dict__.get("_ready"):  # inside the dataclass __init__: __post_init__ checks everything
+            object.__setattr__(self, name, value)
+            return
+        names = [f.name for f in dataclasses.fields(self)]
+        if name not in names:
+            raise ConfigError(f"{type(self).__name__} has no field {name!r}; fields: {', '.join(names)}")
+        old = getattr(self, name)
+        object.__setattr__(self, name, value)
+        try:
+            self._validate()
+        except (ConfigError, TypeError) as e:  # TypeError: a value of the wrong type met a comparison
+            object.__setattr__(self, name, old)
+            raise ConfigError(f"{type(self).__name__}.{name} = {value!r}: {e}") from e
+
+
 @dataclass
-class DataConfig:
+class DataConfig(_Validated):
     """Where the images come from and how they become training samples."""
 
     folder: str = opt("", "image folder (searched recursively; captions from same-stem .txt/.caption files)")
     trigger: str | None = opt(None, "trigger word: used as caption where an image has none, and replaces {trigger}")
     caption_template: str = opt("{trigger}", "caption for images without a caption file")
-    resolution: int = opt(512, "training resolution: buckets have area <= resolution^2")
+    resolution: int = opt(D["resolution"], "training resolution: buckets have area <= resolution^2")
     bucket_step: int = opt(64, "bucket sides are multiples of this")
     upscale: bool = opt(False, "allow small images to be upscaled into a larger bucket")
     random_flip: bool = opt(False, "random horizontal flip (works with the latent cache: both sides are cached)")
@@ -53,11 +89,12 @@ class DataConfig:
     reg_folder: str | None = opt(None, "regularization images (prior preservation): trained beside the style images "
                                        "with their captions as written, never given the trigger, so the adapter "
                                        "learns to leave prompts without the trigger alone")
-    caption_dropout: float = opt(0.0, "share of training images shown with an empty caption, so the adapter also "
-                                      "learns the unconditional prediction that classifier-free guidance subtracts "
-                                      "(without it, guidance can cancel much of a style); 0.05-0.2 typical")
+    caption_dropout: float = opt(D["caption_dropout"],
+                                 "share of training images shown with an empty caption, so the adapter also "
+                                 "learns the unconditional prediction that classifier-free guidance subtracts "
+                                 "(without it, guidance can cancel much of a style); 0.05-0.2 typical")
 
-    def __post_init__(self):
+    def _validate(self) -> None:
         _check(self.resolution >= 64 and self.resolution % self.bucket_step == 0,
                f"resolution must be >= 64 and a multiple of bucket_step ({self.bucket_step}), got {self.resolution}")
         _check(self.bucket_step in (8, 16, 32, 64, 128), f"bucket_step must be 8, 16, 32, 64 or 128, got {self.bucket_step}")
@@ -67,17 +104,17 @@ class DataConfig:
 
 
 @dataclass
-class NetworkConfig:
+class NetworkConfig(_Validated):
     """The LoRA layers: where they go and how big they are."""
 
-    rank: int = opt(16, "LoRA rank (network dim)")
+    rank: int = opt(D["rank"], "LoRA rank (network dim)")
     alpha: float | None = opt(None, "LoRA alpha; scale = alpha / rank (default: alpha = rank)")
     dropout: float = opt(0.0, "dropout on the LoRA path")
     unet_targets: list = opt(UNET_TARGETS, "UNet module names that get LoRA (comma-separated)")
     train_text_encoder: bool = opt(False, "also train LoRA on the text encoder")
     te_targets: list = opt(TE_TARGETS, "text-encoder module names that get LoRA (comma-separated)")
 
-    def __post_init__(self):
+    def _validate(self) -> None:
         _check(1 <= self.rank <= 1024, f"rank must be in 1..1024, got {self.rank}")
         _check(self.alpha is None or self.alpha > 0, "alpha must be > 0")
         _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
@@ -89,40 +126,41 @@ class NetworkConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Validated):
     """Optimizer, learning rates and loss weighting."""
 
-    lr: float = opt(1e-4, "learning rate for the UNet LoRA")
+    lr: float = opt(D["lr"], "learning rate for the UNet LoRA")
     te_lr: float | None = opt(None, "learning rate for the text-encoder LoRA (default: lr)")
     optimizer: str = opt("adamw", "adamw | adamw8bit (needs bitsandbytes)")
-    weight_decay: float = opt(1e-2, "AdamW weight decay")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
-    lr_scheduler: str = opt("constant", "constant | constant_with_warmup | linear | cosine | cosine_with_restarts | polynomial")
-    warmup_steps: int = opt(0, "learning-rate warmup steps")
-    min_snr_gamma: float | None = opt(5.0, "min-SNR-gamma loss weighting (0 or none = off)")
-    noise_offset: float = opt(0.0, "noise offset (helps very dark/bright styles); 0.05-0.1 typical")
+    weight_decay: float = opt(D["weight_decay"], "AdamW weight decay")
+    max_grad_norm: float = opt(D["max_grad_norm"], "gradient clipping norm (0 = off)")
+    lr_scheduler: str = opt(D["lr_scheduler"],
+                            "constant | constant_with_warmup | linear | cosine | cosine_with_restarts | polynomial")
+    warmup_steps: int = opt(D["warmup_steps"], "learning-rate warmup steps")
+    min_snr_gamma: float | None = opt(D["min_snr_gamma"], "min-SNR-gamma loss weighting (0 or none = off)")
+    noise_offset: float = opt(D["noise_offset"], "noise offset (helps very dark/bright styles); 0.05-0.1 typical")
     zero_terminal_snr: bool = opt(False, "rescale the noise schedule to zero terminal SNR (needs v-prediction)")
 
-    def __post_init__(self):
+    def _validate(self) -> None:
         _check(self.lr > 0, "lr must be > 0")
         _check(self.te_lr is None or self.te_lr >= 0, "te_lr must be >= 0")
         _check(self.optimizer in ("adamw", "adamw8bit"), f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
         _check(self.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)}")
         _check(self.warmup_steps >= 0, "warmup_steps must be >= 0")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
-            self.min_snr_gamma = None
+            object.__setattr__(self, "min_snr_gamma", None)  # 0 means off; not a change to validate
 
 
 @dataclass
-class RunConfig:
+class RunConfig(_Validated):
     """The run itself: base model, output, length, precision, checkpoints and samples."""
 
     base: str = opt("tiny", "base model: 'tiny', a diffusers folder, a .safetensors checkpoint or a hub id")
     base_config: str | None = opt(None, "diffusers folder with the config of a single-file --base (offline use)")
     output: str = opt("adapter.safetensors", "adapter file to write")
     format: str = opt("kohya", "adapter layout: kohya (A1111/ComfyUI/kohya/diffusers) | peft")
-    steps: int = opt(1000, "optimizer steps")
-    batch_size: int = opt(1, "images per step per process")
+    steps: int = opt(D["steps"], "optimizer steps")
+    batch_size: int = opt(D["batch_size"], "images per step per process")
     grad_accum: int = opt(1, "gradient accumulation steps")
     mixed_precision: str = opt("no", "no | fp16 | bf16 (LoRA weights always stay fp32)")
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet")
@@ -140,7 +178,7 @@ class RunConfig:
     log_every: int = opt(10, "log loss / check for NaN every N steps")
     tensorboard_dir: str | None = opt(None, "write TensorBoard logs here (needs tensorboard)")
 
-    def __post_init__(self):
+    def _validate(self) -> None:
         _check(self.steps >= 1, "steps must be >= 1")
         _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
         _check(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision must be no, fp16 or bf16")
@@ -154,13 +192,20 @@ SECTIONS = {"data": DataConfig, "network": NetworkConfig, "optim": OptimConfig, 
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run needs. ``TrainConfig(data=DataConfig("imgs"), run=RunConfig(output="a.safetensors"))``."""
+class TrainConfig(_Validated):
+    """Everything a training run needs. ``TrainConfig(data=DataConfig("imgs"), run=RunConfig(output="a.safetensors"))``.
+
+    A named recipe of stylelora/presets.py builds one with ``RECIPES[name].config(folder=..., output=...)``.
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def _validate(self) -> None:
+        for name, klass in SECTIONS.items():
+            _check(isinstance(getattr(self, name), klass), f"{name} must be a {klass.__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,13 +213,20 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def get(self, key: str) -> Any:
+        """The value of a field by its flat name (``cfg.get("rank")`` is ``cfg.network.rank``)."""
+        return getattr(getattr(self, _owner(key)), key)
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "TrainConfig":
-        """Build from ``{section: {key: value}}``; unknown sections or keys are an error naming them."""
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config", base: "TrainConfig | None" = None
+                  ) -> "TrainConfig":
+        """Build from ``{section: {key: value}}`` over ``base`` (default: the field defaults); unknown sections or
+        keys are an error naming them."""
         unknown = set(d) - set(SECTIONS)
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; allowed: {sorted(SECTIONS)}")
         parts = {}
+        start = base.to_dict() if base is not None else {}
         for name, klass in SECTIONS.items():
             values = dict(d.get(name) or {})
             names = {f.name for f in dataclasses.fields(klass)}
@@ -182,13 +234,14 @@ class TrainConfig:
             if bad:
                 raise ConfigError(f"{source}: unknown key(s) in [{name}]: {sorted(bad)}; allowed: {sorted(names)}")
             try:
-                parts[name] = klass(**values)
+                parts[name] = klass(**{**start.get(name, {}), **values})
             except TypeError as e:
                 raise ConfigError(f"{source}: [{name}]: {e}") from e
         return cls(**parts)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "TrainConfig":
+    def from_toml(cls, path: str | Path, *, base: "TrainConfig | None" = None) -> "TrainConfig":
+        """Read a TOML file; keys it does not set keep ``base``'s values (default: the field defaults)."""
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -196,17 +249,23 @@ class TrainConfig:
             raise ConfigError(f"config file {path} does not exist") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(data, source=str(path), base=base)
 
     def replace(self, **flat: Any) -> "TrainConfig":
-        """A copy with flat overrides (``rank=8``, ``lr=1e-4``) applied to whichever section owns each key."""
+        """A copy with flat overrides (``rank=8``, ``lr=1e-4``) applied to whichever section owns each key,
+        validated like a new config."""
         d = self.to_dict()
-        owner = {f.name: s for s, k in SECTIONS.items() for f in dataclasses.fields(k)}
         for key, value in flat.items():
-            if key not in owner:
-                raise ConfigError(f"unknown option {key!r}")
-            d[owner[key]][key] = value
+            d[_owner(key)][key] = value
         return TrainConfig.from_dict(d)
+
+
+def _owner(key: str) -> str:
+    """The section that owns flat field name ``key``."""
+    for section, klass in SECTIONS.items():
+        if any(f.name == key for f in dataclasses.fields(klass)):
+            return section
+    raise ConfigError(f"unknown option {key!r}")
 
 
 def _check(ok: bool, message: str) -> None:

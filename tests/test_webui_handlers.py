@@ -146,7 +146,7 @@ def test_tiny_training_job_lands_in_the_library(studio):
     assert status["step"] == 2 and status["loss"] is not None and status["samples"]
     assert all(Path(p).is_file() for p in status["samples"])
     info = studio.library.info("stripes")
-    assert info.trigger == "strp" and info.rank == PRESETS["quick"].rank and info.training["steps"] == 2
+    assert info.trigger == "strp" and info.rank == PRESETS["quick"]["rank"] and info.training["steps"] == 2
     assert info.thumbnail is not None and info.thumbnail.is_file()
     assert "stripes" in studio.adapters()
     assert sorted(p.name for p in studio.library.root.iterdir()) == ["ink.safetensors", "pastel.safetensors",

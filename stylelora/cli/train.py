@@ -6,16 +6,20 @@ import argparse
 import dataclasses
 
 from ..config import SECTIONS, TrainConfig
+from ..presets import RECIPES
 
 SHORT = {"output": ["-o"], "config": ["-c"]}
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a style adapter from a folder of images",
-                       description="Train a LoRA style adapter. Settings: defaults < --config TOML < flags.",
+                       description="Train a LoRA style adapter. Settings: defaults < --recipe < --config TOML < flags.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("folder", nargs="?", help="image folder (overrides [data] folder in --config)")
     p.add_argument("-c", "--config", help="TOML file with [data], [network], [optim], [run] tables")
+    p.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="start from a named recipe of stylelora/presets.py instead of the defaults; "
+                        + "; ".join(f"{r.name}: {r.base}" for r in RECIPES.values()))
     for section, klass in SECTIONS.items():
         group = p.add_argument_group(section, klass.__doc__)
         for f in dataclasses.fields(klass):
@@ -46,8 +50,10 @@ def _float_or_none(s: str):
 
 
 def config_from_args(args) -> TrainConfig:
-    cfg = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
-    reserved = {"command", "func", "config", "verbose", "folder"}
+    cfg = RECIPES[args.recipe].config() if getattr(args, "recipe", None) else TrainConfig()
+    if args.config:
+        cfg = TrainConfig.from_toml(args.config, base=cfg)
+    reserved = {"command", "func", "config", "recipe", "verbose", "folder"}
     overrides = {k: v for k, v in vars(args).items() if k not in reserved}
     if args.folder:
         overrides["folder"] = args.folder

@@ -313,22 +313,13 @@ def train_config(folder: str | Path, trigger: str, output: str | Path, reg_folde
                  **overrides):
     """The recipe the demo and benchmarks/style_quality.py use for a toy-world style on the ``tiny`` base.
 
-    Rank-8 LoRA on the UNet attention and the text encoder at 64 px, batch 4, no random flips (captions say
-    "left" and "right"), 10 % empty captions (caption dropout). With ``reg_folder`` (plain pictures,
-    ``write_plain_folder``) it trains 300 steps on both sets, which keeps the content and the untriggered pictures
-    closer to the base; without, 150 steps on the style set alone. The text encoder's LoRA gets the UNet's
-    learning rate (1e-3): the trigger is spelled byte by byte and this small text encoder has to learn to turn it
-    into a style. About 50 s on 2 CPU cores. ``overrides``: flat TrainConfig fields. What was tried and measured
-    for this choice is in the README's "Style quality" section.
+    With ``reg_folder`` (plain pictures, ``write_plain_folder``) it is ``stylelora.presets.TOY``: both sets, which
+    keeps the content and the untriggered pictures closer to the base; without, ``TOY_NO_REG`` on the style set
+    alone. The numbers and why they were chosen are in stylelora/presets.py; what was tried and measured is in the
+    README's "Style quality" section. ``overrides``: flat TrainConfig fields, applied after the recipe.
     """
-    from ..config import DataConfig, NetworkConfig, OptimConfig, RunConfig, TrainConfig
+    from ..presets import TOY, TOY_NO_REG
 
-    config = TrainConfig(
-        data=DataConfig(folder=str(folder), trigger=trigger, resolution=SIZE,
-                        reg_folder=str(reg_folder) if reg_folder else None, caption_dropout=0.1),
-        network=NetworkConfig(rank=8, train_text_encoder=True),
-        optim=OptimConfig(lr=1e-3, te_lr=1e-3, lr_scheduler="cosine", warmup_steps=10),
-        run=RunConfig(base="tiny", output=str(output), steps=300 if reg_folder else 150, batch_size=4, seed=0,
-                      log_every=25),
-    )
-    return config.replace(**overrides) if overrides else config
+    recipe = TOY if reg_folder else TOY_NO_REG
+    return recipe.config(folder=str(folder), trigger=trigger, output=str(output),
+                         reg_folder=str(reg_folder) if reg_folder else None, **overrides)

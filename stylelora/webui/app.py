@@ -20,6 +20,7 @@ import gradio as gr  # noqa: E402
 
 from stylelora.errors import StyleloraError  # noqa: E402
 from stylelora.generate import SAMPLERS  # noqa: E402
+from stylelora.presets import WEBUI_DEFAULT  # noqa: E402
 
 from .handlers import GenerateRequest, GridRequest, Studio, parse_values  # noqa: E402
 from .library import TABLE_HEADERS  # noqa: E402
@@ -204,9 +205,10 @@ def _train_tab(studio: Studio, c: SimpleNamespace) -> None:
             with gr.Row():
                 c.name = gr.Textbox(label="Adapter name", placeholder="my-style", elem_id="train-name")
                 c.trigger = gr.Textbox(label="Trigger word", placeholder="mystyle", elem_id="train-trigger")
-            choices = [(f"{k}: {p.steps} steps · rank {p.rank} · lr {p.lr:g}", k) for k, p in PRESETS.items()]
-            c.preset = gr.Radio(choices, value="standard", label="Preset", elem_id="train-preset")
-            c.preset_info = gr.Markdown(PRESETS["standard"].describe(), elem_id="train-preset-info")
+            choices = [(f"{k}: {p['steps']} steps · rank {p['rank']} · lr {p['lr']:g}", k)
+                       for k, p in PRESETS.items()]
+            c.preset = gr.Radio(choices, value=WEBUI_DEFAULT, label="Preset", elem_id="train-preset")
+            c.preset_info = gr.Markdown(PRESETS[WEBUI_DEFAULT].describe(), elem_id="train-preset-info")
             with gr.Accordion("Advanced (0 = the preset's value)", open=False, elem_id="train-advanced"):
                 with gr.Row():
                     c.t_steps = gr.Number(0, label="Steps", precision=0, minimum=0, elem_id="train-steps")

@@ -24,7 +24,7 @@ from stylelora.errors import AdapterError, ConfigError, StyleloraError
 
 from . import paths
 from .library import Library
-from .training import PRESETS, TrainJob, TrainRequest, build_config, prepare_uploads
+from .training import TrainJob, TrainRequest, build_config, prepare_uploads
 
 log = logging.getLogger(__name__)
 
@@ -355,9 +355,6 @@ class Studio:
     # ------------------------------------------------------------------------------------------ training
     def image_folders(self) -> list[str]:
         return [str(p) for p in paths.image_folders(self.train_roots)]
-
-    def presets(self) -> dict[str, str]:
-        return {k: p.describe() for k, p in PRESETS.items()}
 
     def start_training(self, req: TrainRequest) -> TrainJob:
         """Check the request, then train in a background thread; the adapter joins the library when done."""

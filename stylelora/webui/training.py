@@ -1,4 +1,5 @@
-"""Training from the web UI: presets, a request checked before anything starts, and a job in a background thread.
+"""Training from the web UI: presets (recipes of stylelora/presets.py), a request checked before anything starts,
+and a job in a background thread.
 
 The job calls ``stylelora.training.train`` on the UI's own base (no second base is loaded) and keeps the latest
 progress in a dict that the page polls. The adapter is written in the work folder and copied into the library
@@ -15,28 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stylelora.errors import ConfigError, StyleloraError, TrainingCancelled
+from stylelora.presets import WEBUI, WEBUI_DEFAULT
 
 from . import paths
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Preset:
-    steps: int
-    rank: int
-    lr: float
-    note: str
-
-    def describe(self) -> str:
-        return f"{self.steps} steps, rank {self.rank}, learning rate {self.lr:g}: {self.note}"
-
-
-PRESETS = {
-    "quick": Preset(400, 8, 2e-4, "a first look at a style in a few minutes on a GPU"),
-    "standard": Preset(1200, 16, 1e-4, "a good default for 10-40 images"),
-    "thorough": Preset(3000, 32, 1e-4, "for larger or more detailed sets; watch the samples for overfitting"),
-}
+PRESETS = WEBUI  # quick / standard / thorough: recipes of stylelora/presets.py
 
 
 @dataclass
@@ -47,7 +34,7 @@ class TrainRequest:
     folder: str | None = None
     uploads: list[str] = field(default_factory=list)  # images, captions and/or .zip archives
     trigger: str = ""
-    preset: str = "standard"
+    preset: str = WEBUI_DEFAULT
     steps: int | None = None  # overrides of the preset (None or 0: the preset's value)
     rank: int | None = None
     lr: float | None = None
@@ -81,25 +68,21 @@ def prepare_uploads(files: list[str], dest: Path, *, max_bytes: int) -> Path:
 
 
 def build_config(req: TrainRequest, folder: Path, output: Path, *, base, native: int):
-    """The ``TrainConfig`` for a request: preset values, then the request's overrides."""
-    from stylelora.config import DataConfig, NetworkConfig, OptimConfig, RunConfig, TrainConfig
-
+    """The ``TrainConfig`` for a request: the preset's recipe, then the request's overrides."""
     if req.preset not in PRESETS:
         raise ConfigError(f"unknown preset {req.preset!r}; choose one of {', '.join(PRESETS)}")
-    p = PRESETS[req.preset]
-    steps = int(req.steps or p.steps)
+    recipe = PRESETS[req.preset]
+    steps = int(req.steps or recipe["steps"])
     resolution = int(req.resolution or max(64, min(1024, native) // 64 * 64))
     sample_every = max(1, steps // 4) if req.sample_every is None else int(req.sample_every)
     dtype = str(getattr(base.pipe.unet, "dtype", "float32"))
     precision = "fp16" if "float16" in dtype and "bfloat" not in dtype else "bf16" if "bfloat16" in dtype else "no"
-    trigger = req.trigger.strip() or None
-    return TrainConfig(
-        data=DataConfig(folder=str(folder), trigger=trigger, resolution=resolution),
-        network=NetworkConfig(rank=int(req.rank or p.rank)),
-        optim=OptimConfig(lr=float(req.lr or p.lr)),
-        run=RunConfig(base=base.spec, output=str(output), steps=steps, seed=int(req.seed),
-                      sample_every=sample_every, sample_steps=int(req.sample_steps), mixed_precision=precision,
-                      log_every=max(1, min(10, steps // 50)), checkpoint_every=0),
+    return recipe.config(
+        folder=str(folder), trigger=req.trigger.strip() or None, resolution=resolution,
+        rank=int(req.rank or recipe["rank"]), lr=float(req.lr or recipe["lr"]),
+        base=base.spec, output=str(output), steps=steps, seed=int(req.seed), sample_every=sample_every,
+        sample_steps=int(req.sample_steps), mixed_precision=precision, log_every=max(1, min(10, steps // 50)),
+        checkpoint_every=0,
     )
 
 

@@ -1,0 +1,99 @@
+"""Training recipes: the one place where the numbers of every training recipe are written.
+
+A recipe is a named, documented set of overrides of ``TrainConfig`` fields (flat names, as in
+``TrainConfig.replace``). Who reads which:
+
+- ``DEFAULT``: the field defaults of ``TrainConfig`` itself (stylelora/config.py reads them from here), so a bare
+  ``stylelora train`` or a TOML file without these keys trains this recipe. For SD1.x/SD2.x bases at 512 px.
+- ``WEBUI``: the web UI's presets ``quick``, ``standard`` and ``thorough``, overrides of ``DEFAULT``. For real
+  bases (SD1.x, SD2.x, SDXL) at their native size; the web UI sets the resolution from the base.
+- ``TOY`` and ``TOY_NO_REG``: the demo's and benchmarks/style_quality.py's recipe for a toy-world style on the
+  64 px ``tiny`` base (``stylelora.toy.world.train_config`` fills in the folders and the trigger).
+
+Changing a number here changes what that recipe trains everywhere; the README's "Style quality" section records
+what was measured for the toy recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # config.py imports this module for its defaults, so it is imported late at run time
+    from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named set of ``TrainConfig`` overrides. ``recipe.config(folder=..., output=...)`` builds a config."""
+
+    name: str
+    base: str  # which base (and size) the numbers were chosen for
+    note: str  # what it is for, shown in the web UI and in ``describe()``
+    overrides: Mapping[str, Any]
+
+    def __post_init__(self):
+        # read-only, so that no caller can change a recipe for everyone else by editing its dict
+        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
+
+    def __getitem__(self, key: str) -> Any:
+        """The value of field ``key`` under this recipe: its override, else the ``TrainConfig`` default."""
+        if key in self.overrides:
+            return self.overrides[key]
+        from .config import TrainConfig
+
+        return TrainConfig().get(key)
+
+    def config(self, config: "TrainConfig | None" = None, **more: Any) -> "TrainConfig":
+        """``config`` (default: a fresh ``TrainConfig``) with this recipe's overrides, then ``more``, applied."""
+        from .config import TrainConfig
+
+        return (config or TrainConfig()).replace(**{**self.overrides, **more})
+
+    def describe(self) -> str:
+        return f"{self['steps']} steps, rank {self['rank']}, learning rate {self['lr']:g}: {self.note}"
+
+
+DEFAULT = Recipe(
+    "default", base="SD1.x/SD2.x at 512 px", note="the TrainConfig defaults",
+    overrides={
+        "resolution": 512, "caption_dropout": 0.0,
+        "rank": 16,
+        "lr": 1e-4, "weight_decay": 1e-2, "max_grad_norm": 1.0, "lr_scheduler": "constant", "warmup_steps": 0,
+        "min_snr_gamma": 5.0, "noise_offset": 0.0,
+        "steps": 1000, "batch_size": 1,
+    },
+)
+
+# The web UI's presets, in the order it shows them.
+WEBUI = {r.name: r for r in (
+    Recipe("quick", base="SD1.x/SD2.x/SDXL at native size", note="a first look at a style in a few minutes on a GPU",
+           overrides={"steps": 400, "rank": 8, "lr": 2e-4}),
+    Recipe("standard", base="SD1.x/SD2.x/SDXL at native size", note="a good default for 10-40 images",
+           overrides={"steps": 1200, "rank": 16, "lr": 1e-4}),
+    Recipe("thorough", base="SD1.x/SD2.x/SDXL at native size",
+           note="for larger or more detailed sets; watch the samples for overfitting",
+           overrides={"steps": 3000, "rank": 32, "lr": 1e-4}),
+)}
+WEBUI_DEFAULT = "standard"
+
+# Rank-8 LoRA on the UNet attention and the text encoder at 64 px (the toy world's picture size), batch 4, no
+# random flips (toy captions say "left" and "right"), 10 % empty captions. The text encoder's LoRA gets the UNet's
+# learning rate: the trigger is spelled byte by byte and this small text encoder has to learn to turn it into a
+# style. 300 steps on the style set plus plain pictures as regularization images (about 50 s on 2 CPU cores).
+TOY = Recipe(
+    "toy", base="the 64 px tiny base (toy world)",
+    note="a toy-world style with plain pictures as regularization images",
+    overrides={
+        "base": "tiny", "resolution": 64, "caption_dropout": 0.1,
+        "rank": 8, "train_text_encoder": True,
+        "lr": 1e-3, "te_lr": 1e-3, "lr_scheduler": "cosine", "warmup_steps": 10,
+        "steps": 300, "batch_size": 4, "seed": 0, "log_every": 25,
+    },
+)
+# Without regularization images there are half as many pictures per epoch: half the steps.
+TOY_NO_REG = Recipe("toy-no-reg", base=TOY.base, note="a toy-world style on the style set alone",
+                    overrides={**TOY.overrides, "steps": TOY.overrides["steps"] // 2})
+
+RECIPES = {r.name: r for r in (DEFAULT, *WEBUI.values(), TOY, TOY_NO_REG)}

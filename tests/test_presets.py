@@ -1,0 +1,85 @@
+"""The training recipes of stylelora/presets.py are what the config defaults, the web UI and the toy world train."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+
+import pytest
+
+from stylelora import presets
+from stylelora.config import SECTIONS, TrainConfig
+from stylelora.errors import ConfigError
+from stylelora.toy import world
+from stylelora.webui import training as webtraining
+
+FIELDS = {f.name for klass in SECTIONS.values() for f in dataclasses.fields(klass)}
+
+
+@pytest.mark.parametrize("name", list(presets.RECIPES))
+def test_every_recipe_names_real_fields_and_builds_a_valid_config(name):
+    recipe = presets.RECIPES[name]
+    assert recipe.name == name and recipe.base and recipe.note
+    assert set(recipe.overrides) <= FIELDS, set(recipe.overrides) - FIELDS
+    cfg = recipe.config(folder="imgs")
+    for key, value in recipe.overrides.items():
+        assert cfg.get(key) == value, key
+    assert cfg.data.folder == "imgs"
+    with pytest.raises(TypeError):  # a recipe cannot be changed for everyone by editing its dict
+        recipe.overrides["steps"] = 1
+
+
+def test_the_config_defaults_are_the_default_recipe():
+    fields = {f.name: f for klass in SECTIONS.values() for f in dataclasses.fields(klass)}
+    for key, value in presets.DEFAULT.overrides.items():
+        assert fields[key].default == value, key
+    # the documented SD1.x numbers (README): rank 16, lr 1e-4, 512 px, min-SNR-gamma 5, 1000 steps
+    cfg = TrainConfig()
+    assert (cfg.network.rank, cfg.optim.lr, cfg.data.resolution, cfg.optim.min_snr_gamma, cfg.run.steps) == \
+        (16, 1e-4, 512, 5.0, 1000)
+
+
+def test_toy_recipe_matches_the_toy_world_and_train_config():
+    assert presets.TOY["resolution"] == world.SIZE and presets.TOY["base"] == "tiny"
+    # without regularization pictures: half the steps, everything else the same
+    assert presets.TOY_NO_REG["steps"] * 2 == presets.TOY["steps"]
+    assert {k: v for k, v in presets.TOY_NO_REG.overrides.items() if k != "steps"} == \
+        {k: v for k, v in presets.TOY.overrides.items() if k != "steps"}
+    reg = world.train_config("style", "trg", "o.safetensors", reg_folder="plain")
+    alone = world.train_config("style", "trg", "o.safetensors", lr=5e-4)
+    assert (reg.run.steps, alone.run.steps) == (300, 150)
+    assert (reg.data.folder, reg.data.reg_folder, reg.data.trigger, reg.run.output) == \
+        ("style", "plain", "trg", "o.safetensors")
+    assert alone.data.reg_folder is None and alone.optim.lr == 5e-4 and alone.optim.te_lr == 1e-3
+    assert (reg.network.rank, reg.network.train_text_encoder, reg.optim.lr_scheduler, reg.run.batch_size) == \
+        (8, True, "cosine", 4)
+
+
+def _base(dtype="torch.float32"):
+    return types.SimpleNamespace(spec="some-base", pipe=types.SimpleNamespace(unet=types.SimpleNamespace(dtype=dtype)))
+
+
+@pytest.mark.parametrize("name, numbers", [("quick", (400, 8, 2e-4)), ("standard", (1200, 16, 1e-4)),
+                                           ("thorough", (3000, 32, 1e-4))])
+def test_web_ui_presets_train_their_recipe(name, numbers):
+    assert webtraining.PRESETS is presets.WEBUI
+    req = webtraining.TrainRequest(name="n", trigger=" t ", preset=name)
+    cfg = webtraining.build_config(req, Path("imgs"), Path("o.safetensors"), base=_base("torch.float16"), native=768)
+    assert (cfg.run.steps, cfg.network.rank, cfg.optim.lr) == numbers
+    assert (cfg.data.resolution, cfg.data.trigger, cfg.run.mixed_precision, cfg.run.base) == (768, "t", "fp16",
+                                                                                              "some-base")
+    assert cfg.run.sample_every == numbers[0] // 4
+    # fields no preset sets keep the defaults
+    assert cfg.optim.weight_decay == TrainConfig().optim.weight_decay and cfg.run.batch_size == 1
+    over = webtraining.TrainRequest(name="n", preset=name, steps=9, rank=4, lr=1e-5, resolution=128, sample_every=0)
+    cfg = webtraining.build_config(over, Path("imgs"), Path("o.safetensors"), base=_base(), native=768)
+    assert (cfg.run.steps, cfg.network.rank, cfg.optim.lr, cfg.data.resolution, cfg.run.sample_every) == \
+        (9, 4, 1e-5, 128, 0)
+    with pytest.raises(ConfigError, match="preset"):
+        webtraining.build_config(webtraining.TrainRequest(name="n", preset="forever"), Path("i"), Path("o"),
+                                 base=_base(), native=512)
+
+
+def test_describe_names_the_numbers():
+    assert presets.WEBUI["quick"].describe().startswith("400 steps, rank 8, learning rate 0.0002:")
