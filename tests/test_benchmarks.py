@@ -28,9 +28,31 @@ def test_style_quality_runs_and_writes_its_table(tmp_path, capsys):
     # the VAE round trip of the committed base keeps these styles for the classifier (it does not generate)
     assert all(m["ceiling"] == 1.0 for m in results["styles"].values()), results["styles"]
     assert json.loads((out / "results.json").read_text())["styles"].keys() == results["styles"].keys()
-    assert (out / "stripes.safetensors").exists() and (out / "blend-stripes+pastel.png").exists()
+    assert (out / results["adapters"]["stripes"]).exists() and (out / "blend-stripes+pastel.png").exists()
     table = capsys.readouterr().out
     assert "fidelity" in table and "ceiling" in table and "goals:" in table
+
+
+def test_style_quality_reuses_an_adapter_only_for_the_same_recipe_and_base(tmp_path, monkeypatch):
+    import stylelora
+
+    sq = _script("style_quality")
+    real_train, trained = stylelora.train, []
+    monkeypatch.setattr(stylelora, "train", lambda cfg: trained.append(cfg) or real_train(cfg))
+    first = sq.train_adapters(["stripes"], tmp_path, steps=2)["stripes"]
+    again = sq.train_adapters(["stripes"], tmp_path, steps=2)["stripes"]
+    assert len(trained) == 1 and again == first and first.exists()  # same recipe: reused, not retrained
+    changed = sq.train_adapters(["stripes"], tmp_path, steps=2, lr=5e-4)["stripes"]
+    assert len(trained) == 2 and changed != first and changed.exists() and first.exists()
+    assert trained[1].optim.lr == 5e-4 and trained[1].run.output == str(changed)
+    sq.train_adapters(["stripes"], tmp_path, no_reg=True, steps=2)  # no regularization pictures: another recipe
+    assert len(trained) == 3
+    # the key ignores where files go, and changes with the base or with any training field
+    config = trained[0]
+    key = sq.recipe_key(config)
+    assert sq.recipe_key(config.replace(output=str(tmp_path / "elsewhere.safetensors"), cache_dir="c")) == key
+    assert sq.recipe_key(config.replace(base="tiny-random")) != key
+    assert sq.recipe_key(config.replace(log_every=7)) != key
 
 
 def _run_json(script: str, *args: str) -> dict:
