@@ -7,14 +7,12 @@ outputs are written next to their destination and renamed into place, so a faile
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from . import __version__
+from .atomic import atomic_folder, atomic_path
 from .blend import Blender
 from .errors import ConfigError, ModelError
 from .prompt import LoraRef
@@ -65,34 +63,12 @@ def save_folder(blender: Blender, output: str | Path, *, base_name: str = "", ov
     output = Path(output)
     _prepare(output, overwrite)
     _check_plain(blender.pipe)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_folder(output) as tmp:
         blender.pipe.save_pretrained(tmp, safe_serialization=True)
         info = {"base": base_name, "family": blender.family, "adapters": blend_record(blender),
                 "stylelora_version": __version__}
         (tmp / BAKE_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
-        _swap_into_place(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output
-
-
-def _swap_into_place(tmp: Path, output: Path) -> None:
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-    try:
-        os.replace(tmp, output)
-    except OSError:
-        if old is not None:
-            os.replace(old, output)  # put the previous model back
-        raise
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
 
 
 def save_single_file(blender: Blender, output: str | Path, *, dtype: torch.dtype | None = None, base_name: str = "",
@@ -113,13 +89,8 @@ def save_single_file(blender: Blender, output: str | Path, *, dtype: torch.dtype
                 "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
                 "modelspec.title": output.stem, "stylelora_base": base_name,
                 "stylelora_baked_from": json.dumps(blend_record(blender))}
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        _swap_into_place(Path(tmp), output)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(output) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
     return output
 
 

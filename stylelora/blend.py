@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,19 +44,24 @@ def compatible(a: str | None, b: str | None) -> bool:
 
 
 def file_digests(path: str | Path) -> tuple[str, str]:
-    """(sha256 of the whole file, sha256 of the bytes after the safetensors header = A1111/kohya model hash)."""
+    """(sha256 of the whole file, sha256 of the bytes after the safetensors header = A1111/kohya model hash).
+
+    A tensor pickle has no header: its second digest is the whole file's. Only the header's length is read
+    (checked by the one safetensors reader); the hashes cover raw bytes, so no tensor is decoded.
+    """
+    from .formats.io import PICKLE_SUFFIXES
+    from .tensorfile import header_length
+
     path = Path(path)
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key in _DIGESTS:
         return _DIGESTS[key]
+    pickled = path.suffix.lower() in PICKLE_SUFFIXES
+    data_start = 0 if pickled else 8 + header_length(path)
     whole, body = hashlib.sha256(), hashlib.sha256()
     with open(path, "rb") as f:
-        head = f.read(8)
-        whole.update(head)
-        skip = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        header = f.read(min(skip, 100_000_000))
-        whole.update(header)
+        whole.update(f.read(data_start))
         while chunk := f.read(1 << 20):
             whole.update(chunk)
             body.update(chunk)

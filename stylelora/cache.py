@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from .atomic import atomic_path
+from .tensorfile import read_safetensors
 
 CACHE_VERSION = "2"  # 2: latent entries carry original size and crop (SDXL micro-conditioning)
 
@@ -67,7 +68,7 @@ class TensorCache:
         if not p.exists():
             return None
         try:
-            out = load_file(str(p))
+            out, _ = read_safetensors(p)
         except Exception:  # noqa: BLE001 - a damaged entry is just a miss; it is rewritten
             return None
         self.stats.hits += 1
@@ -76,12 +77,6 @@ class TensorCache:
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         self.stats.misses += 1
         p = self.path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=p.parent)
-        os.close(fd)
-        try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # No fsync: a cache entry lost in a crash is recomputed (a damaged one reads as a miss).
+        with atomic_path(p) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))

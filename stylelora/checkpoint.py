@@ -9,16 +9,16 @@ where an uninterrupted one ends.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from .atomic import atomic_folder
 from .errors import TrainingError
+from .tensorfile import read_safetensors
 
 NAME = re.compile(r"^step-(\d{6,})$")
 # Settings that may differ between the first run and its resume (they do not change the trained tensors).
@@ -42,22 +42,12 @@ def list_checkpoints(root: Path) -> list[Path]:
 def save(root: Path, step: int, *, params: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler,
          state: dict, keep: int) -> Path:
     """Write ``root/step-NNNNNN`` atomically, then delete all but the newest ``keep``."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
-    try:
+    final = root / f"step-{step:06d}"
+    with atomic_folder(final, fsync=True) as tmp:  # durable: resuming relies on the newest checkpoint
         save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / "lora.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "train_state.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1, sort_keys=True))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        final = root / f"step-{step:06d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -78,7 +68,7 @@ def find(resume: str, root: Path) -> Path | None:
 def load(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """(state.json, LoRA params, optimizer/scheduler/scaler states). Pickled parts load with weights_only=True."""
     state = json.loads((path / "state.json").read_text())
-    params = load_file(str(path / "lora.safetensors"))
+    params, _ = read_safetensors(path / "lora.safetensors", error=TrainingError)
     train_state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
     return state, params, train_state
 

@@ -9,15 +9,14 @@ adapters given with --lora, as A1111 does for its default LoRA) and ``Lora hashe
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import __version__
+from .atomic import atomic_path
 from .blend import Blender
 from .errors import ConfigError
 from .prompt import LoraRef, parse_prompt
@@ -188,17 +187,11 @@ def save_png(image, path: str | Path) -> Path:
     from PIL.PngImagePlugin import PngInfo
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     if image.info.get("parameters"):
         info.add_text("parameters", image.info["parameters"])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

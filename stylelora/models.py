@@ -260,11 +260,9 @@ def build_toy_components(pretrained: bool = True) -> dict:
 def load_toy_weights(parts: dict, path: Path) -> None:
     """Load ``component.param`` tensors (stored fp16) into the fp32 modules; the file's metadata holds the VAE's
     latent scaling factor."""
-    from safetensors import safe_open
+    from .tensorfile import read_safetensors
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = read_safetensors(path, error=ModelError)
     for name in ("unet", "vae", "text_encoder"):
         state = {k[len(name) + 1:]: v.float() for k, v in tensors.items() if k.startswith(name + ".")}
         missing, unexpected = parts[name].load_state_dict(state, strict=False)
@@ -360,26 +358,24 @@ def _build_tiny(target: Path, kind: str) -> None:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
+    from .atomic import atomic_folder
+
+    with tempfile.TemporaryDirectory(prefix=".tiny-tok-", dir=target.parent) as tok, atomic_folder(target) as out:
         if kind == "toy":
-            shutil.copytree(TOY_TOKENIZER, tmp / "tok")
+            shutil.copytree(TOY_TOKENIZER, tok, dirs_exist_ok=True)
         else:
-            write_tiny_tokenizer(tmp / "tok")
-        tokenizer = CLIPTokenizer.from_pretrained(tmp / "tok")
+            write_tiny_tokenizer(Path(tok))
+        tokenizer = CLIPTokenizer.from_pretrained(tok)
         parts = build_tiny_components(kind)
         if kind == "sdxl":
             pipe = StableDiffusionXLPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer, add_watermarker=False)
         else:
             pipe = StableDiffusionPipeline(**parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
-        pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
+        pipe.save_pretrained(out, safe_serialization=True)
         for part in [k for k in parts if k.startswith(("unet", "vae", "text_encoder"))]:
-            if not any((tmp / "pipe" / part).glob("*.safetensors")):
+            if not any((out / part).glob("*.safetensors")):
                 raise ModelError(f"building the tiny base wrote no weights for {part} (distributed run?)")
-        os.replace(tmp / "pipe", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -441,13 +437,10 @@ def _load_single_file(path: Path, dtype: torch.dtype, base_config: str | None):
             f"{path}: only .safetensors single-file checkpoints are accepted (pickle-based {path.suffix} files can run "
             "code when loaded). Convert it to .safetensors first."
         )
-    from safetensors import safe_open
+    from .tensorfile import open_safetensors
 
-    try:
-        with safe_open(str(path), "pt") as f:
-            keys = list(f.keys())
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt headers
-        raise ModelError(f"{path} is not a readable .safetensors file: {e}") from e
+    with open_safetensors(path, error=ModelError) as f:
+        keys = f.keys()
     cls = StableDiffusionXLPipeline if any(k.startswith("conditioner.embedders.1") for k in keys) else StableDiffusionPipeline
     kwargs = dict(dtype=dtype, **_sd_kwargs(cls))
     if base_config:

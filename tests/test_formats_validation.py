@@ -239,3 +239,16 @@ def test_saved_file_survives_reload_untouched(tiny, tmp_path):
     load_adapter(f, pipe=tiny.pipe)
     after = load_file(f)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_entry_size_not_matching_its_shape_names_the_key(tmp_path):
+    header = json.dumps({Q + ".alpha": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode()
+    f = tmp_path / "short-entry.safetensors"
+    f.write_bytes(len(header).to_bytes(8, "little") + header + b"\0\0\0\0")
+    assert "needs 8 bytes" in refused(f, Q + ".alpha")
+
+
+def test_trailing_bytes_after_the_tensors(tmp_path):
+    f = write(tmp_path, good())
+    f.write_bytes(f.read_bytes() + b"\0" * 16)
+    assert "do not exactly cover" in refused(f)

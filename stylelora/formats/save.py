@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 from ..adapter import Adapter
+from ..atomic import write_bytes
 from ..errors import AdapterError
 from ..models import Family, detect_family
 from . import kohya, peft, validate
 from .arch import ArchTable, table_from_pipe
-from .io import atomic_write, model_hashes, serialize_for_hash
+from .io import model_hashes, serialize_for_hash
 from .load import family_for_key
 
 FORMATS = ("kohya", "peft")
@@ -96,4 +97,4 @@ def save_adapter(adapter: Adapter, path, *, format: str = "kohya", family: Famil
     md["sshs_model_hash"], md["sshs_legacy_hash"] = model_hashes(serialize_for_hash(tensors, md))
     from safetensors.torch import save
 
-    return atomic_write(path, save(tensors, md))
+    return write_bytes(path, save(tensors, md), fsync=True)  # durable: an adapter can be hours of training

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
 from ..errors import AdapterError
+from ..tensorfile import open_safetensors
 from . import peft
-from .io import PICKLE_SUFFIXES, model_hashes, read_header, read_tensors, weights_file
+from .io import PICKLE_SUFFIXES, model_hashes, read_tensors, weights_file
 from .keys import family_from_keys, family_from_metadata, parse_keys
 
 SCHEMA_VERSION = 1
@@ -48,18 +50,11 @@ def _read(file: Path):
         entries = {k: (list(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in tensors.items()}
         alphas = {k: float(t.float().reshape(-1)[0]) for k, t in tensors.items() if k.endswith(".alpha") and t.numel()}
         return entries, alphas, md
-    _, header, md = read_header(file)
-    entries = {k: (v["shape"], v["dtype"]) for k, v in header.items()}
-    alpha_keys = [k for k in entries if k.endswith(".alpha")]
-    alphas = {}
-    if alpha_keys:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(file), "pt") as f:
-                alphas = {k: float(f.get_tensor(k).float().reshape(-1)[0]) for k in alpha_keys}
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types
-            raise AdapterError(f"{file}: unreadable safetensors file: {e}") from None
+    with open_safetensors(file) as f:
+        entries = {k: f.entry(k) for k in f.keys()}
+        alphas = {k: float(f.tensor(k).float().reshape(-1)[0]) for k in entries
+                  if k.endswith(".alpha") and math.prod(entries[k][0])}
+        md = f.metadata
     return entries, alphas, md
 
 

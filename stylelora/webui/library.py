@@ -12,11 +12,10 @@ import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stylelora.atomic import copy_file
 from stylelora.errors import AdapterError, StyleloraError
 
 from . import paths
@@ -200,22 +199,12 @@ class Library:
     def keep_file(self, src: Path, name: str, *, overwrite: bool = False) -> Path:
         """Copy ``src`` into the library as ``name`` atomically (temp file in the folder, then rename)."""
         dest = self._target(name, overwrite)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-                shutil.copyfileobj(f, out, 1 << 20)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        copy_file(src, dest, fsync=True)
         self.version += 1
         return dest
 
     def import_file(self, upload: str | Path, name: str | None = None, *, pipe=None, overwrite: bool = False) -> str:
         """Validate an uploaded adapter (size, safetensors header, LoRA keys) and keep a copy; returns its name."""
-        from stylelora.formats.io import read_header
-
         upload = Path(upload)
         original = paths.upload_name(upload.name)
         if not original.lower().endswith(paths.ADAPTER_SUFFIX):
@@ -224,7 +213,6 @@ class Library:
         name = paths.adapter_stem(name or original)
         paths.check_size(upload, self.max_upload_bytes, original)
         try:
-            read_header(upload)
             _load_checked(upload, pipe)
         except AdapterError as e:
             raise paths.UploadError(f"{original} was not imported: {str(e).replace(str(upload), original)}") from None

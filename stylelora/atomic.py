@@ -1,0 +1,147 @@
+"""Atomic writes: build a file or folder under a temporary name beside its destination, then rename it into place.
+
+A reader (or a run killed mid-write) sees either the previous version or the complete new one, never a torn one.
+The temporary lives in the destination's folder because a rename is only atomic within one filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _fresh_name(dest: Path, suffix: str) -> Path:
+    return dest.with_name(f".{dest.name}.{secrets.token_hex(4)}{suffix}")
+
+
+def _new_temp_file(dest: Path, suffix: str) -> Path:
+    # os.open with mode 0o666 lets the umask decide (0644 usually); tempfile.mkstemp would force 0600.
+    for _ in range(100):
+        tmp = _fresh_name(dest, suffix)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file next to {dest}")
+
+
+def _new_temp_folder(dest: Path) -> Path:
+    for _ in range(100):
+        tmp = _fresh_name(dest, ".tmp")
+        try:
+            tmp.mkdir(0o777)  # umask applies, unlike tempfile.mkdtemp's 0700
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary folder next to {dest}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems cannot fsync a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
+
+
+@contextmanager
+def atomic_path(dest, *, fsync: bool = False, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside ``dest`` for the caller to write; on success it is renamed over ``dest``.
+
+    On an error the temporary is removed and ``dest`` keeps its previous content. The new file gets the old
+    file's permissions, or 0666 minus the umask for a new one. ``fsync`` makes the data and the rename durable
+    (for files whose loss after a crash costs work: adapters, checkpoints). ``suffix`` matters to writers that
+    pick a format from the name (PIL).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_temp_file(dest, suffix)
+    try:
+        yield tmp
+        if dest.is_file():
+            os.chmod(tmp, dest.stat().st_mode & 0o7777)
+        if fsync:
+            _fsync(tmp)
+        if dest.is_dir() and not dest.is_symlink():
+            _swap_into_place(tmp, dest)  # a file cannot be renamed over a folder
+        else:
+            os.replace(tmp, dest)
+        if fsync:
+            _fsync(dest.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(dest, data: bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to ``dest`` atomically; returns ``dest`` as a Path."""
+    dest = Path(dest)
+    with atomic_path(dest, fsync=fsync) as tmp:
+        tmp.write_bytes(data)
+    return dest
+
+
+def write_text(dest, text: str, *, fsync: bool = False) -> Path:
+    """Write ``text`` (UTF-8) to ``dest`` atomically; returns ``dest`` as a Path."""
+    return write_bytes(dest, text.encode("utf-8"), fsync=fsync)
+
+
+def copy_file(src, dest, *, fsync: bool = False) -> Path:
+    """Copy ``src`` to ``dest`` atomically (contents only; ``dest`` gets normal permissions)."""
+    dest = Path(dest)
+    with atomic_path(dest, fsync=fsync) as tmp, open(src, "rb") as f, open(tmp, "wb") as out:
+        shutil.copyfileobj(f, out, 1 << 20)
+    return dest
+
+
+@contextmanager
+def atomic_folder(dest, *, fsync: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``dest``; on success it replaces ``dest`` (a folder or file).
+
+    A folder cannot be renamed over a non-empty one, so the previous ``dest`` is first moved aside and deleted
+    only once the new one is in place; if that rename fails the previous one is put back. On an error in the
+    body the temporary folder is deleted and ``dest`` is untouched.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_temp_folder(dest)
+    try:
+        yield tmp
+        if fsync:
+            _fsync_tree(tmp)
+        _swap_into_place(tmp, dest)
+        if fsync:
+            _fsync(dest.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_into_place(tmp: Path, dest: Path) -> None:
+    old = None
+    if dest.exists() or dest.is_symlink():
+        old = _fresh_name(dest, ".old")
+        os.replace(dest, old)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)  # put the previous version back
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
