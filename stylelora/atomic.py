@@ -42,11 +42,17 @@ def _new_temp_folder(dest: Path) -> Path:
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - a folder cannot be opened on some platforms (Windows)
+        if path.is_dir():
+            return
+        raise
     try:
         os.fsync(fd)
     except OSError:  # pragma: no cover - some filesystems cannot fsync a folder
-        pass
+        if not path.is_dir():
+            raise
     finally:
         os.close(fd)
 
