@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from contextlib import nullcontext
-from typing import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,26 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 ADAPTER_NAME = "stylelora_train"
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """What ``train(on_step=...)`` is given after every optimizer step (on every process).
+
+    Building it costs no host sync: ``loss`` stays a device tensor (calling ``.item()`` on it is the callback's
+    choice, and costs a sync), ``lrs`` and ``indices`` are plain Python values the loop already has.
+    """
+
+    step: int                      # optimizer steps done, 1..steps
+    steps: int                     # the run's total steps
+    rank: int                      # this process's index
+    world: int                     # number of processes
+    indices: list[list[int]]       # training-set item indices of each micro-batch this process used in the step
+    loss: torch.Tensor             # the step's loss (mean over its micro-batches), detached, on the device
+    lrs: list[float]               # learning rate of each optimizer param group (UNet first) used by this step
+    models: dict[str, Any]         # the modules with LoRA layers ("unet", "text_encoder"...), unwrapped from DDP
+
+
 def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[dict], None] | None = None,
-          should_stop: Callable[[], bool] | None = None) -> Path:
+          should_stop: Callable[[], bool] | None = None, on_step: Callable[[StepInfo], None] | None = None) -> Path:
     """Train an adapter as ``config`` says; returns the path of the written adapter file.
 
     ``base``: an already loaded base (e.g. the web UI's) to train on instead of loading ``config.run.base``; its
@@ -47,6 +65,8 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
     ``progress``: called with ``{"step", "steps", "loss", "lr", "elapsed", "eta", "sample"}`` at every log point
     and when sample images are written. ``should_stop``: polled every step; when it returns True the run writes a
     checkpoint and raises ``TrainingCancelled`` (resume it later with ``resume="latest"``).
+    ``on_step``: called with a ``StepInfo`` at the end of every optimizer step, after that step's logging and
+    checkpoint (on every process; see ``StepInfo``). Exceptions it raises end the run.
     """
     from accelerate import Accelerator
 
@@ -84,7 +104,8 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
     original = {n: (getattr(base.pipe, n).device, getattr(base.pipe, n).dtype) for n in parts}
     scheduler = base.pipe.scheduler
     try:
-        return _train_on(base, cfg, accelerator, items, output, started_at, progress, should_stop)
+        return _train_on(base, cfg, accelerator, items, output, started_at,
+                         hooks=_Hooks(progress=progress, should_stop=should_stop, on_step=on_step))
     finally:
         if borrowed:
             lora.remove(base.pipe, ADAPTER_NAME)
@@ -101,41 +122,166 @@ def regularization_items(folder: str, *, skip_bad_images: bool = False) -> list[
     return [dataclasses.replace(it, subset=f"reg/{name if it.subset in ('', '.') else it.subset}") for it in items]
 
 
-def _train_on(base: Base, cfg: TrainConfig, accelerator, items, output: Path, started_at: float, progress,
-              should_stop) -> Path:
-    """The run proper, on a loaded base: caches → LoRA layers → optimizer → steps → adapter file."""
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
+@dataclass
+class _Hooks:
+    progress: Callable[[dict], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_step: Callable[[StepInfo], None] | None = None
+
+
+@dataclass
+class _Parts:
+    """What a step needs, built once by the setup helpers."""
+
+    tset: TrainingSet
+    noise_scheduler: Any
+    prediction_type: str
+    trained: dict[str, Any]      # prepared (DDP-wrapped when multi-process) modules with LoRA layers
+    unet: Any                    # the prepared UNet: its state is what is saved
+    unet_forward: Any            # what the step calls: `unet`, or its torch.compile'd forward
+    encoders: list               # text encoders (prepared when trained)
+    params: list                 # all LoRA parameters (for gradient clipping)
+    optimizer: Any
+    lr_scheduler: Any
+
+
+@dataclass
+class _Meter:
+    """Loss and NaN/inf flags summed on the device; read (one host sync) only at log points."""
+
+    bad: torch.Tensor
+    loss_sum: torch.Tensor
+    last_good: Path | None       # newest checkpoint, named in the NaN error
+    loop_start: float = 0.0
+
+
+class EpochStream:
+    """Micro-batch ``m`` of the endless stream of epochs; epoch ``e`` is shuffled by ``(seed, e)``."""
+
+    def __init__(self, buckets, repeats: list[int], batch_size: int, seed: int):
+        self.args, self.plans = (buckets, repeats, batch_size, seed), {}
+        self.per_epoch = len(self._plan(0))
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        if epoch not in self.plans:
+            self.plans[epoch] = data.batch_plan(*self.args, epoch)
+        return self.plans[epoch]
+
+    def __call__(self, m: int) -> list[int]:
+        epoch, k = divmod(m, self.per_epoch)
+        return self._plan(epoch)[k]
+
+
+def _train_on(base: Base, cfg: TrainConfig, accelerator, items, output: Path, started_at: float, hooks: _Hooks) -> Path:
+    """The run proper, on a loaded base: frozen base → caches → LoRA → optimizer → resume → steps → adapter file."""
     from tqdm.auto import tqdm
 
     run = cfg.run
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    weight_dtype = DTYPES[run.mixed_precision]
+    p = _setup(base, cfg, accelerator, items)
+    ckpt_root = checkpoint.checkpoint_root(output)
+    run_state = {"config": cfg.to_dict(), "data": p.tset.fingerprint(), "world": accelerator.num_processes}
+    start_step = _resume(run.resume, ckpt_root, run_state, accelerator, p)
+    stream = EpochStream(p.tset.buckets, [it.repeats for it in items], run.batch_size, run.seed)
 
-    # ---- base model frozen; UNet/text encoders in the training dtype, VAE in fp32 (fp16 VAEs overflow to NaN)
-    pipe, family = base.pipe, base.family
+    saved = checkpoint.list_checkpoints(ckpt_root)
+    meter = _Meter(bad=torch.zeros((), dtype=torch.bool, device=accelerator.device),
+                   loss_sum=torch.zeros((), device=accelerator.device), last_good=saved[-1] if saved else None)
+    if accelerator.is_main_process and run.tensorboard_dir:
+        accelerator.init_trackers("stylelora")
+    meter.loop_start = time.time()
+    bar = tqdm(range(start_step, run.steps), initial=start_step, total=run.steps, desc="train",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    p.unet.train()
+    for enc in p.encoders:
+        enc.train(cfg.network.train_text_encoder)
+    unwrapped = {n: accelerator.unwrap_model(m) for n, m in p.trained.items()} if hooks.on_step else {}
+    for step in bar:
+        indices, loss, lrs = _step(p, cfg, accelerator, stream, step)
+        meter.bad |= ~torch.isfinite(loss)
+        meter.loss_sum += loss
+        done = step + 1
+        stop = bool(hooks.should_stop and hooks.should_stop()) and done < run.steps
+        is_ckpt = stop or (run.checkpoint_every and done % run.checkpoint_every == 0 and done < run.steps)
+        if done % run.log_every == 0 or is_ckpt or done == run.steps:
+            _log(meter, done, start_step, run, accelerator, p.lr_scheduler, bar, hooks.progress)
+        if run.sample_every and done % run.sample_every == 0 and done < run.steps and accelerator.is_main_process:
+            paths = write_samples(base.pipe, cfg, output, done, accelerator, return_paths=True)
+            if hooks.progress and paths:
+                hooks.progress({"step": done, "steps": run.steps, "sample": paths})
+        if is_ckpt:
+            meter.last_good = (_save_checkpoint(ckpt_root, done, run_state, accelerator, p, run.keep_checkpoints)
+                               or meter.last_good)
+            if stop:
+                bar.close()
+                raise TrainingCancelled(f"training stopped at step {done}; checkpoint {meter.last_good}. "
+                                        "Resume with --resume latest (same settings).")
+        if hooks.on_step:
+            hooks.on_step(StepInfo(step=done, steps=run.steps, rank=accelerator.process_index,
+                                   world=accelerator.num_processes, indices=indices, loss=loss, lrs=lrs,
+                                   models=unwrapped))
+    bar.close()
+    _write_adapter(base, cfg, items, output, started_at, accelerator, p, stream, ckpt_root, run_state)
+    return output
+
+
+def _setup(base: Base, cfg: TrainConfig, accelerator, items) -> _Parts:
+    """Frozen base in the training dtype, filled caches, seeded LoRA layers, optimizer and LR schedule, prepared."""
+    from diffusers.optimization import get_scheduler
+
+    run, pipe, family = cfg.run, base.pipe, base.family
+    weight_dtype = DTYPES[run.mixed_precision]
     te_names = ["text_encoder"] + (["text_encoder_2"] if family.arch == "sdxl" else [])
+    train_te = cfg.network.train_text_encoder
     prediction_type = run.prediction_type or family.prediction_type
-    for n in ["unet", "vae", *te_names]:
-        getattr(pipe, n).requires_grad_(False)
-    for n in ["unet", *te_names]:
-        getattr(pipe, n).to(device, weight_dtype)
-    pipe.vae.to(device, torch.float32)
+    _freeze(pipe, te_names, accelerator.device, weight_dtype)
     noise_scheduler = make_noise_scheduler(pipe, prediction_type, cfg.optim.zero_terminal_snr)
 
-    # ---- caches (main process fills them; the others then read them back)
-    train_te = cfg.network.train_text_encoder
+    # caches (main process fills them; the others then read them back)
     tset = TrainingSet(items, cfg.data, pipe, cache_root=Path(cfg.data.cache_dir or stylelora_home() / "cache"),
-                       cache_text=not train_te, device=device, weight_dtype=weight_dtype, family=family)
+                       cache_text=not train_te, device=accelerator.device, weight_dtype=weight_dtype, family=family)
     with accelerator.main_process_first():
         tset.prepare()
     log.info("cache: latents %s, text %s", tset.latent_cache.stats, tset.text_cache.stats)
     if tset.cache_latents:
         pipe.vae.to("cpu")  # not needed in the step any more
 
-    # ---- LoRA layers (PEFT), seeded; trainable weights in fp32 whatever the base dtype
+    trained = _inject_lora(pipe, cfg, te_names)
+    groups = [{"params": lora.trainable_parameters(getattr(pipe, n)),
+               "lr": cfg.optim.lr if n == "unet" else (cfg.optim.te_lr if cfg.optim.te_lr is not None else cfg.optim.lr)}
+              for n in trained]
+    groups = [g for g in groups if g["params"]]
+    optimizer = make_optimizer(cfg, groups, accelerator.device)
+    lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                 num_training_steps=run.steps)
+    # only modules with trainable parameters go through prepare() (DDP refuses a module with nothing to train)
+    models = {n: accelerator.prepare(getattr(pipe, n)) if n in trained else getattr(pipe, n)
+              for n in ["unet", *te_names]}
+    # the compiled forward is used in the step; `unet` stays the module whose state is saved
+    unet_forward = torch.compile(models["unet"]) if run.compile else models["unet"]
+    optimizer = accelerator.prepare(optimizer)
+    return _Parts(tset=tset, noise_scheduler=noise_scheduler, prediction_type=prediction_type,
+                  trained={n: models[n] for n in trained}, unet=models["unet"], unet_forward=unet_forward,
+                  encoders=[models[n] for n in te_names], params=[q for g in groups for q in g["params"]],
+                  optimizer=optimizer, lr_scheduler=lr_scheduler)
+
+
+def _freeze(pipe, te_names: list[str], device, weight_dtype) -> None:
+    """Base frozen; UNet/text encoders in the training dtype, VAE in fp32 (fp16 VAEs overflow to NaN)."""
+    for n in ["unet", "vae", *te_names]:
+        getattr(pipe, n).requires_grad_(False)
+    for n in ["unet", *te_names]:
+        getattr(pipe, n).to(device, weight_dtype)
+    pipe.vae.to(device, torch.float32)
+
+
+def _inject_lora(pipe, cfg: TrainConfig, te_names: list[str]) -> list[str]:
+    """PEFT LoRA layers, initialised from ``run.seed``; trainable weights in fp32 whatever the base dtype.
+    Returns the names of the components that got layers."""
+    from diffusers.training_utils import cast_training_params
+
+    net, run = cfg.network, cfg.run
+    train_te = net.train_text_encoder
     torch.manual_seed(run.seed)
-    net = cfg.network
     trained = (["unet"] if net.unet_targets else []) + (te_names if train_te else [])
     for n in trained:
         lora.inject(getattr(pipe, n), rank=net.rank, alpha=net.lora_alpha, dropout=net.dropout,
@@ -147,142 +293,110 @@ def _train_on(base: Base, cfg: TrainConfig, accelerator, items, output: Path, st
         pipe.unet.enable_gradient_checkpointing()
         for n in te_names if train_te else []:
             getattr(pipe, n).gradient_checkpointing_enable()
+    return trained
 
-    groups = [{"params": lora.trainable_parameters(getattr(pipe, n)),
-               "lr": cfg.optim.lr if n == "unet" else (cfg.optim.te_lr if cfg.optim.te_lr is not None else cfg.optim.lr)}
-              for n in trained]
-    groups = [g for g in groups if g["params"]]
-    optimizer = make_optimizer(cfg, groups, device)
-    lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
-                                 num_training_steps=run.steps)
-    # only modules with trainable parameters go through prepare() (DDP refuses a module with nothing to train)
-    models = {n: accelerator.prepare(getattr(pipe, n)) if n in trained else getattr(pipe, n)
-              for n in ["unet", *te_names]}
-    unet = models["unet"]
-    encoders = [models[n] for n in te_names]
-    # the compiled forward is used in the step; `unet` stays the module whose state is saved
-    unet_forward = torch.compile(unet) if run.compile else unet
-    optimizer = accelerator.prepare(optimizer)
-    trained_models = {n: models[n] for n in trained}
 
-    # ---- resume
-    ckpt_root = checkpoint.checkpoint_root(output)
-    run_state = {"config": cfg.to_dict(), "data": tset.fingerprint(), "world": world}
-    start_step = 0
-    if run.resume:
-        found = checkpoint.find(run.resume, ckpt_root)
-        if found is None:
-            accelerator.print(f"--resume {run.resume}: no checkpoint in {ckpt_root}, starting from step 0")
-        else:
-            start_step = restore(found, run_state, accelerator, trained_models, optimizer, lr_scheduler)
-            accelerator.print(f"resumed from {found} at step {start_step}")
+def _resume(resume: str | None, ckpt_root: Path, run_state: dict, accelerator, p: _Parts) -> int:
+    """The step to start from: 0, or the step of the checkpoint ``resume`` names (loaded into the live run)."""
+    if not resume:
+        return 0
+    found = checkpoint.find(resume, ckpt_root)
+    if found is None:
+        accelerator.print(f"--resume {resume}: no checkpoint in {ckpt_root}, starting from step 0")
+        return 0
+    step = restore(found, run_state, accelerator, p.trained, p.optimizer, p.lr_scheduler)
+    accelerator.print(f"resumed from {found} at step {step}")
+    return step
 
-    # ---- the loop
-    plans: dict[int, list[list[int]]] = {}
-    repeats = [it.repeats for it in items]
 
-    def micro_batch(m: int) -> list[int]:
-        """The m-th micro-batch of the endless epoch stream (epoch e shuffled by (seed, e))."""
-        if not plans:
-            plans[0] = data.batch_plan(tset.buckets, repeats, run.batch_size, run.seed, 0)
-        per_epoch = len(plans[0])
-        epoch, k = divmod(m, per_epoch)
-        if epoch not in plans:
-            plans[epoch] = data.batch_plan(tset.buckets, repeats, run.batch_size, run.seed, epoch)
-        return plans[epoch][k]
+def _step(p: _Parts, cfg: TrainConfig, accelerator, stream: EpochStream, step: int):
+    """One optimizer step over ``grad_accum`` micro-batches; returns (micro-batch indices, loss tensor, lrs used).
 
-    bad = torch.zeros((), dtype=torch.bool, device=device)  # NaN/inf seen; read only every log_every steps
-    loss_sum = torch.zeros((), device=device)
-    last_good = checkpoint.list_checkpoints(ckpt_root)[-1] if checkpoint.list_checkpoints(ckpt_root) else None
-    if accelerator.is_main_process and run.tensorboard_dir:
-        accelerator.init_trackers("stylelora")
-    loop_start = time.time()
-    bar = tqdm(range(start_step, run.steps), initial=start_step, total=run.steps, desc="train",
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    unet.train()
-    for enc in encoders:
-        enc.train(train_te)
-    for step in bar:
-        gen = torch.Generator().manual_seed(step_seed(run.seed, step, rank))
-        torch.manual_seed(step_seed(run.seed, step, rank))  # LoRA dropout draws from the global generator
-        for a in range(run.grad_accum):
-            indices = micro_batch((step * run.grad_accum + a) * world + rank)
-            with accelerator.no_sync(unet) if a < run.grad_accum - 1 else nullcontext():
-                with accelerator.autocast():
-                    loss = compute_loss(tset, indices, gen, unet_forward, encoders, noise_scheduler, cfg,
-                                        prediction_type, train_te)
-                accelerator.backward(loss / run.grad_accum)
-            bad |= ~torch.isfinite(loss.detach())
-            loss_sum += loss.detach().float() / run.grad_accum
-        if cfg.optim.max_grad_norm > 0:
-            accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.optim.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    No host sync: the loss stays on the device.
+    """
+    run = cfg.run
+    rank, world = accelerator.process_index, accelerator.num_processes
+    gen = torch.Generator().manual_seed(step_seed(run.seed, step, rank))
+    torch.manual_seed(step_seed(run.seed, step, rank))  # LoRA dropout draws from the global generator
+    seen, total = [], torch.zeros((), device=accelerator.device)
+    for a in range(run.grad_accum):
+        indices = stream((step * run.grad_accum + a) * world + rank)
+        seen.append(indices)
+        # gradients are all-reduced only on the last micro-batch of the step
+        with accelerator.no_sync(p.unet) if a < run.grad_accum - 1 else nullcontext():
+            with accelerator.autocast():
+                loss = compute_loss(p.tset, indices, gen, p.unet_forward, p.encoders, p.noise_scheduler, cfg,
+                                    p.prediction_type, cfg.network.train_text_encoder)
+            accelerator.backward(loss / run.grad_accum)
+        total += loss.detach().float() / run.grad_accum
+    if cfg.optim.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(p.params, cfg.optim.max_grad_norm)
+    lrs = [g["lr"] for g in p.optimizer.param_groups]
+    p.optimizer.step()
+    p.lr_scheduler.step()
+    p.optimizer.zero_grad(set_to_none=True)
+    return seen, total, lrs
 
-        done = step + 1
-        stop = bool(should_stop and should_stop()) and done < run.steps
-        is_ckpt = stop or (run.checkpoint_every and done % run.checkpoint_every == 0 and done < run.steps)
-        if done % run.log_every == 0 or is_ckpt or done == run.steps:
-            if bool(accelerator.reduce(bad.float(), reduction="sum") > 0):  # the only host sync, every log_every
-                raise TrainingError(
-                    f"the loss became NaN/inf before step {done}; stopping. "
-                    + (f"The last good checkpoint is {last_good} (resume with --resume {last_good} and a lower "
-                       "--lr, or --mixed-precision bf16/no)." if last_good else
-                       "No checkpoint was written yet. Try a lower --lr, --mixed-precision bf16 or no, or "
-                       "--checkpoint-every N.")
-                )
-            avg = loss_sum.item() / ((done - 1) % run.log_every + 1)
-            loss_sum.zero_()
-            bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-            if progress and accelerator.is_main_process:
-                elapsed = time.time() - loop_start
-                rate = (done - start_step) / elapsed if elapsed > 0 else 0.0
-                progress({"step": done, "steps": run.steps, "loss": avg, "lr": lr_scheduler.get_last_lr()[0],
-                          "elapsed": elapsed, "eta": (run.steps - done) / rate if rate else None, "sample": None})
-            if run.tensorboard_dir:
-                accelerator.log({"loss": avg, "lr": lr_scheduler.get_last_lr()[0]}, step=done)
-        if run.sample_every and done % run.sample_every == 0 and done < run.steps and accelerator.is_main_process:
-            paths = write_samples(pipe, cfg, output, done, accelerator, return_paths=True)
-            if progress and paths:
-                progress({"step": done, "steps": run.steps, "sample": paths})
-        if is_ckpt:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                last_good = checkpoint.save(
-                    ckpt_root, done, params=trainable_state(accelerator, trained_models),
-                    optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=accelerator.scaler, state=run_state,
-                    keep=run.keep_checkpoints)
-            accelerator.wait_for_everyone()
-            if stop:
-                bar.close()
-                raise TrainingCancelled(f"training stopped at step {done}; checkpoint {last_good}. "
-                                        "Resume with --resume latest (same settings).")
-        _maybe_die_for_test(done)
-    bar.close()
 
-    # ---- the adapter file
+def _log(meter: _Meter, done: int, start_step: int, run, accelerator, lr_scheduler, bar, progress) -> None:
+    """A log point: stop on NaN/inf (the loop's only host sync), then report the mean loss since the last one."""
+    if bool(accelerator.reduce(meter.bad.float(), reduction="sum") > 0):
+        last_good = meter.last_good
+        raise TrainingError(
+            f"the loss became NaN/inf before step {done}; stopping. "
+            + (f"The last good checkpoint is {last_good} (resume with --resume {last_good} and a lower "
+               "--lr, or --mixed-precision bf16/no)." if last_good else
+               "No checkpoint was written yet. Try a lower --lr, --mixed-precision bf16 or no, or "
+               "--checkpoint-every N.")
+        )
+    avg = meter.loss_sum.item() / ((done - 1) % run.log_every + 1)
+    meter.loss_sum.zero_()
+    lr = lr_scheduler.get_last_lr()[0]
+    bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}")
+    if progress and accelerator.is_main_process:
+        elapsed = time.time() - meter.loop_start
+        rate = (done - start_step) / elapsed if elapsed > 0 else 0.0
+        progress({"step": done, "steps": run.steps, "loss": avg, "lr": lr, "elapsed": elapsed,
+                  "eta": (run.steps - done) / rate if rate else None, "sample": None})
+    if run.tensorboard_dir:
+        accelerator.log({"loss": avg, "lr": lr}, step=done)
+
+
+def _save_checkpoint(ckpt_root: Path, step: int, run_state: dict, accelerator, p: _Parts, keep: int) -> Path | None:
+    """Written by the main process while the others wait; returns its folder (None on the other processes)."""
+    accelerator.wait_for_everyone()
+    path = None
+    if accelerator.is_main_process:
+        path = checkpoint.save(ckpt_root, step, params=trainable_state(accelerator, p.trained),
+                               optimizer=p.optimizer, lr_scheduler=p.lr_scheduler, scaler=accelerator.scaler,
+                               state=run_state, keep=keep)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _write_adapter(base: Base, cfg: TrainConfig, items, output: Path, started_at: float, accelerator, p: _Parts,
+                   stream: EpochStream, ckpt_root: Path, run_state: dict) -> None:
+    """Final samples, the adapter file with its metadata, and a last checkpoint (main process)."""
+    run = cfg.run
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         from . import formats
 
-        samples = write_samples(pipe, cfg, output, run.steps, accelerator)
-        adapter = lora.extract(pipe, ADAPTER_NAME)
+        samples = write_samples(base.pipe, cfg, output, run.steps, accelerator)
+        adapter = lora.extract(base.pipe, ADAPTER_NAME)
         adapter.name = output.stem
-        adapter.family = family.key
-        micro_batch(0)  # makes sure the epoch plan exists
-        epoch = math.ceil(run.steps * run.grad_accum * world / len(plans[0]))
-        meta = formats.training_metadata(cfg, family, items=items, base_name=base.name, steps=run.steps,
+        adapter.family = base.family.key
+        epoch = math.ceil(run.steps * run.grad_accum * accelerator.num_processes / stream.per_epoch)
+        meta = formats.training_metadata(cfg, base.family, items=items, base_name=base.name, steps=run.steps,
                                          epoch=epoch, started_at=started_at, finished_at=time.time(),
                                          thumbnail=samples[0] if samples else None)
-        formats.save_adapter(adapter, output, format=run.format, family=family, metadata=meta, pipe=pipe)
+        formats.save_adapter(adapter, output, format=run.format, family=base.family, metadata=meta, pipe=base.pipe)
         # the final state is also a checkpoint, so a later `--steps N --resume latest` can continue training
-        checkpoint.save(ckpt_root, run.steps, params=trainable_state(accelerator, trained_models),
-                        optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=accelerator.scaler, state=run_state,
-                        keep=run.keep_checkpoints)
+        checkpoint.save(ckpt_root, run.steps, params=trainable_state(accelerator, p.trained),
+                        optimizer=p.optimizer, lr_scheduler=p.lr_scheduler, scaler=accelerator.scaler,
+                        state=run_state, keep=run.keep_checkpoints)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return output
 
 
 def compute_loss(tset, indices, gen, unet, encoders, noise_scheduler, cfg, prediction_type, train_te):
@@ -424,12 +538,3 @@ def write_samples(pipe, cfg: TrainConfig, output: Path, step: int, accelerator, 
     for n, mode in te_modes.items():
         getattr(pipe, n).train(mode)
     return paths if return_paths else images
-
-
-def _maybe_die_for_test(done: int) -> None:
-    """Tests kill the process here (SIGKILL, no cleanup) to prove resume works after a real crash."""
-    at = os.environ.get("STYLELORA_TEST_KILL_AFTER_STEP")
-    if at and int(at) == done:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -105,11 +105,24 @@ def _run_cli_train(folder, out, steps, *extra, env=None, check=True):
                "--cache-dir", str(Path(out).parent / "cache"), *extra, env=env, check=check)
 
 
+def worker(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    """tests/train_worker.py: the CLI in a process of its own, with a step callback (see its docstring)."""
+    e = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    p = subprocess.run([sys.executable, str(REPO / "tests" / "train_worker.py"), *args], cwd=REPO, env=e,
+                       capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nstdout:{p.stdout[-3000:]}\nstderr:{p.stderr[-3000:]}")
+    return p
+
+
 def test_resume_after_kill_equals_uninterrupted(style_dir, tmp_path):
     a, b = tmp_path / "a" / "x.safetensors", tmp_path / "b" / "x.safetensors"
     _run_cli_train(style_dir, a, 6)
-    killed = _run_cli_train(style_dir, b, 6, env={"STYLELORA_TEST_KILL_AFTER_STEP": "5"}, check=False)
-    assert killed.returncode == -9  # SIGKILL: no cleanup ran
+    args = ["train", str(style_dir), "-o", str(b), "--base", "tiny-random", "--trigger", "zzstyle", "--resolution",
+            "128", "--rank", "4", "--steps", "6", "--batch-size", "2", "--checkpoint-every", "2", "--random-flip",
+            "--lr", "1e-3", "--cache-dir", str(b.parent / "cache")]
+    killed = worker("--kill-after-step", "5", "--", *args, check=False)  # the step callback SIGKILLs its process
+    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no cleanup ran
     assert not b.exists()
     assert sorted(p.name for p in (b.parent / "x-checkpoints").iterdir()) == ["step-000002", "step-000004"]
     _run_cli_train(style_dir, b, 6, "--resume", "latest")
@@ -231,21 +244,64 @@ def test_config_toml_flags_and_unknown_keys(tmp_path):
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_multi_process_training_writes_one_adapter(style_dir, tmp_path):
+def test_multi_process_training_writes_one_adapter(style_dir, tmp_path, monkeypatch):
+    """2 CPU processes (gloo DDP): one adapter; the ranks see different samples; gradients are all-reduced, so both
+    ranks end with the weights of one process training on the same global batch (2 x 2 images = grad_accum 2)."""
+    import json
+    import socket
+
+    import stylelora.training as T
+    from train_worker import lora_weights, per_sample_noise, sgd_optimizer
+
     out = tmp_path / "mp" / "m.safetensors"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    # accelerate's --cpu multi-process mode needs MPI; its torchrun path runs on CPU (gloo) with ACCELERATE_USE_CPU
+    env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    # accelerate's --cpu multi-process mode needs MPI; its torchrun path runs on CPU (gloo) with ACCELERATE_USE_CPU.
+    # SGD and per-sample noise make the update a linear function of the global batch's mean gradient (see worker).
+    with socket.socket() as sock:  # a free port: other test runs on this machine may hold accelerate's default
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stylelora", "train", str(style_dir),
+           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "tests" / "train_worker.py"),
+           "--record", str(tmp_path / "rec"), "--sgd", "--per-sample-noise", "--", "train", str(style_dir),
            "-o", str(out), "--base", "tiny-random", "--trigger", "zzstyle", "--resolution", "128", "--rank", "4", "--steps", "2",
-           "--cache-dir", str(tmp_path / "cache")]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+           "--batch-size", "2", "--lr", "0.5", "--cache-dir", str(tmp_path / "cache")]
+    p = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore", **env}, capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     assert out.exists()
     assert [f.name for f in out.parent.iterdir() if f.suffix == ".safetensors"] == ["m.safetensors"]
     state = (out.parent / "m-checkpoints" / "step-000002" / "state.json").read_text()
     assert '"world": 2' in state
     assert p.stdout.count("wrote ") == 1
+
+    recs = [json.loads((tmp_path / "rec" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and len(r["indices"]) == 2 for r in recs)
+    for step in range(2):  # in each step the two processes trained on different images
+        a, b = (set(sum(r["indices"][step], [])) for r in recs)
+        assert a and b and not a & b, (step, a, b)
+    w0, w1 = (load_file(str(tmp_path / "rec" / f"rank-{r}.safetensors")) for r in (0, 1))
+    assert w0.keys() == w1.keys() and any("lora_B" in k and w0[k].abs().sum() > 0 for k in w0)
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k  # DDP synchronised the gradients
+
+    # one process, same global batch per step: micro-batch m = 2·step + a here is micro-batch 2·step + rank there
+    monkeypatch.setattr(T, "make_optimizer", sgd_optimizer)
+    monkeypatch.setattr(T, "compute_loss", per_sample_noise(T.compute_loss))
+    single = {}
+    cfg = quick_config(style_dir, tmp_path / "sp" / "s.safetensors", grad_accum=2)
+    cfg.optim.lr = 0.5
+    seen = []
+
+    def on_step(info):
+        seen.append(info.indices)
+        if info.step == info.steps:
+            single.update(lora_weights(info.models))
+
+    train(cfg, on_step=on_step)
+    assert seen == [[recs[0]["indices"][s][0], recs[1]["indices"][s][0]] for s in range(2)]
+    assert single.keys() == w0.keys()
+    for k in w0:
+        torch.testing.assert_close(w0[k], single[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_data_errors_are_data_errors(tmp_path):
