@@ -42,7 +42,8 @@ OUT = HERE.parent / "out" / "demo"
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description="Train a style adapter on the tiny base and draw a before/after grid.")
     p.add_argument("--style", default="stripes", choices=list(toyworld.STYLES))
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, stylelora.presets.TOY)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: the recipe's, stylelora.presets.TOY)")
     p.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()),
                    help="torch CPU threads (use 1 when the machine is busy)")
     args = p.parse_args(argv)
