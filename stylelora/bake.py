@@ -15,10 +15,9 @@ from . import __version__
 from .atomic import atomic_folder, atomic_path
 from .blend import Blender
 from .errors import ConfigError, ModelError
+from .models import FAMILIES
 from .prompt import LoraRef
 
-CHECKPOINT_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
-                   "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
 BAKE_INFO = "stylelora_bake.json"
 
 
@@ -85,7 +84,8 @@ def save_single_file(blender: Blender, output: str | Path, *, dtype: torch.dtype
     state = pipeline_to_ldm(blender.pipe, blender.family)
     state = {k: (v.to("cpu", dtype) if dtype is not None and v.is_floating_point() else v.to("cpu")).contiguous()
              for k, v in state.items()}
-    metadata = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": CHECKPOINT_ARCH[blender.family],
+    metadata = {"modelspec.sai_model_spec": "1.0.1",
+                "modelspec.architecture": FAMILIES[blender.family].modelspec_checkpoint,
                 "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
                 "modelspec.title": output.stem, "stylelora_base": base_name,
                 "stylelora_baked_from": json.dumps(blend_record(blender))}

@@ -19,13 +19,12 @@ import torch
 
 from .adapter import Adapter
 from .errors import AdapterError
+from .models import compatible  # which families' adapters fit which bases: read from the FAMILIES table
 
 log = logging.getLogger(__name__)
 
 Weight = float | tuple[float, float]  # one number for UNet and text encoder, or (unet, text_encoder)
 
-# sd2 and sd2-v share weights and module shapes; only the scheduler's prediction type differs.
-_COMPATIBLE = {"sd2-v": "sd2"}
 _CACHE_SIZE = 16
 _ADAPTERS: OrderedDict[tuple[str, str], Adapter] = OrderedDict()  # (file sha256, model signature) -> Adapter
 _DIGESTS: dict[tuple[str, int, int], tuple[str, str]] = {}  # (realpath, size, mtime_ns) -> (sha256, model hash)
@@ -34,13 +33,6 @@ _DIGESTS: dict[tuple[str, int, int], tuple[str, str]] = {}  # (realpath, size, m
 def family_key(family) -> str | None:
     """Family as its short key ("sd1", "sd2", "sd2-v", "sdxl") from a Family, a key or None."""
     return getattr(family, "key", family)
-
-
-def compatible(a: str | None, b: str | None) -> bool:
-    """Whether adapters of family ``a`` fit a base of family ``b`` (unknown families are not refused here)."""
-    if a is None or b is None:
-        return True
-    return _COMPATIBLE.get(a, a) == _COMPATIBLE.get(b, b)
 
 
 def file_digests(path: str | Path) -> tuple[str, str]:

@@ -15,8 +15,9 @@ class TextConditioning:
 
     def __init__(self, pipe, family):
         self.family = family
-        self.xl = family.arch == "sdxl"
-        self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.xl else [])
+        self.xl = family.spec.micro_conditioning  # SDXL: two encoders' states, pooled embeds, time ids
+        # one tokenizer per text encoder of the family: text_encoder -> tokenizer, text_encoder_2 -> tokenizer_2
+        self.tokenizers = [getattr(pipe, te.replace("text_encoder", "tokenizer")) for te in family.text_encoders]
 
     def tokenize(self, captions: list[str]) -> list[torch.Tensor]:
         """Token ids per encoder, padded to each tokenizer's max length."""
@@ -45,7 +46,7 @@ def unet_kwargs(family, cond: dict[str, torch.Tensor], *, original_sizes: torch.
 
     ``original_sizes``/``crops``/``target_sizes``: [B, 2] as (height, width) / (top, left) / (height, width).
     """
-    if family.arch != "sdxl":
+    if not family.spec.micro_conditioning:
         return {}
     time_ids = torch.cat([original_sizes, crops, target_sizes], dim=1).to(cond["pooled"].device, dtype)
     return {"added_cond_kwargs": {"text_embeds": cond["pooled"].to(dtype), "time_ids": time_ids}}

@@ -391,14 +391,3 @@ def batch_plan(buckets: list[Bucket], repeats: list[int], batch_size: int, seed:
         shuffled = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
         batches += [shuffled[k:k + batch_size] for k in range(0, len(shuffled), batch_size)]
     return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
-
-
-def tag_frequency(items: list[ImageItem]) -> dict[str, dict[str, int]]:
-    """kohya's ss_tag_frequency: {subset: {tag: number of images whose caption has the tag}}."""
-    freq: dict[str, dict[str, int]] = {}
-    for item in items:
-        counts = freq.setdefault(item.subset, {})
-        for tag in dict.fromkeys(t.strip() for t in item.caption.split(",")):
-            if tag:
-                counts[tag] = counts.get(tag, 0) + 1
-    return freq

@@ -32,7 +32,7 @@ class TrainingSet:
         self.items, self.cfg, self.pipe = items, cfg, pipe
         self.family = family or detect_family(pipe)
         self.text = TextConditioning(pipe, self.family)
-        self.encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.family.arch == "sdxl" else [])
+        self.encoders = [getattr(pipe, te) for te in self.family.text_encoders]
         self.device, self.weight_dtype = device, weight_dtype
         self.cache_latents = cfg.cache_latents and not cfg.random_crop
         if cfg.cache_latents and cfg.random_crop:

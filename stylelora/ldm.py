@@ -17,10 +17,6 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 _VAE_TOP = {"conv_in": "conv_in", "conv_out": "conv_out", "conv_norm_out": "norm_out"}
 _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -40,45 +36,96 @@ def _sub(table: dict[str, str], rest: str) -> str:
     raise _Unmapped(rest)
 
 
-def _unet_key(key: str, lpb: int, up_has_attn: list[bool]) -> str:
-    for src, dst in _UNET_TOP.items():
-        if key.startswith(src + "."):
-            return dst + key[len(src):]
-    p = key.split(".")
-    if p[0] == "down_blocks":
-        i, kind, j, rest = int(p[1]), p[2], p[3], ".".join(p[4:])
+# ------------------------------------------------------------------------------ UNet module names: diffusers -> ldm
+# The one home of the diffusers -> ldm (sgm) UNet naming: single-file export maps state-dict keys with it, and the
+# adapter module tables (formats/arch.py) use it for kohya's SDXL LoRA names and for reading ldm-named files.
+_RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_TOP_LDM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def _cfg(config, name, default=None):
+    return config.get(name, default) if isinstance(config, dict) else getattr(config, name, default)
+
+
+def _resnet_ldm(rest: list[str]) -> str | None:
+    if not rest or rest[0] not in _RESNET_LDM:
+        return None
+    return ".".join([_RESNET_LDM[rest[0]], *rest[1:]])
+
+
+def ldm_unet_path(path: str, config) -> str | None:
+    """The ldm/sgm name of a diffusers UNet module path, or None if it has none.
+
+    Down block i, layer j is ``input_blocks.(1 + Σ_{k<i} (L_k + 1) + j)`` and up block i, layer j is
+    ``output_blocks.(Σ_{k<i} (L'_k + 1) + j)`` with L = layers_per_block (L' reversed): ``3i + j + 1`` and
+    ``3i + j`` for SD1/SDXL's L = 2, as in FORMATS.md. Resnets sit at ``.0``, attentions at ``.1``.
+    """
+    if path in _TOP_LDM:
+        return _TOP_LDM[path]
+    parts = path.split(".")
+    down_types = list(_cfg(config, "down_block_types"))
+    up_types = list(_cfg(config, "up_block_types"))
+    lpb = _cfg(config, "layers_per_block", 2)
+    lpb = [lpb] * len(down_types) if isinstance(lpb, int) else list(lpb)
+    if parts[0] == "mid_block":
+        return _mid_ldm(path)
+    if len(parts) < 3 or not parts[1].isdigit():
+        return None
+    top, i, kind, rest = parts[0], int(parts[1]), parts[2], parts[3:]
+    if kind != "downsamplers" and kind != "upsamplers":
+        if not rest or not rest[0].isdigit():
+            return None
+        j, rest = int(rest[0]), rest[1:]
+    if top == "down_blocks" and i < len(down_types):
+        start = 1 + sum(n + 1 for n in lpb[:i])
         if kind == "resnets":
-            return f"input_blocks.{1 + i * (lpb + 1) + int(j)}.0.{_sub(_RESNET, rest)}"
+            inner = _resnet_ldm(rest)
+            return inner and f"input_blocks.{start + j}.0.{inner}"
         if kind == "attentions":
-            return f"input_blocks.{1 + i * (lpb + 1) + int(j)}.1.{rest}"
-        if kind == "downsamplers" and rest.startswith("conv."):
-            return f"input_blocks.{(i + 1) * (lpb + 1)}.0.op.{rest[5:]}"
-    elif p[0] == "mid_block":
-        kind, j, rest = p[1], int(p[2]), ".".join(p[3:])
+            return ".".join([f"input_blocks.{start + j}.1", *rest])
+        if kind == "downsamplers" and rest == ["0", "conv"]:
+            return f"input_blocks.{start + lpb[i]}.0.op"
+    elif top == "up_blocks" and i < len(up_types):
+        up_lpb = list(reversed(lpb))
+        start = sum(n + 1 for n in up_lpb[:i])
         if kind == "resnets":
-            return f"middle_block.{2 * j}.{_sub(_RESNET, rest)}"
-        if kind == "attentions" and j == 0:
-            return f"middle_block.1.{rest}"
-    elif p[0] == "up_blocks":
-        i, kind, j, rest = int(p[1]), p[2], p[3], ".".join(p[4:])
-        if kind == "resnets":
-            return f"output_blocks.{i * (lpb + 1) + int(j)}.0.{_sub(_RESNET, rest)}"
+            inner = _resnet_ldm(rest)
+            return inner and f"output_blocks.{start + j}.0.{inner}"
         if kind == "attentions":
-            return f"output_blocks.{i * (lpb + 1) + int(j)}.1.{rest}"
-        if kind == "upsamplers" and rest.startswith("conv."):
-            # ldm puts the upsampler after the resnet (.1), or after resnet + attention (.2)
-            return f"output_blocks.{i * (lpb + 1) + lpb}.{2 if up_has_attn[i] else 1}.{rest}"
-    raise _Unmapped(key)
+            return ".".join([f"output_blocks.{start + j}.1", *rest])
+        if kind == "upsamplers" and rest == ["0", "conv"]:
+            slot = 2 if "CrossAttn" in up_types[i] else 1
+            return f"output_blocks.{start + up_lpb[i]}.{slot}.conv"
+    return None
+
+
+def _mid_ldm(path: str) -> str | None:
+    parts = path.split(".")
+    if len(parts) < 4 or not parts[2].isdigit():
+        return None
+    kind, j, rest = parts[1], int(parts[2]), parts[3:]
+    if kind == "resnets":
+        inner = _resnet_ldm(rest)
+        return inner and f"middle_block.{2 * j}.{inner}"
+    if kind == "attentions":
+        return ".".join([f"middle_block.{2 * j + 1}", *rest])
+    return None
 
 
 def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """diffusers UNet2DConditionModel state dict -> ``model.diffusion_model.*`` keys."""
-    lpb = config["layers_per_block"] if isinstance(config, dict) else config.layers_per_block
-    up_types = config["up_block_types"] if isinstance(config, dict) else config.up_block_types
-    if not isinstance(lpb, int):
-        raise ModelError(f"single-file export needs one layers_per_block for every block, got {lpb}")
-    up_has_attn = ["CrossAttn" in t for t in up_types]
-    return _convert(state, lambda k: UNET_PREFIX + _unet_key(k, lpb, up_has_attn), "unet")
+
+    def key(k: str) -> str:
+        module, _, param = k.rpartition(".")
+        name = ldm_unet_path(module, config)
+        if name is None:
+            raise _Unmapped(k)
+        return f"{UNET_PREFIX}{name}.{param}"
+
+    return _convert(state, key, "unet")
 
 
 def _vae_key(key: str, n_up: int) -> tuple[str, bool]:
@@ -194,12 +241,17 @@ def _raise_unmapped(bad: list[str], what: str) -> None:
 
 
 def pipeline_to_ldm(pipe, family) -> dict[str, torch.Tensor]:
-    """The whole pipeline's weights in the original SD single-file layout (SD1.x / SD2.x)."""
-    arch = getattr(family, "arch", str(family).split("-")[0])
-    if arch not in ("sd1", "sd2"):
-        raise ModelError(f"single-file export supports SD1.x and SD2.x bases, not {arch}; bake a diffusers folder")
+    """The whole pipeline's weights in the original SD single-file layout (families whose row names a
+    ``single_file_text_encoder`` layout: SD1.x / SD2.x)."""
+    from .models import FAMILIES, Family
+
+    spec = family.spec if isinstance(family, Family) else FAMILIES.get(str(family))
+    if spec is None or spec.single_file_text_encoder is None:
+        able = " and ".join(s.name for s in FAMILIES.values() if s.single_file_text_encoder and s.key == s.arch)
+        raise ModelError(f"single-file export supports {able} bases, not {spec.name if spec else family}; "
+                         "bake a diffusers folder")
     te_state = pipe.text_encoder.state_dict()
+    te = clip_to_ldm(te_state) if spec.single_file_text_encoder == "clip" else open_clip_to_ldm(te_state)
     state = {**unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config),
-             **vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config),
-             **(clip_to_ldm(te_state) if arch == "sd1" else open_clip_to_ldm(te_state))}
+             **vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config), **te}
     return {k: v.detach().contiguous() for k, v in state.items()}

@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,8 +23,63 @@ TINY_VERSION = "3"  # 2: ``tiny`` is the pretrained toy-world base (random SD1 o
 
 
 @dataclass(frozen=True)
+class FamilySpec:
+    """Everything stylelora knows about one model family, in one place: adding a family is adding a row."""
+
+    key: str  # short id used in metadata and compatibility checks
+    arch: str  # module layout; families with one arch share weights and module shapes
+    name: str  # display name in messages
+    prediction_type: str
+    ss_base_model_version: str  # kohya's ss_base_model_version
+    ss_v2: bool  # kohya's ss_v2 flag
+    modelspec_lora: str  # modelspec.architecture of a LoRA for this family
+    modelspec_checkpoint: str  # ... of a whole (baked, single-file) checkpoint
+    modelspec_match: str  # a modelspec.architecture starting with this names the family (longest match wins)
+    lora_implementation: str  # modelspec.implementation kohya writes for a LoRA
+    kohya_prefixes: tuple[tuple[str, str], ...]  # (component, kohya key prefix), UNet first
+    unet_naming: str  # "diffusers" | "ldm": how kohya spells UNet module names in this family's LoRAs
+    cross_attention_dim: int  # of the released model: an adapter's attn2.to_k input width names the family
+    micro_conditioning: bool  # pooled text embeds + size/crop time ids as UNet inputs (SDXL)
+    single_file_text_encoder: str | None  # "clip" | "open_clip": its layout in an ldm checkpoint; None: no export
+    ss_version_prefix: str | None = None  # other ss_base_model_version values starting with this (sdxl_refiner...)
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        return tuple(c for c, _ in self.kohya_prefixes if c != "unet")
+
+
+_SGM = "https://github.com/Stability-AI/generative-models"  # kohya's modelspec.implementation for SDXL LoRA
+_SD_PREFIXES = (("unet", "lora_unet"), ("text_encoder", "lora_te"))
+_SD1 = FamilySpec(
+    key="sd1", arch="sd1", name="SD1.x", prediction_type="epsilon", ss_base_model_version="sd_v1", ss_v2=False,
+    modelspec_lora="stable-diffusion-v1/lora", modelspec_checkpoint="stable-diffusion-v1",
+    modelspec_match="stable-diffusion-v1", lora_implementation="diffusers", kohya_prefixes=_SD_PREFIXES,
+    unet_naming="diffusers", cross_attention_dim=768, micro_conditioning=False, single_file_text_encoder="clip")
+_SD2 = FamilySpec(
+    key="sd2", arch="sd2", name="SD2.x", prediction_type="epsilon", ss_base_model_version="sd_v2", ss_v2=True,
+    modelspec_lora="stable-diffusion-v2-512/lora", modelspec_checkpoint="stable-diffusion-v2-512",
+    modelspec_match="stable-diffusion-v2", lora_implementation="diffusers", kohya_prefixes=_SD_PREFIXES,
+    unet_naming="diffusers", cross_attention_dim=1024, micro_conditioning=False, single_file_text_encoder="open_clip")
+FAMILIES: dict[str, FamilySpec] = {s.key: s for s in (
+    _SD1,
+    _SD2,
+    replace(_SD2, key="sd2-v", name="SD2.x (v-prediction)", prediction_type="v_prediction",
+            ss_base_model_version="sd_v2_v", modelspec_lora="stable-diffusion-v2-768-v/lora",
+            modelspec_checkpoint="stable-diffusion-v2-768-v", modelspec_match="stable-diffusion-v2-768-v"),
+    FamilySpec(
+        key="sdxl", arch="sdxl", name="SDXL", prediction_type="epsilon", ss_base_model_version="sdxl_base_v1-0",
+        ss_v2=False, modelspec_lora="stable-diffusion-xl-v1-base/lora",
+        modelspec_checkpoint="stable-diffusion-xl-v1-base", modelspec_match="stable-diffusion-xl",
+        lora_implementation=_SGM, kohya_prefixes=(("unet", "lora_unet"), ("text_encoder", "lora_te1"),
+                                                  ("text_encoder_2", "lora_te2")),
+        unet_naming="ldm", cross_attention_dim=2048, micro_conditioning=True, single_file_text_encoder=None,
+        ss_version_prefix="sdxl"),
+)}
+
+
+@dataclass(frozen=True)
 class Family:
-    """Model family as detected from the loaded components."""
+    """Model family as detected from the loaded components; its facts are its row of ``FAMILIES``."""
 
     arch: str  # "sd1" | "sd2" | "sdxl"
     prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
@@ -32,27 +87,46 @@ class Family:
     @property
     def key(self) -> str:
         """Short id used in metadata and compatibility checks: sd1, sd2, sd2-v, sdxl."""
-        return self.arch + ("-v" if self.arch == "sd2" and self.prediction_type == "v_prediction" else "")
+        for spec in FAMILIES.values():
+            if spec.arch == self.arch and spec.prediction_type == self.prediction_type:
+                return spec.key
+        return self.arch  # a prediction type the table has no row for: the arch's facts still apply
+
+    @property
+    def spec(self) -> FamilySpec:
+        return FAMILIES[self.key]
+
+    @classmethod
+    def from_key(cls, key: str | None) -> Family | None:
+        """``Family`` for a key such as ``sd2-v`` (None for None or an unknown key)."""
+        spec = FAMILIES.get(key) if key else None
+        return None if spec is None else cls(spec.arch, spec.prediction_type)
 
     @property
     def ss_base_model_version(self) -> str:
-        return {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}[self.key]
+        return self.spec.ss_base_model_version
 
     @property
     def modelspec_architecture(self) -> str:
-        return {
-            "sd1": "stable-diffusion-v1/lora",
-            "sd2": "stable-diffusion-v2-512/lora",
-            "sd2-v": "stable-diffusion-v2-768-v/lora",
-            "sdxl": "stable-diffusion-xl-v1-base/lora",
-        }[self.key]
+        return self.spec.modelspec_lora
 
     @property
-    def text_encoder_prefixes(self) -> dict[str, str]:
-        """kohya key prefix per text-encoder component."""
-        if self.arch == "sdxl":
-            return {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
-        return {"text_encoder": "lora_te"}
+    def text_encoders(self) -> tuple[str, ...]:
+        return self.spec.text_encoders
+
+
+def compatible(a: str | None, b: str | None) -> bool:
+    """Whether adapters of family key ``a`` fit a base of family key ``b``: same module layout (sd2 and sd2-v
+    differ only in the scheduler's prediction type). An unknown (None) family is not refused here."""
+    if a is None or b is None:
+        return True
+    return getattr(FAMILIES.get(a), "arch", a) == getattr(FAMILIES.get(b), "arch", b)
+
+
+def family_with_component(component: str) -> Family | None:
+    """The family a component implies on its own (``text_encoder_2``: SDXL), or None if several or none have it."""
+    keys = [k for k, spec in FAMILIES.items() if component in spec.text_encoders]
+    return Family.from_key(keys[0]) if len(keys) == 1 else None
 
 
 def detect_family(pipe) -> Family:
@@ -63,7 +137,7 @@ def detect_family(pipe) -> Family:
         return Family("sdxl", pred)
     te_act = getattr(getattr(pipe, "text_encoder", None), "config", None)
     te_act = getattr(te_act, "hidden_act", "quick_gelu")
-    if unet.config.cross_attention_dim == 1024 or te_act == "gelu":
+    if unet.config.cross_attention_dim == FAMILIES["sd2"].cross_attention_dim or te_act == "gelu":
         return Family("sd2", pred)
     return Family("sd1", pred)
 

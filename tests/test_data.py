@@ -12,7 +12,6 @@ from PIL import Image, ImageFile
 
 from stylelora.data import (
     Bucket, ImageItem, assign_bucket, batch_plan, load_image, make_buckets, prepare_pixels, scan_folder,
-    tag_frequency,
 )
 from stylelora.errors import ConfigError, DataError, StyleloraError
 
@@ -399,9 +398,12 @@ def test_batch_plan():
 
 
 def test_tag_frequency():
+    from stylelora.formats.metadata import tag_frequency
+
     items = [
         ImageItem(Path("/a.png"), "sks, tree, river", 10, "10_style", 64, 64),
         ImageItem(Path("/b.png"), "sks, tree , tree", 10, "10_style", 64, 64),
         ImageItem(Path("/c.png"), "sks", 1, ".", 64, 64),
     ]
-    assert tag_frequency(items) == {"10_style": {"sks": 2, "tree": 2, "river": 1}, ".": {"sks": 1}}
+    # kohya keys ss_tag_frequency by folder: the image folder itself (subset ".") by its own name
+    assert tag_frequency(items, "/data/imgs") == {"10_style": {"sks": 2, "tree": 2, "river": 1}, "imgs": {"sks": 1}}

@@ -5,7 +5,8 @@ A table is built from ``named_modules()`` of a live model, or of the real archit
 never by repairing underscores. The names a module gets are:
 
 - its live path (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``);
-- for the UNet, its ldm/sgm path (``input_blocks.1.1.transformer_blocks.0.attn1.to_q``), which kohya uses for SDXL;
+- for the UNet, its ldm/sgm path (``input_blocks.1.1.transformer_blocks.0.attn1.to_q``, from ``ldm.ldm_unet_path``),
+  which kohya uses for the families whose row says ``unet_naming="ldm"`` (SDXL);
 - for CLIP, the ``text_model.``-prefixed path older transformers used (newer ones flatten ``CLIPTextModel``);
 - the kohya spelling of each of these: dots become underscores (``lora_unet_`` + that).
 """
@@ -13,11 +14,13 @@ never by repairing underscores. The names a module gets are:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import AdapterError
+from ..ldm import ldm_unet_path
 from ..models import Family
 
 # ---------------------------------------------------------------------------------- reference architectures
@@ -44,90 +47,14 @@ OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23
 OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                      hidden_act="gelu", projection_dim=1280)
 
-# arch -> (display name, UNet config, {text-encoder component: (transformers class name, config)})
+# arch -> (display name, UNet config, {text-encoder component: (transformers class name, config)}): the released
+# model of each module layout (FAMILIES rows with the same arch share it)
 ARCHS = {
     "sd1": ("SD1.5", SD15_UNET, {"text_encoder": ("CLIPTextModel", CLIP_L)}),
     "sd2": ("SD2.x", SD2_UNET, {"text_encoder": ("CLIPTextModel", OPENCLIP_H)}),
     "sdxl": ("SDXL", SDXL_UNET, {"text_encoder": ("CLIPTextModel", CLIP_L),
                                  "text_encoder_2": ("CLIPTextModelWithProjection", OPENCLIP_BIGG)}),
 }
-
-# ---------------------------------------------------------------------------------------- ldm (sgm) names
-_RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_TOP_LDM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-            "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
-
-
-def _cfg(config, name, default=None):
-    return config.get(name, default) if isinstance(config, dict) else getattr(config, name, default)
-
-
-def _resnet_ldm(rest: list[str]) -> str | None:
-    if not rest or rest[0] not in _RESNET_LDM:
-        return None
-    return ".".join([_RESNET_LDM[rest[0]], *rest[1:]])
-
-
-def ldm_unet_path(path: str, config) -> str | None:
-    """The ldm/sgm name of a diffusers UNet module path, or None if it has none.
-
-    Down block i, layer j is ``input_blocks.(1 + Σ_{k<i} (L_k + 1) + j)`` and up block i, layer j is
-    ``output_blocks.(Σ_{k<i} (L'_k + 1) + j)`` with L = layers_per_block (L' reversed): ``3i + j + 1`` and
-    ``3i + j`` for SD1/SDXL's L = 2, as in FORMATS.md. Resnets sit at ``.0``, attentions at ``.1``.
-    """
-    if path in _TOP_LDM:
-        return _TOP_LDM[path]
-    parts = path.split(".")
-    down_types = list(_cfg(config, "down_block_types"))
-    up_types = list(_cfg(config, "up_block_types"))
-    lpb = _cfg(config, "layers_per_block", 2)
-    lpb = [lpb] * len(down_types) if isinstance(lpb, int) else list(lpb)
-    if parts[0] == "mid_block":
-        return _mid_ldm(path)
-    if len(parts) < 3 or not parts[1].isdigit():
-        return None
-    top, i, kind, rest = parts[0], int(parts[1]), parts[2], parts[3:]
-    if kind != "downsamplers" and kind != "upsamplers":
-        if not rest or not rest[0].isdigit():
-            return None
-        j, rest = int(rest[0]), rest[1:]
-    if top == "down_blocks" and i < len(down_types):
-        start = 1 + sum(n + 1 for n in lpb[:i])
-        if kind == "resnets":
-            inner = _resnet_ldm(rest)
-            return inner and f"input_blocks.{start + j}.0.{inner}"
-        if kind == "attentions":
-            return ".".join([f"input_blocks.{start + j}.1", *rest])
-        if kind == "downsamplers" and rest == ["0", "conv"]:
-            return f"input_blocks.{start + lpb[i]}.0.op"
-    elif top == "up_blocks" and i < len(up_types):
-        up_lpb = list(reversed(lpb))
-        start = sum(n + 1 for n in up_lpb[:i])
-        if kind == "resnets":
-            inner = _resnet_ldm(rest)
-            return inner and f"output_blocks.{start + j}.0.{inner}"
-        if kind == "attentions":
-            return ".".join([f"output_blocks.{start + j}.1", *rest])
-        if kind == "upsamplers" and rest == ["0", "conv"]:
-            slot = 2 if "CrossAttn" in up_types[i] else 1
-            return f"output_blocks.{start + up_lpb[i]}.{slot}.conv"
-    return None
-
-
-def _mid_ldm(path: str) -> str | None:
-    parts = path.split(".")
-    if len(parts) < 4 or not parts[2].isdigit():
-        return None
-    kind, j, rest = parts[1], int(parts[2]), parts[3:]
-    if kind == "resnets":
-        inner = _resnet_ldm(rest)
-        return inner and f"middle_block.{2 * j}.{inner}"
-    if kind == "attentions":
-        return ".".join([f"middle_block.{2 * j + 1}", *rest])
-    return None
-
 
 _CLIP_TOP = ("embeddings.", "encoder.", "final_layer_norm")
 
@@ -205,9 +132,14 @@ def lora_targets(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _ldm_names(family: Family | None) -> bool:
+    """Whether kohya spells this family's UNet modules with ldm (sgm) names (SDXL) rather than diffusers ones."""
+    return family is not None and family.spec.unet_naming == "ldm"
+
+
 def table_from_pipe(pipe, family: Family) -> ArchTable:
     """The table of a loaded pipeline (its UNet and text encoders)."""
-    comps = {"unet": build_component("unet", lora_targets(pipe.unet), pipe.unet.config, ldm=family.arch == "sdxl")}
+    comps = {"unet": build_component("unet", lora_targets(pipe.unet), pipe.unet.config, ldm=_ldm_names(family))}
     for te in ("text_encoder", "text_encoder_2"):
         model = getattr(pipe, te, None)
         if model is not None:
@@ -239,23 +171,27 @@ def builtin_table(arch: str, tiny: str | None = None) -> ArchTable:
                 cls = getattr(transformers, cls_name)
                 models[te] = cls(transformers.CLIPTextConfig(max_position_embeddings=77, vocab_size=49408, **cfg))
     comps = {
-        name: build_component(name, lora_targets(m), unet_cfg if name == "unet" else None, ldm=arch == "sdxl")
+        name: build_component(name, lora_targets(m), unet_cfg if name == "unet" else None,
+                              ldm=_ldm_names(Family(arch)))
         for name, m in models.items()
     }
     return ArchTable(Family(arch), comps, f"the built-in {label} architecture")
 
 
-def kohya_name(component: str, path: str, prefixes: dict[str, str], table: ArchTable | None, arch: str | None) -> str:
+def kohya_name(component: str, path: str, prefixes: dict[str, str], table: ArchTable | None,
+               family: Family | None) -> str:
     """The kohya module name written for a live path (``lora_unet_...``), without a tensor suffix."""
     comp = table.components.get(component) if table else None
     if comp is not None and path in comp.kohya_out:
         name = comp.kohya_out[path]
     elif component == "unet":
-        name = ldm_unet_path(path, SDXL_UNET) if arch == "sdxl" else path
+        # no table: the released model's block layout numbers the ldm blocks
+        name = ldm_unet_path(path, ARCHS[family.arch][1]) if _ldm_names(family) else path
     else:
         name = te_canonical_path(path)
     if name is None:
-        raise AdapterError(f"UNet module {path!r} has no ldm (sgm) name, which kohya's SDXL layout needs")
+        raise AdapterError(f"UNet module {path!r} has no ldm (sgm) name, which kohya's "
+                           f"{family.spec.name if family else ''} layout needs")
     return prefixes[component] + "_" + name.replace(".", "_")
 
 
@@ -264,3 +200,139 @@ def peft_name(component: str, path: str, table: ArchTable | None) -> str:
     if comp is not None and path in comp.peft_out:
         return comp.peft_out[path]
     return path if component == "unet" else te_canonical_path(path)
+
+
+# ------------------------------------------------------------------------------------- tables from a file alone
+def _fitting(table: ArchTable, modules) -> int:
+    """How many (slot, down shape, up shape) resolve to one module of ``table`` whose weight they fit (a 1x1 conv
+    pair fits a Linear layer and the reverse, as ``validate.fit_shape`` reshapes them)."""
+    count = 0
+    for slot, down, up in modules:
+        comp = table.components.get(slot.component)
+        live = comp.resolve(slot.name, slot.flat) if comp else None
+        if live is None or (slot.flat and slot.name in comp.ambiguous):
+            continue
+        target = comp.shapes[live]
+        kernels = {tuple(down[2:]), tuple(target[2:])}
+        count += len(down) >= 2 and target[0] == up[0] and target[1] == down[1] and (
+            len(kernels) == 1 or kernels == {(), (1, 1)})
+    return count
+
+
+def _numbers(pattern: str, names) -> list[tuple[int, ...]]:
+    rx = re.compile(pattern)
+    return [tuple(int(g) for g in m.groups()) for n in names if (m := rx.match(n))]
+
+
+def _block_layout(unet_names: list[str], ldm: bool, lpb: int) -> tuple[int, int, set[int], set[int], int]:
+    """(blocks, layers per block, down blocks with attention, up blocks with attention, transformer depth) that
+    hold every module the names mention. The names are read for block numbers only; module paths still come from
+    a real diffusers UNet built with this layout."""
+    names = [n.replace(".", "_") for n in unet_names]  # dotted (PEFT) and flat (kohya) spellings alike
+    depth = max([t for (t,) in _numbers(r".*transformer_blocks_(\d+)_", names)], default=0) + 1
+    attn = r"(?:transformer_blocks|proj_in|proj_out|norm_)"
+    if ldm:  # input_blocks.(1 + i·(L+1) + j), output_blocks.(i·(L+1) + j): kohya's names fix L only with the layout
+        ins = _numbers(r"input_blocks_(\d+)_", names)
+        outs = _numbers(r"output_blocks_(\d+)_", names)
+        down_attn = {(k - 1) // (lpb + 1) for (k,) in _numbers(rf"input_blocks_(\d+)_1_{attn}", names)}
+        up_attn = {k // (lpb + 1) for (k,) in _numbers(rf"output_blocks_(\d+)_1_{attn}", names)}
+        n = max([(k - 1) // (lpb + 1) + 1 for (k,) in ins] + [k // (lpb + 1) + 1 for (k,) in outs], default=1)
+        return max(n, 1), lpb, down_attn, up_attn, depth
+    downs = _numbers(r"down_blocks_(\d+)_(?:attentions|resnets)_(\d+)_", names)
+    ups = _numbers(r"up_blocks_(\d+)_(?:attentions|resnets)_(\d+)_", names)
+    blocks = [i for i, _ in downs + ups] + [i for (i,) in _numbers(r"(?:down|up)_blocks_(\d+)_", names)]
+    lpb = max([j + 1 for _, j in downs] + [j for _, j in ups] + [1])  # up blocks hold L + 1 layers
+    down_attn = {i for (i,) in _numbers(r"down_blocks_(\d+)_attentions_", names)}
+    up_attn = {i for (i,) in _numbers(r"up_blocks_(\d+)_attentions_", names)}
+    return max(blocks, default=0) + 1, lpb, down_attn, up_attn, depth
+
+
+@functools.lru_cache(maxsize=8)
+def _layout_table(family_key: str, n: int, lpb: int, down_attn: frozenset, up_attn: frozenset, depth: int,
+                  te_layers: tuple[tuple[str, int], ...]) -> ArchTable:
+    """Module names of a UNet / text encoders with this block layout (small widths, meta device: names only)."""
+    from diffusers import UNet2DConditionModel
+    import transformers
+
+    family = Family.from_key(family_key)
+    micro = family.spec.micro_conditioning
+    unet_cfg = dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=lpb, block_out_channels=[32] * n,
+        down_block_types=["CrossAttnDownBlock2D" if i in down_attn else "DownBlock2D" for i in range(n)],
+        up_block_types=["CrossAttnUpBlock2D" if i in up_attn else "UpBlock2D" for i in range(n)],
+        transformer_layers_per_block=depth, attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8,
+        **(dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 32) if micro else {}))
+    with torch.device("meta"):
+        models = {"unet": UNet2DConditionModel(**unet_cfg)}
+        for te, layers in te_layers:
+            cls = transformers.CLIPTextModelWithProjection if te == "text_encoder_2" else transformers.CLIPTextModel
+            models[te] = cls(transformers.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                                         num_hidden_layers=layers, projection_dim=32))
+    comps = {name: build_component(name, lora_targets(m), unet_cfg if name == "unet" else None,
+                                   ldm=_ldm_names(family)) for name, m in models.items()}
+    return ArchTable(family, comps, "the module names and shapes in the file (no base model given)")
+
+
+def _table_from_names(family: Family, modules) -> ArchTable | None:
+    """A table whose module names cover the file's and whose shapes are the file's own: for adapters of a base of
+    non-standard size (the tiny bases, custom models) when no base model is given. None if the names do not fit."""
+    unet_names = [slot.name for slot, _, _ in modules if slot.component == "unet"]
+    ldm = _ldm_names(family) and any(n.startswith(("input_blocks", "middle_block", "output_blocks"))
+                                     for n in unet_names)
+    # kohya's ldm names number blocks by the layout's layers per block: the released model's (SDXL: 2), or more
+    # if the file's own block numbers need more
+    ref_lpb = ARCHS[family.arch][1]["layers_per_block"] if family.arch in ARCHS else 2
+    n, lpb, down_attn, up_attn, depth = _block_layout(unet_names, ldm, ref_lpb)
+    lpb = max(lpb, ref_lpb) if _ldm_names(family) else lpb
+    te_layers = {}
+    for slot, _, _ in modules:
+        if slot.component != "unet":
+            found = _numbers(r".*layers[._](\d+)[._]", [slot.name])
+            te_layers[slot.component] = max(te_layers.get(slot.component, 1), found[0][0] + 1 if found else 1)
+    try:
+        table = _layout_table(family.key, n, lpb, frozenset(down_attn), frozenset(up_attn),
+                              depth, tuple(sorted(te_layers.items())))
+    except (ValueError, TypeError):  # a layout diffusers cannot build: the names are not a UNet's
+        return None
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for slot, down, up in modules:  # names that resolve nowhere stay unresolved: loading reports them as unused
+        comp = table.components.get(slot.component)
+        live = comp.resolve(slot.name, slot.flat) if comp else None
+        if live is not None and not (slot.flat and slot.name in comp.ambiguous):
+            shapes.setdefault(slot.component, {})[live] = (up[0], *down[1:])  # out, in(, kh, kw): the file's own
+    if not shapes:
+        return None
+    comps = {name: replace(c, shapes={**c.shapes, **shapes.get(name, {})}) for name, c in table.components.items()}
+    return ArchTable(family, comps, table.source)
+
+
+def _tiny_family(tiny: str) -> Family | None:
+    from ..models import TINY
+
+    return Family.from_key("sd1" if TINY.get(tiny) == "toy" else TINY.get(tiny))
+
+
+def table_for_file(family: Family | None, modules, tiny: str | None = None) -> ArchTable | None:
+    """The module table to read a file against when no base model is given.
+
+    ``modules``: (slot, down shape, up shape) per module of the file. The built-in base the metadata names
+    (``tiny``) or the released architecture of ``family``, if every module fits one of them; else, if some modules
+    fit, the one most fit (a file for that model with bad modules: loading names them and says to pass --base);
+    else a table made from the file's own names and shapes (an adapter for a base of non-standard size).
+    None when the family is unknown: the file does not say which model it is for, and guessing would write wrong
+    metadata.
+    """
+    if family is None:
+        return None
+    candidates = []
+    if tiny and _tiny_family(tiny) is not None and _tiny_family(tiny).arch == family.arch:
+        candidates.append(builtin_table(family.arch, tiny=tiny))
+    if family.arch in ARCHS:
+        candidates.append(builtin_table(family.arch))
+    scores = [_fitting(t, modules) for t in candidates]
+    if candidates and max(scores) == len(modules):
+        return candidates[scores.index(len(modules))]
+    if candidates and max(scores) > 0:
+        return candidates[scores.index(max(scores))]
+    return _table_from_names(family, modules) or (candidates[0] if candidates else None)

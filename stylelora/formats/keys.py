@@ -10,11 +10,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sd2-v": "SD2.x (v-prediction)", "sdxl": "SDXL"}
+from ..models import FAMILIES, family_with_component
 
-KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
-                    "lora_te2": "text_encoder_2"}
-_KOHYA = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+FAMILY_NAMES = {key: spec.name for key, spec in FAMILIES.items()}
+
+# kohya key prefix -> component, over every family's prefixes (lora_te is SD1/SD2's, lora_te1/lora_te2 SDXL's)
+KOHYA_COMPONENTS = {prefix: comp for spec in FAMILIES.values() for comp, prefix in spec.kohya_prefixes}
+_KOHYA = re.compile(r"^(%s)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$"
+                    % "|".join(sorted(KOHYA_COMPONENTS, key=len, reverse=True)))  # lora_te1 before lora_te
 _KOHYA_ROLE = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 
 # dotted suffix -> (role, style); the last two only after an old attention-processor name (``to_q_lora``)
@@ -118,10 +121,15 @@ def parse_keys(keys) -> ParsedKeys:
 
 
 # ---------------------------------------------------------------------------------------------- families
-_SS_VERSION = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2-v", "sdxl_base_v1-0": "sdxl"}
-_MODELSPEC = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2-768-v", "sd2-v"),
-              ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
-_CROSS_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_SS_VERSION = {spec.ss_base_model_version: key for key, spec in FAMILIES.items()}
+_SS_PREFIX = {spec.ss_version_prefix: key for key, spec in FAMILIES.items() if spec.ss_version_prefix}
+_MODELSPEC = sorted(((spec.modelspec_match, key) for key, spec in FAMILIES.items()), key=lambda m: -len(m[0]))
+_CROSS_DIM: dict[int, str] = {}
+for _key, _spec in FAMILIES.items():  # sd2 and sd2-v share a width: the first row (epsilon) answers
+    _CROSS_DIM.setdefault(_spec.cross_attention_dim, _key)
+# a kohya prefix only families with several text encoders use -> that family (lora_te1/lora_te2 -> sdxl)
+_MULTI_TE = {prefix: key for key, spec in FAMILIES.items() if len(spec.text_encoders) > 1
+             for comp, prefix in spec.kohya_prefixes if comp != "unet"}
 
 
 def family_from_metadata(md: dict[str, str]) -> tuple[str | None, str]:
@@ -129,22 +137,26 @@ def family_from_metadata(md: dict[str, str]) -> tuple[str | None, str]:
     if md.get("stylelora.family") in FAMILY_NAMES:
         return md["stylelora.family"], f"metadata stylelora.family={md['stylelora.family']}"
     version = md.get("ss_base_model_version", "")
-    if version in _SS_VERSION or version.startswith("sdxl"):
-        return _SS_VERSION.get(version, "sdxl"), f"metadata ss_base_model_version={version}"
+    found = _SS_VERSION.get(version) or next((k for p, k in _SS_PREFIX.items() if version.startswith(p)), None)
+    if found:
+        return found, f"metadata ss_base_model_version={version}"
     arch = md.get("modelspec.architecture", "")
     for prefix, fam in _MODELSPEC:
         if arch.startswith(prefix):
             return fam, f"metadata modelspec.architecture={arch}"
     if md.get("ss_v2") == "True":
-        return "sd2", "metadata ss_v2=True"
+        return next(k for k, spec in FAMILIES.items() if spec.ss_v2), "metadata ss_v2=True"
     return None, ""
 
 
 def family_from_keys(keys, parsed: ParsedKeys, shape_of) -> tuple[str | None, str]:
     """(family key, evidence) from key prefixes (two text encoders = SDXL), else the cross-attention width."""
-    two_te = sorted({k.split("_")[1] for k in keys if k.startswith(("lora_te1_", "lora_te2_"))})
-    if two_te or any(k.startswith("text_encoder_2.") for k in keys):
-        return "sdxl", "lora_te1_/lora_te2_ keys (two text encoders)" if two_te else "text_encoder_2 keys"
+    multi = sorted({p for k in keys for p in _MULTI_TE if k.startswith(p + "_")})
+    if multi:
+        return _MULTI_TE[multi[0]], f"{'/'.join(p + '_' for p in sorted(_MULTI_TE))} keys (two text encoders)"
+    second = family_with_component("text_encoder_2")
+    if second and any(k.startswith("text_encoder_2.") for k in keys):
+        return second.key, "text_encoder_2 keys"
     for slot, group in parsed.groups.items():
         sep = "_" if slot.flat else "."
         if slot.component == "unet" and "down" in group.keys and f"attn2{sep}to_k" in slot.name:

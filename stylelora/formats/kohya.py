@@ -9,28 +9,29 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import AdapterError
-from ..models import Family
+from ..models import Family, family_with_component
 from .arch import ArchTable, kohya_name
 
 
 def prefixes(family: Family | None, adapter: Adapter) -> dict[str, str]:
-    """kohya key prefix per component: ``lora_te`` for one text encoder, ``lora_te1``/``lora_te2`` for SDXL."""
-    sdxl = (family.arch == "sdxl") if family else bool(adapter.modules.get("text_encoder_2"))
-    te = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"} if sdxl else {"text_encoder": "lora_te"}
-    return {"unet": "lora_unet", **te}
+    """kohya key prefix per component, from the family's row (``lora_te`` for one text encoder,
+    ``lora_te1``/``lora_te2`` for SDXL). Unknown family: a second text encoder implies its family; else SD1's."""
+    if family is None:
+        family = (family_with_component("text_encoder_2") if adapter.modules.get("text_encoder_2") else None) \
+            or Family.from_key("sd1")
+    return dict(family.spec.kohya_prefixes)
 
 
 def to_state_dict(adapter: Adapter, family: Family | None, table: ArchTable | None) -> dict[str, torch.Tensor]:
     """Tensors in kohya layout. SDXL UNet modules get ldm names; alpha is stored as a float32 scalar."""
     names = prefixes(family, adapter)
-    arch = family.arch if family else None
-    if adapter.modules.get("text_encoder_2") and arch not in (None, "sdxl"):
-        raise AdapterError(f"adapter has text_encoder_2 modules, which only SDXL has (family {family.key})")
+    if adapter.modules.get("text_encoder_2") and family and "text_encoder_2" not in family.text_encoders:
+        raise AdapterError(f"adapter has text_encoder_2 modules, which {family.spec.name} models do not have")
     out: dict[str, torch.Tensor] = {}
     owner: dict[str, str] = {}
     for comp in adapter.components():
         for path, m in adapter.modules[comp].items():
-            name = kohya_name(comp, path, names, table, arch)
+            name = kohya_name(comp, path, names, table, family)
             if name in owner:
                 raise AdapterError(f"modules {owner[name]} and {comp}.{path} would both be saved as {name}")
             owner[name] = f"{comp}.{path}"
@@ -57,6 +58,6 @@ def summary_metadata(adapter: Adapter, family: Family | None) -> dict[str, str]:
             md["ss_network_args"] = json.dumps({"conv_dim": str(int(_most_common(m.rank for m in convs))),
                                                 "conv_alpha": str(float(_most_common(m.alpha for m in convs)))})
     if family is not None:
-        md["ss_v2"] = str(family.arch == "sd2")
+        md["ss_v2"] = str(family.spec.ss_v2)
         md["ss_base_model_version"] = family.ss_base_model_version
     return md

@@ -9,19 +9,16 @@ from ..adapter import Adapter, LoraModule
 from ..errors import AdapterError
 from ..models import Family, detect_family
 from . import peft, validate
-from .arch import ArchTable, builtin_table, table_from_pipe
+from .arch import ArchTable, table_for_file, table_from_pipe
 from .io import read_tensors, weights_file
-from .keys import FAMILY_NAMES, Group, ParsedKeys, family_from_keys, family_from_metadata, parse_keys, tiny_spec
+from .keys import Group, ParsedKeys, family_from_keys, family_from_metadata, parse_keys, tiny_spec
 
 log = logging.getLogger(__name__)
 
 
 def family_for_key(key: str | None) -> Family | None:
     """``Family`` for a key such as ``sd2-v`` (None for None or an unknown key)."""
-    if key not in FAMILY_NAMES:
-        return None
-    arch, _, v = key.partition("-")
-    return Family(arch, "v_prediction" if v == "v" else "epsilon")
+    return Family.from_key(key)
 
 
 def file_family(metadata: dict[str, str], parsed: ParsedKeys, tensors: dict) -> tuple[str | None, str]:
@@ -32,17 +29,16 @@ def file_family(metadata: dict[str, str], parsed: ParsedKeys, tensors: dict) -> 
     return found, why
 
 
-def _table(file, pipe, family, found, why, metadata) -> ArchTable | None:
+def _table(file, pipe, family, found, why, metadata, parsed: ParsedKeys, tensors) -> ArchTable | None:
     if pipe is not None:
         target = detect_family(pipe)
         validate.check_family(file, found, why, target, "the base model")
         return table_from_pipe(pipe, target)
     if family is not None:
         validate.check_family(file, found, why, family, "the requested family")
-    target = family or family_for_key(found)
-    if target is None:
-        return None
-    return builtin_table(target.arch, tiny=tiny_spec(metadata) if target.arch == "sd1" else None)
+    modules = [(slot, tuple(tensors[g.keys["down"]].shape), tuple(tensors[g.keys["up"]].shape))
+               for slot, g in parsed.groups.items() if "down" in g.keys and "up" in g.keys]
+    return table_for_file(family or family_for_key(found), modules, tiny_spec(metadata))
 
 
 def _module(file, group: Group, tensors, cfg: dict | None, names: list[str]) -> LoraModule:
@@ -91,7 +87,7 @@ def load_adapter(path, *, pipe=None, family: Family | None = None, allow_unused_
     if not parsed.groups:
         raise AdapterError(f"{file}: no LoRA weights found (keys: {validate.short_list(sorted(tensors))})")
     found, why = file_family(metadata, parsed, tensors)
-    table = _table(file, pipe, family, found, why, metadata)
+    table = _table(file, pipe, family, found, why, metadata, parsed, tensors)
     if table is None:
         raise AdapterError(f"{file}: cannot tell which model family this adapter is for (no stylelora, kohya or "
                            "ModelSpec metadata, and its keys and shapes do not say). Pass --base (pipe=...) or "

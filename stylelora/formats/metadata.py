@@ -15,8 +15,6 @@ from pathlib import Path
 from ..models import Family
 
 MODELSPEC_VERSION = "1.0.1"
-IMPL_SGM = "https://github.com/Stability-AI/generative-models"  # kohya's choice for SDXL LoRA
-IMPL_DIFFUSERS = "diffusers"  # ... and for SD1/SD2 LoRA
 
 
 def stylelora_version() -> str:
@@ -90,7 +88,7 @@ def training_metadata(config, family: Family, *, items: list, base_name: str, st
         "ss_network_alpha": str(float(net.lora_alpha)),
         "ss_network_dropout": str(float(net.dropout)),
         "ss_network_args": json.dumps({}),
-        "ss_v2": str(family.arch == "sd2"),
+        "ss_v2": str(family.spec.ss_v2),
         "ss_v_parameterization": str(family.prediction_type == "v_prediction"),
         "ss_base_model_version": family.ss_base_model_version,
         # run
@@ -125,7 +123,7 @@ def training_metadata(config, family: Family, *, items: list, base_name: str, st
         # ModelSpec
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": family.modelspec_architecture,
-        "modelspec.implementation": IMPL_SGM if family.arch == "sdxl" else IMPL_DIFFUSERS,
+        "modelspec.implementation": family.spec.lora_implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.date": datetime.datetime.fromtimestamp(int(finished_at)).isoformat(),

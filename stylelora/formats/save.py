@@ -8,7 +8,7 @@ from pathlib import Path
 from ..adapter import Adapter
 from ..atomic import write_bytes
 from ..errors import AdapterError
-from ..models import Family, detect_family
+from ..models import Family, detect_family, family_with_component
 from . import kohya, peft, validate
 from .arch import ArchTable, table_from_pipe
 from .io import model_hashes, serialize_for_hash
@@ -83,7 +83,7 @@ def save_adapter(adapter: Adapter, path, *, format: str = "kohya", family: Famil
         family = family or detect_family(pipe)
     family = family or family_for_key(adapter.family)
     if family is None and adapter.modules.get("text_encoder_2"):  # only SDXL has a second text encoder
-        family = Family("sdxl")
+        family = family_with_component("text_encoder_2")
     table = table_from_pipe(pipe, family) if pipe is not None else None
     _check(adapter, path, table)
     md = _metadata(adapter, metadata, format, family)

@@ -8,7 +8,7 @@ import torch
 
 from ..adapter import LoraModule
 from ..errors import AdapterError
-from ..models import Family
+from ..models import Family, compatible
 from .keys import FAMILY_NAMES
 
 
@@ -67,7 +67,7 @@ def fit_shape(file, key: str, module_path: str, m: LoraModule, target: tuple[int
 
 def check_family(file, found: str | None, why: str, target: Family, target_desc: str) -> None:
     """An adapter for SDXL does not go on SD1.x, and so on (SD2 vs SD2-v only differ in prediction: allowed)."""
-    if found is None or found.split("-")[0] == target.arch:
+    if compatible(found, target.key):
         return
     raise AdapterError(
         f"{file}: this adapter is for {FAMILY_NAMES[found]} ({why}), but {target_desc} is "
