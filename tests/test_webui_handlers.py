@@ -93,6 +93,23 @@ def test_generate_blends_two_adapters_without_reloading_the_base(studio):
     assert np.array_equal(pixels(zero.paths[0]), pixels(plain.paths[0]))
 
 
+def test_a_loaded_adapter_replaced_by_a_damaged_file_does_not_block_generation(tmp_path):
+    from stylelora.models import load_base
+
+    base = load_base("tiny-random")
+    folder = make_library(base.pipe, tmp_path / "loras")
+    s = Studio(base, folder, [], work_dir=tmp_path / "work")
+    try:
+        s.generate(request(adapters={"ink": 0.8}))
+        (folder / "ink.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken")
+        assert s.generate(request(adapters={"pastel": 0.5})).paths  # the damaged one is dropped, not re-read
+        assert "ink" not in s.blender.loaded
+        with pytest.raises(StyleloraError, match="ink.safetensors"):  # asking for it names the file
+            s.generate(request(adapters={"ink": 0.8}))
+    finally:
+        s.close()
+
+
 def test_prompt_tags_are_looked_up_in_the_library_only(studio):
     res = studio.generate(request(prompt="a lighthouse <lora:pastel:0.7>"))
     assert "<lora:pastel:0.7>" in res.infotexts[0]

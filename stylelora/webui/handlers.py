@@ -184,7 +184,11 @@ class Studio:
         files = self.library.files()
         for name in list(self.blender.loaded):
             path = files.get(name)
-            if path is None or file_digests(path)[0] != self._loaded_sha.get(name):
+            try:
+                gone = path is None or file_digests(path)[0] != self._loaded_sha.get(name)
+            except AdapterError:  # replaced by a damaged file: drop it here; loading it again names the file
+                gone = True
+            if gone:
                 self.blender.unload(name)
                 self._loaded_sha.pop(name, None)
         for name in names:
