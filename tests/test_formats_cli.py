@@ -149,3 +149,35 @@ def test_convert_unused_keys_flag(tiny, trained, tmp_path, capsys):
     assert "lora_unet_nowhere_to_q" in capsys.readouterr().err
     assert main(["convert", str(f), "--to", "kohya", "-o", str(out), "--allow-unused-keys"]) == 0
     assert sorted(load_file(out)) == sorted(load_file(trained))
+
+
+@pytest.mark.parametrize("spec", ["tiny-random", "tiny-sdxl"])
+def test_convert_round_trip_without_base_for_custom_size_models(spec, tmp_path):
+    """kohya -> PEFT -> kohya of adapters for small non-standard bases, from the files alone (they only say their
+    family): bit-identical, and every PEFT key names a real module of the model (diffusers' own module tree)."""
+    from stylelora.models import load_base
+
+    base = load_base(spec)
+    g = torch.Generator().manual_seed(1)
+    mods: dict = {}
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(base.pipe, comp, None)
+        targets = UNET_T if comp == "unet" else TE_T
+        for n, m in (model.named_modules() if model is not None else ()):
+            if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in targets):
+                mods.setdefault(comp, {})[n] = LoraModule(torch.randn(2, m.in_features, generator=g),
+                                                          torch.randn(m.out_features, 2, generator=g), 1.5)
+    kohya = save_adapter(Adapter(mods, family=base.family.key), tmp_path / "k.safetensors", pipe=base.pipe)
+    assert not {"ss_sd_model_name", "stylelora.config"} & set(read_metadata(kohya))
+    peft_file, back = tmp_path / "p.safetensors", tmp_path / "k2.safetensors"
+    assert main(["convert", str(kohya), "--to", "peft", "-o", str(peft_file)]) == 0
+    assert main(["convert", str(peft_file), "--to", "kohya", "-o", str(back)]) == 0
+    original, peft_sd, again = load_file(kohya), load_file(peft_file), load_file(back)
+    assert sorted(again) == sorted(original)
+    assert all(torch.equal(again[k], original[k]) for k in original)
+    live = {f"{c}.{n}" for c in mods for n, _ in getattr(base.pipe, c).named_modules()}
+    live |= {f"{c}.text_model.{n}" for c in mods if c != "unet" for n, _ in getattr(base.pipe, c).named_modules()}
+    modules = {k.rsplit(".lora_", 1)[0] for k in peft_sd}
+    assert modules <= live and len(modules) == sum(len(m) for m in mods.values())
+    if spec == "tiny-sdxl":  # kohya's SDXL layout: ldm (sgm) UNet names
+        assert any(k.startswith("lora_unet_input_blocks_") for k in original)

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from test_blend import one_thread  # noqa: F401 - autouse fixture: one torch thread
 from test_blend import random_adapter, three_adapters
 
+from stylelora.adapter import Adapter
 from stylelora.blend import Blender
 from stylelora.cli import main
 from stylelora.errors import AdapterError, ConfigError
@@ -134,3 +135,83 @@ def test_cli_merge_writes_sources_and_energy(pipe_and_adapters, tmp_path, capsys
 def test_cli_merge_unknown_file(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "missing.safetensors:0.5"), "-o", str(tmp_path / "x.safetensors")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_exact_merge_matches_peft_cat_combination():
+    """Independent reference: PEFT's add_weighted_adapter(combination_type="cat") stacks wᵢ·(αᵢ/rᵢ)·Aᵢ and Bᵢ into
+    one adapter with alpha = rank (scaling 1), so its ΔW is Σ wᵢ(αᵢ/rᵢ)BᵢAᵢ — what our exact merge must give."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer, LoraModel
+
+    from stylelora.adapter import Adapter, LoraModule
+    from stylelora.models import build_tiny_components
+
+    unet = build_tiny_components("sd1")["unet"]
+    configs = {"a": LoraConfig(r=4, lora_alpha=2.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+               "b": LoraConfig(r=2, lora_alpha=3.0, target_modules=["to_q", "to_v", "proj_in"])}
+    model = LoraModel(unet, configs["a"], "a")
+    model.peft_config["b"] = configs["b"]
+    model.inject_adapter(unet, "b")
+    g = torch.Generator().manual_seed(5)
+    ours = {name: Adapter(family="sd1", name=name) for name in configs}
+    for path, layer in unet.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        for name in layer.lora_A:  # PEFT zero-initialises B: give both factors random values
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            with torch.no_grad():
+                a.copy_(torch.randn(a.shape, generator=g))
+                b.copy_(torch.randn(b.shape, generator=g))
+            ours[name].modules.setdefault("unet", {})[path] = LoraModule(
+                down=a.detach().clone(), up=b.detach().clone(), alpha=configs[name].lora_alpha)
+    weights = {"a": 0.7, "b": -0.4}
+    model.add_weighted_adapter(["a", "b"], [weights["a"], weights["b"]], "ab", combination_type="cat")
+    merged = merge([(ours[n], w) for n, w in weights.items()]).adapter
+    checked = 0
+    for path, layer in unet.named_modules():
+        if isinstance(layer, LoraLayer) and "ab" in layer.lora_A:
+            reference = layer.get_delta_weight("ab").detach()
+            mine = merged.modules["unet"][path].delta().view(reference.shape)
+            assert torch.allclose(mine, reference, atol=1e-5, rtol=1e-5), (path, (mine - reference).abs().max())
+            checked += 1
+    assert checked == len(merged.modules["unet"]) > 0
+    assert {p for a in ours.values() for p in a.modules["unet"]} == set(merged.modules["unet"])
+
+
+def test_cli_merge_without_base_for_a_custom_size_model(pipe_and_adapters, tmp_path):
+    """Files that only say "sd1" (no tiny-base name) of a non-SD1.5-sized model: merged from the files alone, the
+    module tables coming from the files' own names and shapes. ΔW is checked against Σ wᵢ(αᵢ/rᵢ)BᵢAᵢ."""
+    from stylelora.formats import load_adapter, read_metadata, save_adapter
+
+    base, adapters = pipe_and_adapters
+    files = {}
+    for a in adapters[:2]:
+        bare = Adapter(modules=a.modules, family="sd1", name=a.name)  # no ss_sd_model_name / stylelora.config
+        files[a.name] = save_adapter(bare, tmp_path / f"{a.name}.safetensors", pipe=base.pipe)
+        assert "ss_sd_model_name" not in read_metadata(files[a.name])
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", f"{files['ink']}:0.6", f"{files['pastel']}:-0.3", "-o", str(out)]) == 0
+    merged = load_adapter(out, pipe=base.pipe)
+    assert merged.family == "sd1"
+    expected: dict = {}
+    for a, w in ((adapters[0], 0.6), (adapters[1], -0.3)):
+        for comp, mods in a.modules.items():
+            for path, m in mods.items():
+                term = w * (m.alpha / m.rank) * (m.up.double() @ m.down.double())
+                expected[(comp, path)] = expected.get((comp, path), 0) + term
+    got = {(c, p): m.delta(torch.float64) for c, mods in merged.modules.items() for p, m in mods.items()}
+    assert set(got) == set(expected)
+    for key, want in expected.items():
+        assert torch.allclose(got[key], want, atol=1e-5), key
+
+
+def test_cli_merge_without_base_refuses_a_file_of_unknown_family(pipe_and_adapters, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from stylelora.formats import save_adapter
+
+    base, adapters = pipe_and_adapters
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(save_adapter(adapters[0], tmp_path / "full.safetensors", pipe=base.pipe)), bare)  # no metadata
+    assert main(["merge", f"{bare}:0.5", "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "--base" in capsys.readouterr().err

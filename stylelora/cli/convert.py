@@ -18,8 +18,10 @@ def register(subparsers) -> None:
     p.add_argument("file", help="adapter file (or diffusers LoRA output folder) to read")
     p.add_argument("--to", required=True, choices=FORMATS, help="layout to write")
     p.add_argument("-o", "--output", required=True, help="file to write (.safetensors)")
-    p.add_argument("--base", help="base model to resolve module names and check shapes against "
-                                  "(needed for files without family metadata)")
+    p.add_argument("--base", help="base model to resolve module names and check shapes against; needed only "
+                                  "for files that do not say their model family (metadata, key prefixes or "
+                                  "a released model's shapes). Without it, shapes are checked against the "
+                                  "released model when they fit it, else taken from the file")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists (never the input)")
     p.add_argument("--allow-unused-keys", action="store_true",
                    help="warn about keys that match no module instead of refusing the file")

@@ -14,8 +14,9 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int, help="bounded rank K (lossy, SVD per module)")
     p.add_argument("--adapters", dest="folders", action="append", default=[], metavar="DIR",
                    help="folder to look adapter names up in")
-    p.add_argument("--base", help="resolve module names against this base model (for files without family "
-                                  "metadata); not needed otherwise")
+    p.add_argument("--base", help="resolve module names and check shapes against this base model; needed only "
+                                  "for files that do not say their model family (metadata, key prefixes or "
+                                  "a released model's shapes)")
     p.add_argument("--format", default="kohya", choices=["kohya", "peft"], help="output key layout")
     p.set_defaults(func=run)
 
