@@ -211,14 +211,14 @@ def _train_on(base: Base, cfg: TrainConfig, accelerator, items, output: Path, st
         if is_ckpt:
             meter.last_good = (_save_checkpoint(ckpt_root, done, run_state, accelerator, p, run.keep_checkpoints)
                                or meter.last_good)
-            if stop:
-                bar.close()
-                raise TrainingCancelled(f"training stopped at step {done}; checkpoint {meter.last_good}. "
-                                        "Resume with --resume latest (same settings).")
         if hooks.on_step:
             hooks.on_step(StepInfo(step=done, steps=run.steps, rank=accelerator.process_index,
                                    world=accelerator.num_processes, indices=indices, loss=loss, lrs=lrs,
                                    models=unwrapped))
+        if stop:
+            bar.close()
+            raise TrainingCancelled(f"training stopped at step {done}; checkpoint {meter.last_good}. "
+                                    "Resume with --resume latest (same settings).")
     bar.close()
     _write_adapter(base, cfg, items, output, started_at, accelerator, p, stream, ckpt_root, run_state)
     return output
