@@ -47,3 +47,17 @@ def tiny_base():
     from stylelora.models import load_base
 
     return load_base("tiny-random")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, with the reason, where torch sees no CUDA device (e.g. CPU-only CI)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+    for item in gpu:
+        item.add_marker(skip)
