@@ -8,6 +8,9 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 export STYLELORA_HOME ?= $(CURDIR)/.stylelora-cache
 export HF_HUB_OFFLINE ?= 1
+# The lowest Python that pyproject.toml allows, for tests/test_python_versions.py: one a pyenv install holds (this
+# kind of machine has one), else a python3.10 on PATH; without either that test skips with the reason.
+export STYLELORA_LOWEST_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) $(shell command -v python3.10 2>/dev/null))
 
 .PHONY: setup demo test test-fast browser clean
 
