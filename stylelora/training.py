@@ -100,7 +100,7 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
     # ---- base model: a caller's base is given back as it was found, whatever happens in the run
     borrowed = base is not None
     base = base or load_base(run.base, base_config=run.base_config)
-    parts = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if base.family.arch == "sdxl" else [])
+    parts = ["unet", "vae", *base.family.text_encoders]
     original = {n: (getattr(base.pipe, n).device, getattr(base.pipe, n).dtype) for n in parts}
     scheduler = base.pipe.scheduler
     try:
@@ -230,7 +230,7 @@ def _setup(base: Base, cfg: TrainConfig, accelerator, items) -> _Parts:
 
     run, pipe, family = cfg.run, base.pipe, base.family
     weight_dtype = DTYPES[run.mixed_precision]
-    te_names = ["text_encoder"] + (["text_encoder_2"] if family.arch == "sdxl" else [])
+    te_names = list(family.text_encoders)
     train_te = cfg.network.train_text_encoder
     prediction_type = run.prediction_type or family.prediction_type
     _freeze(pipe, te_names, accelerator.device, weight_dtype)
