@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .adapter import Adapter, LoraModule  # noqa: E402
+from .adapter import Adapter, LoraModule, TokenEmbedding  # noqa: E402
 from .config import DataConfig, NetworkConfig, OptimConfig, RunConfig, TrainConfig  # noqa: E402
 from .errors import StyleloraError  # noqa: E402
 from .blend import Blender  # noqa: E402
@@ -16,5 +16,5 @@ def train(config: TrainConfig, **kwargs):
     return _train(config, **kwargs)
 
 
-__all__ = ["Adapter", "LoraModule", "TrainConfig", "DataConfig", "NetworkConfig", "OptimConfig", "RunConfig",
+__all__ = ["Adapter", "LoraModule", "TokenEmbedding", "TrainConfig", "DataConfig", "NetworkConfig", "OptimConfig", "RunConfig",
            "StyleloraError", "train", "__version__", "Blender"]
