@@ -3,16 +3,17 @@
 - ``arch``: module tables (live model or a real architecture on the meta device) and every name a module has
 - ``keys``: recognising key layouts and the model family a file is for
 - ``io``: checked safetensors headers, safe pickles, atomic writes, kohya's ``sshs_*`` hashes
-- ``kohya`` / ``peft``: the two layouts we write
+- ``kohya`` / ``peft``: the two layouts we write; ``embeddings``: learnt token embeddings in both, and sidecar files
 - ``load`` / ``save``: the public entry points; ``validate``: the checks they share
 - ``metadata``: what a trained adapter records; ``summary``: what ``stylelora inspect`` reports
 """
 
+from .embeddings import load_embedding, sidecar_paths
 from .io import model_hashes, read_metadata
 from .load import load_adapter
 from .metadata import training_metadata
 from .save import FORMATS, save_adapter
 from .summary import describe
 
-__all__ = ["FORMATS", "describe", "load_adapter", "model_hashes", "read_metadata", "save_adapter",
-           "training_metadata"]
+__all__ = ["FORMATS", "describe", "load_adapter", "load_embedding", "model_hashes", "read_metadata", "save_adapter",
+           "sidecar_paths", "training_metadata"]

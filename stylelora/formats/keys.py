@@ -157,6 +157,9 @@ def family_from_keys(keys, parsed: ParsedKeys, shape_of) -> tuple[str | None, st
     second = family_with_component("text_encoder_2")
     if second and any(k.startswith("text_encoder_2.") for k in keys):
         return second.key, "text_encoder_2 keys"
+    if second and any(k.startswith("bundle_emb.") and k.endswith(".clip_g") or
+                      k.startswith("stylelora_emb.") and k.endswith(".text_encoder_2") for k in keys):
+        return second.key, "embedding vectors for a second text encoder (clip_g)"
     for slot, group in parsed.groups.items():
         sep = "_" if slot.flat else "."
         if slot.component == "unet" and "down" in group.keys and f"attn2{sep}to_k" in slot.name:

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterError
 from ..models import Family, detect_family
-from . import peft, validate
+from . import embeddings, peft, validate
 from .arch import ArchTable, table_for_file, table_from_pipe
 from .io import read_tensors, weights_file
 from .keys import Group, ParsedKeys, family_from_keys, family_from_metadata, parse_keys, tiny_spec
@@ -75,7 +75,8 @@ def load_adapter(path, *, pipe=None, family: Family | None = None, allow_unused_
     """
     src = Path(path)
     file = weights_file(src)
-    tensors, metadata = read_tensors(file)
+    everything, metadata = read_tensors(file)
+    emb_tensors, tensors = embeddings.split(everything)
     parsed = parse_keys(tensors)
     if parsed.unsupported:
         raise AdapterError(f"{file}: not supported: {validate.short_list(parsed.unsupported)} (LyCORIS LoHa/LoKr, "
@@ -86,7 +87,7 @@ def load_adapter(path, *, pipe=None, family: Family | None = None, allow_unused_
         raise AdapterError(f"{file}: keys {a} and {b} hold the same weight of one module")
     if not parsed.groups:
         raise AdapterError(f"{file}: no LoRA weights found (keys: {validate.short_list(sorted(tensors))})")
-    found, why = file_family(metadata, parsed, tensors)
+    found, why = file_family(metadata, parsed, everything)
     table = _table(file, pipe, family, found, why, metadata, parsed, tensors)
     if table is None:
         raise AdapterError(f"{file}: cannot tell which model family this adapter is for (no stylelora, kohya or "
@@ -120,4 +121,22 @@ def load_adapter(path, *, pipe=None, family: Family | None = None, allow_unused_
     if not modules:
         raise AdapterError(f"{file}: none of its LoRA keys match a module of {table.source}")
     fam = found or (table.family.key if table.family else None)
-    return Adapter(modules=modules, metadata=dict(metadata), family=fam, name=src.stem if src.is_file() else src.name)
+    embs = _embeddings(file, emb_tensors, pipe, table, family or family_for_key(fam))
+    return Adapter(modules=modules, metadata=dict(metadata), family=fam, name=src.stem if src.is_file() else src.name,
+                   embeddings=embs)
+
+
+def _embeddings(file, tensors, pipe, table: ArchTable, family: Family | None) -> dict:
+    """The file's token embeddings, checked against the base model's text-encoder widths (or a built-in
+    architecture's; a table guessed from the file's own modules does not know them)."""
+    if not tensors:
+        return {}
+    if pipe is not None:
+        widths = embeddings.widths_of_pipe(pipe)
+    else:
+        widths = embeddings.widths_of_table(table) if table.source.startswith("the built-in") else None
+    found = embeddings.from_tensors(file, tensors, widths=widths or None, where=table.source)
+    keys_of = embeddings.peft_keys if any(k.startswith(embeddings.PEFT_PREFIX) for k in tensors) \
+        else embeddings.kohya_keys
+    embeddings.check_family(file, found, family, keys_of)
+    return found

@@ -9,14 +9,14 @@ from ..adapter import Adapter
 from ..atomic import write_bytes
 from ..errors import AdapterError
 from ..models import Family, detect_family, family_with_component
-from . import kohya, peft, validate
+from . import embeddings, kohya, peft, validate
 from .arch import ArchTable, table_from_pipe
 from .io import model_hashes, serialize_for_hash
 from .load import family_for_key
 
 FORMATS = ("kohya", "peft")
 # written fresh on every save; never carried over from the adapter's previous file
-_STALE = ("sshs_model_hash", "sshs_legacy_hash", peft.METADATA_KEY)
+_STALE = ("sshs_model_hash", "sshs_legacy_hash", peft.METADATA_KEY, "stylelora.embeddings")
 
 
 def _check(adapter: Adapter, path: Path, table: ArchTable | None) -> None:
@@ -32,6 +32,16 @@ def _check(adapter: Adapter, path: Path, table: ArchTable | None) -> None:
             if ct is None or mod_path not in ct.shapes:
                 raise AdapterError(f"{path}: module {key} is not in {table.source}")
             validate.fit_shape(path, key, mod_path, m, ct.shapes[mod_path])
+
+
+def _check_embeddings(adapter: Adapter, path: Path, family: Family | None, pipe) -> None:
+    widths = embeddings.widths_of_pipe(pipe) if pipe is not None else None
+    for word, emb in adapter.embeddings.items():
+        if emb.name != word:
+            raise AdapterError(f"{path}: embedding stored under {word!r} is named {emb.name!r}")
+        names = {c: f"embedding {word} ({c})" for c in emb.vectors}
+        validate.check_embedding(path, emb, names, widths, "the base model")
+    embeddings.check_family(path, adapter.embeddings, family, lambda e: {c: c for c in e.vectors})
 
 
 def _metadata(adapter: Adapter, extra: dict[str, str] | None, fmt: str, family: Family | None) -> dict[str, str]:
@@ -71,6 +81,8 @@ def save_adapter(adapter: Adapter, path, *, format: str = "kohya", family: Famil
     with ``.alpha`` tensors. PEFT layout: ``unet.…lora_A.weight``, alpha in ``lora_adapter_metadata``. ``metadata``
     is added to the adapter's own; ``sshs_model_hash``/``sshs_legacy_hash`` are computed as kohya does.
     With ``pipe``, module names come from (and are checked against) the live model.
+    Token embeddings go into the file (``bundle_emb.*`` / ``stylelora_emb.*``, see ``embeddings``) and into a
+    standalone embedding file per word beside it (``embeddings.sidecar_paths``).
     """
     if format not in FORMATS:
         raise AdapterError(f"unknown adapter format {format!r}; use one of {', '.join(FORMATS)}")
@@ -82,11 +94,15 @@ def save_adapter(adapter: Adapter, path, *, format: str = "kohya", family: Famil
     if pipe is not None:
         family = family or detect_family(pipe)
     family = family or family_for_key(adapter.family)
-    if family is None and adapter.modules.get("text_encoder_2"):  # only SDXL has a second text encoder
+    if family is None and (adapter.modules.get("text_encoder_2")  # only SDXL has a second text encoder
+                           or any("text_encoder_2" in e.vectors for e in adapter.embeddings.values())):
         family = family_with_component("text_encoder_2")
     table = table_from_pipe(pipe, family) if pipe is not None else None
     _check(adapter, path, table)
+    _check_embeddings(adapter, path, family, pipe)
     md = _metadata(adapter, metadata, format, family)
+    if adapter.embeddings:  # word -> token count, for tools that read the header only
+        md["stylelora.embeddings"] = json.dumps({w: e.num_tokens for w, e in sorted(adapter.embeddings.items())})
     try:
         if format == "kohya":
             tensors = kohya.to_state_dict(adapter, family, table)
@@ -94,7 +110,11 @@ def save_adapter(adapter: Adapter, path, *, format: str = "kohya", family: Famil
             tensors, md[peft.METADATA_KEY] = peft.to_state_dict(adapter, table)
     except AdapterError as e:
         raise AdapterError(f"{path}: {e}") from None
+    tensors.update(embeddings.to_state_dict(adapter.embeddings, format))
     md["sshs_model_hash"], md["sshs_legacy_hash"] = model_hashes(serialize_for_hash(tensors, md))
     from safetensors.torch import save
 
-    return write_bytes(path, save(tensors, md), fsync=True)  # durable: an adapter can be hours of training
+    write_bytes(path, save(tensors, md), fsync=True)  # durable: an adapter can be hours of training
+    if adapter.embeddings:  # for tools that do not read bundled embeddings (ComfyUI, diffusers)
+        embeddings.write_sidecars(path, adapter.embeddings, family.key if family else adapter.family)
+    return path

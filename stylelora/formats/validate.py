@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -79,3 +80,58 @@ def short_list(keys, limit: int = 8) -> str:
     keys = list(keys)
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+# ------------------------------------------------------------------------------------------ token embeddings
+# characters a prompt word cannot hold: separators, A1111 attention/LoRA syntax, and the dot A1111 splits
+# bundle_emb keys at
+_BAD_WORD = re.compile(r"[\s.,:;()\[\]{}<>|\\\"']")
+
+
+def _width_owner(width: int) -> str:
+    """Which released text encoders have token embeddings this wide, for messages."""
+    from .arch import ARCHS
+
+    owners = [f"{label} {te}" for label, _, tes in ARCHS.values() for te, (_, cfg) in tes.items()
+              if cfg["hidden_size"] == width]
+    return f" (the width of {' and '.join(owners)})" if owners else ""
+
+
+def check_word(file, key: str, word: str) -> None:
+    if not word or _BAD_WORD.search(word):
+        raise AdapterError(f"{file}: {key}: {word!r} cannot be an embedding's trigger word: it must be one word, "
+                           "without spaces, dots, commas, colons, quotes or brackets")
+
+
+def check_embedding(file, emb, keys: dict[str, str], widths: dict[str, int] | None = None, where: str = "") -> None:
+    """A learnt token embedding: valid word, ``[num_tokens, width]`` float finite tensors per text encoder, the same
+    token count in each, and (when the model is known, ``widths``) the text encoder's width. ``keys`` names the
+    file key (or a description) of each component's tensor."""
+    first = next(iter(keys.values()), emb.name)
+    check_word(file, first, emb.name)
+    if not emb.vectors:
+        raise AdapterError(f"{file}: embedding {emb.name!r} has no vectors")
+    counts = {}
+    for comp, t in emb.vectors.items():
+        key = keys.get(comp, f"embedding {emb.name} ({comp})")
+        if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+            raise AdapterError(f"{file}: {key} has shape {list(t.shape)}; an embedding is [num_tokens, width]")
+        if not t.is_floating_point():
+            raise AdapterError(f"{file}: {key} has dtype {t.dtype}; embeddings must be floating point")
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"{file}: {key} contains NaN or inf values")
+        if widths is not None and comp not in widths:
+            raise AdapterError(f"{file}: {key} is for {comp}, which {where or 'the model'} does not have")
+        if widths and t.shape[1] != widths[comp]:
+            raise AdapterError(
+                f"{file}: {key} has width {t.shape[1]}{_width_owner(int(t.shape[1]))} but {comp} of "
+                f"{where or 'the model'} takes {widths[comp]}{_width_owner(widths[comp])}. The embedding was "
+                "made for a different model.")
+        counts[key] = int(t.shape[0])
+    if len(set(counts.values())) > 1:
+        raise AdapterError(f"{file}: embedding {emb.name!r} has different token counts per text encoder: "
+                           + ", ".join(f"{k} {n}" for k, n in counts.items()))
+    if widths and len(widths) > 1 and set(emb.vectors) != set(widths):
+        missing = sorted(set(widths) - set(emb.vectors))
+        raise AdapterError(f"{file}: embedding {emb.name!r} ({first}) has no vectors for {', '.join(missing)}; "
+                           f"{where or 'the model'} has {len(widths)} text encoders and needs one per encoder")
