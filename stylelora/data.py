@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import contextvars
 import hashlib
 import math
 import os
@@ -78,13 +79,32 @@ def _bad_image(path: Path, reason: str) -> DataError:
     return DataError(f"cannot read image {path}: {reason}. Fix or remove the file, or pass --skip-bad-images")
 
 
+def _check_pixels(path: Path, img: Image.Image) -> None:
+    """Refuse an image over PIL's pixel limit from its header, before any pixel is decoded.
+
+    PIL itself refuses only above twice ``Image.MAX_IMAGE_PIXELS`` and merely warns between the two, then decodes
+    (a 150-megapixel image takes seconds to decode and hundreds of MB, then is trained on at a fraction of its
+    size). The limit is PIL's own setting, so a user who raised it for big scans gets what they asked for.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = img.size
+    if limit and w * h > limit:
+        raise _bad_image(path, f"it is {w}x{h} = {w * h} pixels, more than the limit of {limit} "
+                               "(PIL.Image.MAX_IMAGE_PIXELS); downscale it (training uses at most the "
+                               "resolution's area anyway)")
+
+
 def _open_image(path: Path) -> Image.Image:
     """Open and fully decode an image; verify() alone misses truncated pixel data."""
     try:
         if path.stat().st_size == 0:
             raise _bad_image(path, "the file is empty (0 bytes)")
-        with _strict_truncation(), Image.open(path) as img:
-            img.load()
+        with _strict_truncation(), warnings.catch_warnings():
+            # over the limit is refused just below, so PIL's "could be decompression bomb" warning adds nothing
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                _check_pixels(path, img)
+                img.load()
     except DataError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
@@ -184,11 +204,45 @@ def _template_fields(template: str) -> set[str]:
 # ----------------------------------------------------------------------------------------------- scan
 
 
-def _walk(root: Path) -> list[tuple[str, Path]]:
-    """All non-hidden files under root as (relative posix path, absolute path), sorted by relative path."""
+# The folders a scan may read from; None: wherever the folder's links lead. A command-line user owns the folder
+# they pass and its links (linked-in subsets are a common way to share images between datasets), so the CLI
+# follows links anywhere. The web UI serves people who do not own the server: it confines every scan (its own
+# check and the one inside train(), via ``confined_to``) to its --train-root folders or its upload folder, so a
+# link placed in a training root cannot pull an outside file's text into an adapter's metadata.
+_ROOTS: contextvars.ContextVar[tuple[Path, ...] | None] = contextvars.ContextVar("stylelora_scan_roots",
+                                                                                   default=None)
+
+
+@contextlib.contextmanager
+def confined_to(roots):
+    """Within this block (this thread or task), every ``scan_folder`` without ``roots`` uses these roots."""
+    token = _ROOTS.set(tuple(Path(r).resolve() for r in roots))
+    try:
+        yield
+    finally:
+        _ROOTS.reset(token)
+
+
+def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    real = Path(os.path.realpath(path))
+    return any(real == r or r in real.parents for r in roots)
+
+
+def _outside_error(path: Path, what: str, roots: tuple[Path, ...]) -> DataError:
+    # the link's target is not named: it is exactly what must not reach the person who asked
+    return DataError(f"{what} {path} is a link to a place outside the allowed folders "
+                     f"({', '.join(str(r) for r in roots)}); links out of them are not followed here. Copy the "
+                     f"file into the folder, or remove the link.")
+
+
+def _walk(root: Path, roots: tuple[Path, ...] | None = None) -> list[tuple[str, Path]]:
+    """All non-hidden files under root as (relative posix path, absolute path), sorted by relative path.
+    With ``roots``, a folder (or the root itself) that resolves outside them is refused."""
     found, seen_dirs = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
+        if roots is not None and not _inside(Path(dirpath), roots):
+            raise _outside_error(Path(dirpath), "folder", roots)
         if real in seen_dirs:  # a symlink loop: following links is for linked-in subsets, not cycles
             dirnames[:] = []
             continue
@@ -226,8 +280,12 @@ def _no_images_error(root: Path, files: list[tuple[str, Path]], skipped: int) ->
 
 def scan_folder(root, *, trigger: str | None = None, caption_template: str = "{trigger}",
                 caption_exts=CAPTION_EXTS, repeats: dict[str, int] | None = None,
-                default_repeats: int = 1, skip_bad_images: bool = False) -> list[ImageItem]:
-    """Find, validate and caption every image under root (recursively, sorted by relative path)."""
+                default_repeats: int = 1, skip_bad_images: bool = False, roots=None) -> list[ImageItem]:
+    """Find, validate and caption every image under root (recursively, sorted by relative path).
+
+    ``roots``: folders every image and caption must resolve inside (links out of them are refused, naming the
+    link); None takes them from an enclosing ``confined_to`` block, else links are followed anywhere.
+    """
     root = Path(root).expanduser().absolute()
     if not root.exists():
         raise DataError(f"dataset folder {root} does not exist. Check the path.")
@@ -244,7 +302,12 @@ def scan_folder(root, *, trigger: str | None = None, caption_template: str = "{t
     trigger = trigger.strip() if trigger else None
     exts = tuple("." + e.lower().lstrip(".") for e in caption_exts)
 
-    files = _walk(root)
+    roots = tuple(Path(r).resolve() for r in roots) if roots is not None else _ROOTS.get()
+    files = _walk(root, roots)
+    if roots is not None:
+        for _, path in files:
+            if path.suffix.lower() in IMAGE_EXTS + exts and not _inside(path, roots):
+                raise _outside_error(path, "caption file" if path.suffix.lower() in exts else "image", roots)
     captions: dict[tuple[str, str], dict[str, Path]] = {}
     for rel, path in files:
         if path.suffix.lower() in exts:

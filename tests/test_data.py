@@ -407,3 +407,90 @@ def test_tag_frequency():
     ]
     # kohya keys ss_tag_frequency by folder: the image folder itself (subset ".") by its own name
     assert tag_frequency(items, "/data/imgs") == {"10_style": {"sks": 2, "tree": 2, "river": 1}, "imgs": {"sks": 1}}
+
+
+# ------------------------------------------------------------------------------- hostile files (issue 22)
+
+
+def _png_declaring(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's first bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_png_declaring_a_huge_size_is_refused_before_decoding(tmp_path):
+    import time
+
+    img(tmp_path / "good.png")
+    bomb = _png_declaring(tmp_path / "bomb.png", 100_000, 100_000)  # 10^10 pixels = 30 GB of RGB
+    start = time.perf_counter()
+    with pytest.raises(DataError, match="bomb.png") as e:
+        scan_folder(tmp_path, trigger="t")
+    assert time.perf_counter() - start < 5  # refused from the header, not after decoding
+    assert "10000000000" in str(e.value).replace(",", "") or "100000x100000" in str(e.value)
+    with pytest.warns(UserWarning, match="bomb.png"):
+        assert [it.path.name for it in scan_folder(tmp_path, trigger="t", skip_bad_images=True)] == ["good.png"]
+
+
+def test_images_over_the_pixel_limit_are_refused_not_just_warned_about(tmp_path, monkeypatch):
+    # PIL only warns between MAX_IMAGE_PIXELS and twice that, then decodes (minutes for a real 150 MP scan);
+    # a small limit here stands for the real one so the test writes a few KB.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)
+    img(tmp_path / "small.png", size=(64, 64))
+    big = img(tmp_path / "big.png", size=(80, 80))  # 6400 px: over the limit, under twice it
+    with pytest.raises(DataError, match="big.png") as e:
+        scan_folder(tmp_path, trigger="t")
+    assert "6400" in str(e.value) and "4096" in str(e.value)
+    with pytest.raises(DataError, match="big.png"):
+        load_image(big)
+
+
+def _linked_root(tmp_path):
+    """A training root whose caption and one image are links to files outside it."""
+    outside = tmp_path / "outside"
+    secret = text(outside / "secret.txt", "TOPSECRET-token")
+    private = img(outside / "private.png", color=(1, 2, 3))
+    root = tmp_path / "root"
+    img(root / "set" / "a.png")
+    (root / "set" / "a.txt").symlink_to(secret)
+    (root / "set" / "b.png").symlink_to(private)
+    return root, outside
+
+
+def test_links_out_of_the_allowed_roots_are_refused(tmp_path):
+    root, outside = _linked_root(tmp_path)
+    with pytest.raises(DataError, match=r"a\.txt") as e:
+        scan_folder(root / "set", trigger="t", roots=[root])
+    assert "TOPSECRET" not in str(e.value) and str(outside) not in str(e.value)  # the target is not revealed
+    (root / "set" / "a.txt").unlink()
+    with pytest.raises(DataError, match=r"b\.png"):
+        scan_folder(root / "set", trigger="t", roots=[root])
+    # a link that stays inside the roots is fine
+    (root / "set" / "b.png").unlink()
+    (root / "set" / "b.png").symlink_to(root / "set" / "a.png")
+    assert len(scan_folder(root / "set", trigger="t", roots=[root])) == 2
+
+
+def test_a_linked_folder_out_of_the_roots_is_refused_and_the_confinement_applies_to_nested_scans(tmp_path):
+    from stylelora.data import confined_to
+
+    root, outside = _linked_root(tmp_path)
+    for name in ("a.txt", "b.png"):
+        (root / "set" / name).unlink()
+    (root / "set" / "more").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(DataError, match="more"):
+        scan_folder(root / "set", trigger="t", roots=[root])
+    with confined_to([root]):  # what the web UI wraps around train(): the scan inside it is confined too
+        with pytest.raises(DataError, match="more"):
+            scan_folder(root / "set", trigger="t")
+    # the CLI (no roots): a user's own links are followed, so linked-in subsets keep working
+    items = scan_folder(root / "set", trigger="t")
+    assert sorted(it.path.name for it in items) == ["a.png", "private.png"]
