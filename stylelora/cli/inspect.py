@@ -9,9 +9,9 @@ from ..formats import describe
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "inspect", help="show an adapter's format, family, ranks, hashes and training record",
+        "inspect", help="show an adapter's format, family, ranks, embeddings, hashes and training record",
         description="Show what a LoRA file holds: layout, model family, rank/alpha per part, module count, trigger, "
-                    "hashes and the training record from its metadata. Reads kohya, PEFT and diffusers files.",
+                    "learnt token embeddings, hashes and the training record from its metadata. Reads kohya, PEFT and diffusers files.",
     )
     p.add_argument("file", help="adapter .safetensors file (or a diffusers LoRA output folder)")
     p.add_argument("--json", action="store_true",
@@ -61,6 +61,18 @@ def _training(t: dict | None) -> list[str]:
     return rows
 
 
+def _embeddings(info: dict) -> list[str]:
+    rows = []
+    for e in info["embeddings"]:
+        parts = "; ".join(f"{comp} width {c['width']}, mean norm {c['mean_norm']:.4g}"
+                          for comp, c in e["components"].items())
+        rows.append(f"embedding       {e['name']}: {e['num_tokens']} token{'s' if e['num_tokens'] != 1 else ''}; "
+                    f"{parts}")
+    if info["embeddings_error"]:
+        rows.append(f"BAD EMBEDDING   {info['embeddings_error']}")
+    return rows
+
+
 def format_text(info: dict) -> str:
     fam = info["family"] or "unknown"
     if info["family_source"]:
@@ -78,6 +90,7 @@ def format_text(info: dict) -> str:
         f"modules         {info['num_modules']} ({counts or 'none'})",
         *_components(info),
         f"trigger         {info['trigger'] or '-'}",
+        *_embeddings(info),
         f"model hash      {stored} {check}".rstrip(),
         f"legacy hash     {h['sshs_legacy_hash'] or h['legacy_hash'] or '-'}",
         *_training(info["training"]),

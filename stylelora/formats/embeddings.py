@@ -91,9 +91,10 @@ def _component(file, key: str, word: str, vec: str, peft: bool, single: bool) ->
 
 
 def from_tensors(file, tensors: dict[str, torch.Tensor], *, widths: dict[str, int] | None = None,
-                 where: str = "") -> dict[str, TokenEmbedding]:
+                 where: str = "", keys_out: dict | None = None) -> dict[str, TokenEmbedding]:
     """Embeddings from the ``bundle_emb.*`` / ``stylelora_emb.*`` tensors of a file, checked (``widths``: the
-    token-embedding width per text encoder of the model, when known; ``where`` names that model in errors)."""
+    token-embedding width per text encoder of the model, when known; ``where`` names that model in errors).
+    ``keys_out`` receives word -> {component: file key}."""
     by_word: dict[str, dict[str, str]] = {}
     for key in sorted(tensors):
         prefix = next(p for p in PREFIXES if key.startswith(p))
@@ -115,6 +116,8 @@ def from_tensors(file, tensors: dict[str, torch.Tensor], *, widths: dict[str, in
         emb = TokenEmbedding(word, vectors)
         validate.check_embedding(file, emb, names, widths, where)
         out[word] = emb
+        if keys_out is not None:
+            keys_out[word] = names
     return out
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import AdapterError
 from ..tensorfile import open_safetensors
-from . import peft
+from . import embeddings, peft
 from .io import PICKLE_SUFFIXES, model_hashes, read_tensors, weights_file
 from .keys import family_from_keys, family_from_metadata, parse_keys
 
@@ -44,18 +44,35 @@ def _json(value):
 
 
 def _read(file: Path):
-    """(tensor name -> (shape, dtype), alpha values, metadata) without loading LoRA weights."""
+    """(tensor name -> (shape, dtype), alpha values, embedding tensors, metadata) without loading LoRA weights."""
     if file.suffix.lower() in PICKLE_SUFFIXES:
         tensors, md = read_tensors(file)
         entries = {k: (list(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in tensors.items()}
         alphas = {k: float(t.float().reshape(-1)[0]) for k, t in tensors.items() if k.endswith(".alpha") and t.numel()}
-        return entries, alphas, md
+        return entries, alphas, embeddings.split(tensors)[0], md
     with open_safetensors(file) as f:
         entries = {k: f.entry(k) for k in f.keys()}
         alphas = {k: float(f.tensor(k).float().reshape(-1)[0]) for k in entries
                   if k.endswith(".alpha") and math.prod(entries[k][0])}
+        emb = {k: f.tensor(k) for k in entries if embeddings.is_embedding_key(k)}  # small: a few vectors
         md = f.metadata
-    return entries, alphas, md
+    return entries, alphas, emb, md
+
+
+def _embeddings(file, tensors, entries) -> tuple[list[dict], str | None]:
+    """Per learnt embedding: word, token count, and per text encoder its key, width, dtype and mean vector norm."""
+    keys: dict[str, dict[str, str]] = {}
+    try:
+        found = embeddings.from_tensors(file, tensors, keys_out=keys)
+    except AdapterError as e:
+        return [], str(e)
+    rows = []
+    for word, emb in sorted(found.items()):
+        rows.append({"name": word, "num_tokens": emb.num_tokens, "tokens": emb.tokens(), "components": {
+            comp: {"key": keys[word][comp], "width": int(v.shape[1]), "dtype": entries[keys[word][comp]][1],
+                   "mean_norm": float(v.float().norm(dim=1).mean())}
+            for comp, v in sorted(emb.vectors.items())}})
+    return rows, None
 
 
 def _unet_naming(parsed) -> str | None:
@@ -159,8 +176,9 @@ def describe(path, *, hashes: bool = True) -> dict:
     """Everything ``stylelora inspect`` reports about an adapter file (see docs/inspect-json.md)."""
     src = Path(path)
     file = weights_file(src)
-    entries, alphas, md = _read(file)
-    parsed = parse_keys(entries)
+    entries, alphas, emb_tensors, md = _read(file)
+    parsed = parse_keys(k for k in entries if not embeddings.is_embedding_key(k))
+    embs, emb_error = _embeddings(file, emb_tensors, entries)
     found, why = family_from_metadata(md)
     if found is None:
         found, why = family_from_keys(entries, parsed, lambda k: tuple(entries[k][0]))
@@ -187,6 +205,8 @@ def describe(path, *, hashes: bool = True) -> dict:
         "unsupported_keys": sorted(parsed.unsupported),
         "unrecognized_keys": sorted(parsed.unrecognized),
         "trigger": _trigger(md),
+        "embeddings": embs,
+        "embeddings_error": emb_error,
         "hashes": {
             "sshs_model_hash": stored[0],
             "sshs_legacy_hash": stored[1],
