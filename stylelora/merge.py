@@ -4,6 +4,10 @@ With cᵢ = wᵢ·αᵢ/rᵢ per module (FORMATS.md, Merging):
 - exact: down = [sgn(cᵢ)·√|cᵢ|·Aᵢ] (rows), up = [√|cᵢ|·Bᵢ] (columns), alpha = rank = Σrᵢ, so up·down = Σ cᵢ BᵢAᵢ;
 - rank k: ΔW = Σ cᵢ BᵢAᵢ, truncated SVD, up = U_k·S_k, down = Vh_k, alpha = k; the kept energy ΣS²_k/ΣS² is reported.
 Summing factors instead (kohya's merge_lora.py) adds cross terms BᵢAⱼ; PEFT's "linear" mode is not ΣΔW either.
+
+Learnt token embeddings are kept, every source's, unscaled (a weight scales ΔW, not what a word means; a source
+with both weights 0 is left out entirely). Two sources with the same word are an error unless one is renamed
+(``rename``: ``[FILE:]OLD=NEW``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapter import Adapter, LoraModule
+from .adapter import Adapter, LoraModule, TokenEmbedding
 from .blend import as_pair, compatible, file_digests, read_adapter
 from .errors import AdapterError, ConfigError
 from .prompt import LoraRef
@@ -34,6 +38,7 @@ class Source:
     unet: float
     te: float
     model_hash: str = ""
+    origin: str = ""  # the file it was read from, for messages
 
     def coeff(self, component: str, module: LoraModule) -> float:
         """cᵢ = wᵢ·αᵢ/rᵢ, with the UNet or text-encoder weight by component."""
@@ -101,13 +106,61 @@ def _factors(items: list[tuple[float, LoraModule]], where: str) -> tuple[torch.T
     return torch.cat(ups, dim=1), torch.cat(downs), tuple(shape), tuple(items[0][1].up.shape[2:])
 
 
-def merge(items, *, rank: int | None = None, name: str = "merged") -> MergeResult:
-    """Merge weighted adapters: exact (rank = Σ ranks) or, with ``rank``, the best rank-``rank`` approximation."""
+def parse_rename(spec: str) -> tuple[str | None, str, str]:
+    """``[FILE:]OLD=NEW`` -> (FILE or None, OLD, NEW). FILE is split at the last colon (Windows drive letters)."""
+    head, colon, pair = spec.rpartition(":")
+    old, eq, new = pair.partition("=")
+    if not eq or not old or not new:
+        raise ConfigError(f"--rename {spec!r}: expected [FILE:]OLD=NEW, e.g. --rename b.safetensors:inkwash=inkwash2")
+    return (head if colon else None), old, new
+
+
+def _label(s: Source) -> str:
+    return s.origin or s.adapter.name
+
+
+def _selects(selector: str, s: Source) -> bool:
+    return selector in {s.origin, Path(s.origin).name, Path(s.origin).stem, s.adapter.name} - {""}
+
+
+def merge_embeddings(sources: list[Source], rename=()) -> dict[str, TokenEmbedding]:
+    """Every source's embeddings under their (possibly renamed) words; a word two sources use is an error naming
+    both. A rename without FILE applies to every source holding OLD but the first."""
+    renames = [parse_rename(r) if isinstance(r, str) else tuple(r) for r in rename]
+    used = [False] * len(renames)
+    out: dict[str, TokenEmbedding] = {}
+    owner: dict[str, Source] = {}
+    first: dict[str, Source] = {}  # the first source holding each original word
+    for s in sources:
+        if s.unet == 0.0 and s.te == 0.0:
+            continue
+        for word, emb in s.adapter.embeddings.items():
+            first.setdefault(word, s)
+            new = word
+            for i, (sel, old, to) in enumerate(renames):
+                if old == word and (_selects(sel, s) if sel is not None else first[word] is not s):
+                    new, used[i] = to, True
+            if new in out:
+                raise AdapterError(f"{_label(owner[new])} and {_label(s)} both have a learnt embedding for "
+                                   f"{new!r}; keep both by renaming one: --rename {_label(s)}:{word}=<new word>")
+            out[new] = TokenEmbedding(new, dict(emb.vectors))
+            owner[new] = s
+    for (sel, old, to), done in zip(renames, used):
+        if not done:
+            where = f"in {sel}" if sel is not None else "in a second source"
+            raise ConfigError(f"--rename {(sel + ':') if sel else ''}{old}={to}: no embedding {old!r} {where} to "
+                              f"rename (sources: {', '.join(_label(s) for s in sources)})")
+    return out
+
+
+def merge(items, *, rank: int | None = None, name: str = "merged", rename=()) -> MergeResult:
+    """Merge weighted adapters: exact (rank = Σ ranks) or, with ``rank``, the best rank-``rank`` approximation.
+    Token embeddings are kept from every source (``rename``: ``[FILE:]OLD=NEW`` strings for clashing words)."""
     sources = as_sources(items)
     family, dtype = _check(sources)
     if rank is not None and rank < 1:
         raise ConfigError(f"--rank must be >= 1, got {rank}")
-    merged = Adapter(family=family, name=name)
+    merged = Adapter(family=family, name=name, embeddings=merge_embeddings(sources, rename))
     kept: dict[str, float] = {}
     total: dict[str, float] = {}
     for (comp, path), group in sorted(_grouped(sources).items()):
@@ -176,18 +229,19 @@ def load_sources(refs: list[LoraRef], *, folders=(), pipe=None) -> list[Source]:
         path = resolve(ref, list(folders))
         adapter = read_adapter(path, pipe=pipe)
         model_hash = adapter.metadata.get("sshs_model_hash") or file_digests(path)[1]
-        out.append(Source(adapter, ref.unet, ref.te, model_hash))
+        out.append(Source(adapter, ref.unet, ref.te, model_hash, origin=str(path)))
     return out
 
 
 def merge_files(refs: list[LoraRef], output: str | Path, *, rank: int | None = None, folders=(), pipe=None,
-                format: str = "kohya") -> tuple[Path, MergeResult]:
-    """Merge adapter files into ``output`` (written atomically), recording the sources in its metadata."""
+                format: str = "kohya", rename=()) -> tuple[Path, MergeResult]:
+    """Merge adapter files into ``output`` (written atomically), recording the sources in its metadata; token
+    embeddings are kept (and written to sidecar files too, see ``formats.save_adapter``)."""
     from .formats import save_adapter
 
     output = Path(output)
     sources = load_sources(refs, folders=folders, pipe=pipe)
-    result = merge(sources, rank=rank, name=output.stem)
+    result = merge(sources, rank=rank, name=output.stem, rename=rename)
     if not result.adapter.num_modules():
         raise ConfigError("every source has weight 0: the merged adapter would be empty")
     metadata = {**shared_metadata(sources), "stylelora.version": __version__,

@@ -13,7 +13,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert an adapter between the kohya and PEFT/diffusers layouts",
         description="Read any supported LoRA file and write it in the kohya (A1111/ComfyUI/kohya) or PEFT "
-                    "(diffusers) layout. Tensors are copied bit for bit; metadata is kept.",
+                    "(diffusers) layout. Tensors are copied bit for bit; metadata is kept. Learnt token embeddings "
+                    "are kept (bundle_emb.* in kohya files, stylelora_emb.* in PEFT files) and also written "
+                    "as standalone embedding files beside OUT.",
     )
     p.add_argument("file", help="adapter file (or diffusers LoRA output folder) to read")
     p.add_argument("--to", required=True, choices=FORMATS, help="layout to write")
@@ -54,4 +56,10 @@ def run(args) -> int:
     adapter = load_adapter(src, pipe=pipe, allow_unused_keys=args.allow_unused_keys)
     save_adapter(adapter, out, format=args.to, pipe=pipe)
     print(f"wrote {out} ({args.to} layout, {adapter.num_modules()} modules, family {adapter.family or 'unknown'})")
+    if adapter.embeddings:
+        from ..formats import sidecar_paths
+
+        words = ", ".join(f"{w} ({e.num_tokens} tokens)" for w, e in sorted(adapter.embeddings.items()))
+        sidecars = ", ".join(str(p) for p in sidecar_paths(out, adapter.embeddings).values())
+        print(f"embeddings: {words}; standalone files: {sidecars}")
     return 0

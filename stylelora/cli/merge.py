@@ -18,6 +18,10 @@ def register(sub) -> None:
                                   "for files that do not say their model family (metadata, key prefixes or "
                                   "a released model's shapes)")
     p.add_argument("--format", default="kohya", choices=["kohya", "peft"], help="output key layout")
+    p.add_argument("--rename", action="append", default=[], metavar="[FILE:]OLD=NEW",
+                   help="learnt token embeddings are kept from every source, unscaled by the weights; two sources "
+                        "with the same trigger word are an error unless one is renamed: FILE's embedding OLD "
+                        "becomes NEW (without FILE: in every source holding OLD but the first). Repeatable")
     p.set_defaults(func=run)
 
 
@@ -35,10 +39,16 @@ def run(args) -> int:
 
         pipe = load_base(args.base).pipe
     path, result = merge_files(refs, args.output, rank=args.rank, folders=args.folders, format=args.format,
-                               pipe=pipe)
+                               pipe=pipe, rename=args.rename)
     adapter = result.adapter
     ranks = sorted({r for rs in adapter.ranks().values() for r in rs})
     print(f"wrote {path} ({adapter.num_modules()} modules, rank {_span(ranks)})")
+    if adapter.embeddings:
+        from ..formats import sidecar_paths
+
+        words = ", ".join(f"{w} ({e.num_tokens} tokens)" for w, e in sorted(adapter.embeddings.items()))
+        sidecars = ", ".join(str(p) for p in sidecar_paths(path, adapter.embeddings).values())
+        print(f"embeddings: {words}; standalone files: {sidecars}")
     if result.energy is not None:
         print("retained energy: " + ", ".join(f"{part} {100 * e:.2f}%" for part, e in result.energy.items()))
     return 0

@@ -85,7 +85,7 @@ def short_list(keys, limit: int = 8) -> str:
 # ------------------------------------------------------------------------------------------ token embeddings
 # characters a prompt word cannot hold: separators, A1111 attention/LoRA syntax, and the dot A1111 splits
 # bundle_emb keys at
-_BAD_WORD = re.compile(r"[\s.,:;()\[\]{}<>|\\\"']")
+_BAD_WORD = re.compile(r"[\s.,:;()\[\]{}|\\\"']")
 
 
 def _width_owner(width: int) -> str:
@@ -100,7 +100,7 @@ def _width_owner(width: int) -> str:
 def check_word(file, key: str, word: str) -> None:
     if not word or _BAD_WORD.search(word):
         raise AdapterError(f"{file}: {key}: {word!r} cannot be an embedding's trigger word: it must be one word, "
-                           "without spaces, dots, commas, colons, quotes or brackets")
+                           "without spaces, dots, commas, colons, quotes, parentheses or brackets")
 
 
 def check_embedding(file, emb, keys: dict[str, str], widths: dict[str, int] | None = None, where: str = "") -> None:
