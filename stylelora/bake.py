@@ -2,6 +2,8 @@
 
 The blend is already fused into the weights by the Blender (W₀ + Σ cᵢ BᵢAᵢ, exact), so baking is saving. Both
 outputs are written next to their destination and renamed into place, so a failed bake never leaves half a model.
+Learnt trigger tokens of the blended adapters are in the pipeline's tokenizer(s) and text encoder(s) while they are
+blended, so the folder output carries them; a single original-layout file cannot (see ``save_single_file``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ def blend_record(blender: Blender) -> list[dict]:
                      "weight": unet if unet == te else {"unet": unet, "text_encoder": te},
                      "file": str(loaded.path) if loaded.path else None})
     return rows
+
+
+def token_record(blender: Blender) -> dict[str, dict]:
+    """The trigger words in the blend now: {word: {adapter, tokens (the added token strings)}}."""
+    out = {}
+    for word, name in blender.trigger_words().items():
+        emb = blender.loaded[name].adapter.embeddings[word]
+        out[word] = {"adapter": name, "tokens": emb.tokens()}
+    return out
 
 
 def _check_plain(pipe) -> None:
@@ -65,7 +76,7 @@ def save_folder(blender: Blender, output: str | Path, *, base_name: str = "", ov
     with atomic_folder(output) as tmp:
         blender.pipe.save_pretrained(tmp, safe_serialization=True)
         info = {"base": base_name, "family": blender.family, "adapters": blend_record(blender),
-                "stylelora_version": __version__}
+                "trigger_tokens": token_record(blender), "stylelora_version": __version__}
         (tmp / BAKE_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
     return output
 
@@ -79,6 +90,7 @@ def save_single_file(blender: Blender, output: str | Path, *, dtype: torch.dtype
 
     output = Path(output)
     check_output(output, single_file=True, overwrite=overwrite)
+    _check_tokens_fit_single_file(blender)
     _prepare(output, overwrite)
     _check_plain(blender.pipe)
     state = pipeline_to_ldm(blender.pipe, blender.family)
@@ -92,6 +104,19 @@ def save_single_file(blender: Blender, output: str | Path, *, dtype: torch.dtype
     with atomic_path(output) as tmp:
         save_file(state, str(tmp), metadata=metadata)
     return output
+
+
+def _check_tokens_fit_single_file(blender: Blender) -> None:
+    """An original-layout checkpoint holds no tokenizer, and the tools that read it (A1111, ComfyUI, diffusers'
+    from_single_file) build the text encoder with CLIP's fixed 49408-row token table, so added rows would be a shape
+    error there and the words would have no token to name them: refuse rather than write such a file."""
+    words = blender.trigger_words()
+    if words:
+        listing = ", ".join(f"{w!r} ({n})" for w, n in words.items())
+        raise ConfigError(f"the blend has learnt trigger tokens ({listing}), which a single-file checkpoint cannot "
+                          "hold: it has no tokenizer, and its readers expect CLIP's fixed token table. Bake to a "
+                          "folder instead (leave out --single-file), or keep the adapter as a LoRA and load its "
+                          "<name>_emb.safetensors sidecar as an embedding next to the checkpoint")
 
 
 def bake(base, refs: list[LoraRef], output: str | Path, *, folders=(), single_file: bool = False,

@@ -3,6 +3,10 @@
 The fused path costs nothing per denoising step. Each touched layer keeps a pristine copy of W₀; every update
 recomputes W from that copy (never by subtracting, which drifts), so all-zero weights give back W₀ bit for bit.
 Only layers whose coefficients changed are rewritten, and adapter files are read once per content (sha256).
+
+Learnt trigger tokens (``Adapter.embeddings``) follow the same rule: an adapter's words are in the tokenizer(s) and
+their vectors in the text encoder(s) while the adapter is part of the blend (a nonzero weight), and are taken out
+when its weight goes back to 0 or it is unloaded, so an all-zero blend is the base model exactly, tokenizer included.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter
+from .adapter import Adapter, TokenEmbedding
 from .errors import AdapterError
 from .models import compatible  # which families' adapters fit which bases: read from the FAMILIES table
 
@@ -69,7 +73,8 @@ def model_signature(pipe) -> str:
     for name in ("text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
         if module is not None:
-            configs.append(module.config.to_dict())
+            # vocab_size grows while trigger tokens are in: it is not part of what an adapter is read against
+            configs.append({k: v for k, v in module.config.to_dict().items() if k != "vocab_size"})
     return hashlib.sha1(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -158,6 +163,98 @@ class _Target:
         return True
 
 
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # text encoder -> its tokenizer
+
+
+def encoders(pipe) -> dict[str, tuple]:
+    """{component: (tokenizer, text encoder)} for each text encoder the pipeline has."""
+    return {comp: (getattr(pipe, tok, None), getattr(pipe, comp)) for comp, tok in TOKENIZERS.items()
+            if getattr(pipe, comp, None) is not None}
+
+
+def _where(adapter: Adapter, path: Path | None) -> str:
+    return f"adapter {adapter.name!r}" + (f" ({path})" if path else "")
+
+
+def check_embeddings(adapter: Adapter, path: Path | None, pipe, loaded: dict[str, Loaded]) -> None:
+    """Refuse trigger-token embeddings that cannot go into ``pipe`` (before anything is changed): a missing or extra
+    text encoder, a wrong width, NaN, a word another loaded adapter uses, a word the tokenizer already knows."""
+    if not adapter.embeddings:
+        return
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    where = _where(adapter, path)
+    if not isinstance(pipe, TextualInversionLoaderMixin):
+        raise AdapterError(f"{where} carries learnt trigger tokens ({', '.join(adapter.embeddings)}) but a "
+                           f"{type(pipe).__name__} does not expand them in prompts (not a diffusers "
+                           "TextualInversionLoaderMixin); use a Stable Diffusion or SDXL text-to-image pipeline")
+    parts = encoders(pipe)
+    taken = {t: n for n, held in loaded.items() for e in held.adapter.embeddings.values() for t in e.tokens()}
+    vocabs = {comp: tok.get_vocab() for comp, (tok, _) in parts.items()}
+    for word, emb in adapter.embeddings.items():
+        what = f"{where}: trigger embedding {word!r}"
+        if emb.name != word or not word or any(ch.isspace() for ch in word):
+            raise AdapterError(f"{what}: the word must be one token without spaces and match its name {emb.name!r}")
+        if set(emb.vectors) != set(parts):
+            raise AdapterError(f"{what} has vectors for {sorted(emb.vectors)} but the base model's text encoders are "
+                               f"{sorted(parts)}; it was made for another model family")
+        for comp, vec in emb.vectors.items():
+            width = parts[comp][1].get_input_embeddings().embedding_dim
+            if vec.dim() != 2 or vec.shape[0] != emb.num_tokens or vec.shape[0] < 1 or vec.shape[1] != width:
+                raise AdapterError(f"{what}: {comp} vectors have shape {tuple(vec.shape)}; the base model's {comp} "
+                                   f"needs [{emb.num_tokens or 'N >= 1'}, {width}]")
+            if not torch.isfinite(vec).all():
+                raise AdapterError(f"{what}: {comp} vectors contain NaN or inf")
+        clash = next((t for t in emb.tokens() if t in taken), None)
+        if clash is not None:
+            other = loaded[taken[clash]]
+            alias = f" (loaded as {taken[clash]!r})" if taken[clash] != other.adapter.name else ""
+            raise AdapterError(f"{where} and {_where(other.adapter, other.path)}{alias} both define the trigger "
+                               f"token {clash!r}; load only one of them, or rename one's trigger word "
+                               "(stylelora merge --rename)")
+        for comp, vocab in vocabs.items():
+            known = next((t for t in emb.tokens() if t in vocab), None)
+            if known is not None:
+                raise AdapterError(f"{what}: the base model's {TOKENIZERS[comp]} already has a token {known!r}; "
+                                   "rename the trigger word (stylelora merge --rename) so it cannot mean two things")
+
+
+def insert_tokens(pipe, embeddings: list[TokenEmbedding]) -> None:
+    """Add each embedding's tokens to every tokenizer and its vectors as new rows of the text encoder's input
+    table, with diffusers' own ``load_textual_inversion`` (so prompts are expanded as diffusers does it)."""
+    done = []
+    try:
+        for emb in embeddings:
+            for comp, (tok, te) in encoders(pipe).items():
+                device = te.get_input_embeddings().weight.device
+                # transformers grows the table by sampling the new rows (then overwritten) from the global RNG:
+                # keep the caller's random stream as it was.
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    pipe.load_textual_inversion(emb.vectors[comp].detach(), token=emb.name, tokenizer=tok,
+                                                text_encoder=te)
+                done.append((emb, comp))
+    except Exception as e:
+        for emb, comp in reversed(done):
+            remove_tokens(pipe, emb, comp)
+        raise AdapterError(f"cannot add the trigger tokens {[emb.name for emb in embeddings]}: {e}") from e
+
+
+def remove_tokens(pipe, emb: TokenEmbedding, comp: str) -> None:
+    """Take one embedding's tokens out of ``comp``'s tokenizer and text encoder (diffusers'
+    ``unload_textual_inversion``), leaving the same embedding module with the remaining rows."""
+    tok, te = encoders(pipe)[comp]
+    table = te.get_input_embeddings()
+    with torch.random.fork_rng(devices=[]):  # diffusers builds a fresh nn.Embedding, whose init draws on the CPU RNG
+        pipe.unload_textual_inversion(tokens=emb.tokens(), tokenizer=tok, text_encoder=te)
+    # Put the rows back into the module we started with, so hooks, requires_grad and references to it stay valid,
+    # and make the config say the real row count again (diffusers leaves it at the grown size).
+    fresh = te.get_input_embeddings()
+    table.weight.data = fresh.weight.data
+    table.num_embeddings = fresh.num_embeddings
+    te.set_input_embeddings(table)
+    te.config.vocab_size = table.num_embeddings
+
+
 class Blender:
     """A weighted set of LoRA adapters fused into ``pipe``'s weights; ``set`` re-blends, all-zero restores W₀ exactly.
 
@@ -180,6 +277,7 @@ class Blender:
         self._weights: dict[str, tuple[float, float]] = {}
         self._targets: dict[tuple[str, str], _Target] = {}
         self._index: dict[str, set[tuple[str, str]]] = {}  # adapter name -> target keys it touches
+        self._tokens: dict[str, list[TokenEmbedding]] = {}  # adapter name -> its embeddings now in the tokenizers
 
     # ------------------------------------------------------------------------------------------ adapters
     @property
@@ -214,6 +312,7 @@ class Blender:
                                f"({self.loaded[name].path}); pass name=... or unload it first")
         self._check_family(adapter, path)
         targets = self._resolve(adapter, path)
+        check_embeddings(adapter, path, self.pipe, self.loaded)
         for key, (layer, factors) in targets.items():
             target = self._targets.setdefault(key, _Target(layer))
             target.factors[name] = factors
@@ -292,7 +391,9 @@ class Blender:
         changed = [n for n in new if new[n] != self._weights.get(n)]
         self._weights = new
         keys = set().union(*(self._index[n] for n in changed)) if changed else set()
-        return sum(self._refresh(k) for k in keys)
+        rewritten = sum(self._refresh(k) for k in keys)
+        self._sync_tokens()
+        return rewritten
 
     def update(self, weights: dict[str, Weight]) -> int:
         """Change only the named adapters' weights."""
@@ -300,8 +401,26 @@ class Blender:
         return self.set({**self._weights, **weights})
 
     def reset(self) -> int:
-        """All weights 0: every touched layer gets its pristine weight back, bit for bit."""
+        """All weights 0: every touched layer gets its pristine weight back, bit for bit, and every trigger token
+        leaves the tokenizer(s) and text encoder(s)."""
         return self.set({})
+
+    def trigger_words(self) -> dict[str, str]:
+        """{word: adapter name} for the learnt trigger words in the tokenizer(s) now (adapters in the blend)."""
+        return {e.name: n for n, embs in self._tokens.items() for e in embs}
+
+    def _sync_tokens(self) -> None:
+        """Trigger tokens follow the blend: in while an adapter's weight is nonzero, out (exactly) at 0."""
+        active = [n for n, w in self._weights.items() if w != (0.0, 0.0) and self.loaded[n].adapter.embeddings]
+        for name in [n for n in self._tokens if n not in active]:
+            for emb in reversed(self._tokens.pop(name)):
+                for comp in encoders(self.pipe):
+                    remove_tokens(self.pipe, emb, comp)
+        for name in active:
+            if name not in self._tokens:
+                embs = list(self.loaded[name].adapter.embeddings.values())
+                insert_tokens(self.pipe, embs)
+                self._tokens[name] = embs
 
     def _require(self, names) -> None:
         unknown = [n for n in names if n not in self.loaded]

@@ -84,6 +84,8 @@ def run(args) -> int:
     if blender.active():
         print("blend: " + ", ".join(f"{n} {u:g}" + (f"/{t:g}" if t != u else "")
                                     for n, (u, t) in blender.active().items()))
+    if blender.trigger_words():  # learnt tokens: the style comes with the word, so say which words there are
+        print("trigger words: " + ", ".join(f"{w} ({n})" for w, n in blender.trigger_words().items()))
     for image, path in zip(images, paths):
         save_png(image, path)
         print(f"wrote {path}")

@@ -188,7 +188,9 @@ class Studio:
                 gone = path is None or file_digests(path)[0] != self._loaded_sha.get(name)
             except AdapterError:  # replaced by a damaged file: drop it here; loading it again names the file
                 gone = True
-            if gone:
+            # An adapter with learnt trigger words that is not picked now is unloaded: another pick may use the same
+            # word, and the Blender refuses two loaded adapters that do (the file stays cached; reloading is cheap).
+            if gone or (name not in names and self.blender.loaded[name].adapter.embeddings):
                 self.blender.unload(name)
                 self._loaded_sha.pop(name, None)
         for name in names:
