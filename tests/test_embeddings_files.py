@@ -195,7 +195,8 @@ def test_convert_kohya_peft_kohya_keeps_embeddings_bit_exact(tiny, tmp_path, cap
     k1 = save_adapter(a, tmp_path / "k1.safetensors", metadata=meta())
     assert main(["convert", str(k1), "--to", "peft", "-o", str(tmp_path / "p.safetensors")]) == 0
     assert "inkwash (2 tokens), paper (3 tokens)" in capsys.readouterr().out
-    assert main(["convert", str(tmp_path / "p.safetensors"), "--to", "kohya", "-o", str(tmp_path / "k2.safetensors")]) == 0
+    out = tmp_path / "k2.safetensors"
+    assert main(["convert", str(tmp_path / "p.safetensors"), "--to", "kohya", "-o", str(out)]) == 0
     one, two = load_file(k1), load_file(tmp_path / "k2.safetensors")
     assert sorted(one) == sorted(two) and all(torch.equal(one[k], two[k]) for k in one)
     assert (tmp_path / "p_paper_emb.safetensors").is_file() and (tmp_path / "k2_inkwash_emb.safetensors").is_file()

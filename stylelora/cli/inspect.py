@@ -11,7 +11,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "inspect", help="show an adapter's format, family, ranks, embeddings, hashes and training record",
         description="Show what a LoRA file holds: layout, model family, rank/alpha per part, module count, trigger, "
-                    "learnt token embeddings, hashes and the training record from its metadata. Reads kohya, PEFT and diffusers files.",
+                    "learnt token embeddings, hashes and the training record from its metadata. Reads kohya, PEFT "
+                    "and diffusers files.",
     )
     p.add_argument("file", help="adapter .safetensors file (or a diffusers LoRA output folder)")
     p.add_argument("--json", action="store_true",

@@ -86,7 +86,8 @@ def load_adapter(path, *, pipe=None, family: Family | None = None, allow_unused_
         a, b = parsed.duplicates[0]
         raise AdapterError(f"{file}: keys {a} and {b} hold the same weight of one module")
     if not parsed.groups:
-        raise AdapterError(f"{file}: no LoRA weights found (keys: {validate.short_list(sorted(tensors))})")
+        hint = "; it holds only token embeddings: read it with load_embedding" if emb_tensors and not tensors else ""
+        raise AdapterError(f"{file}: no LoRA weights found (keys: {validate.short_list(sorted(everything))}){hint}")
     found, why = file_family(metadata, parsed, everything)
     table = _table(file, pipe, family, found, why, metadata, parsed, tensors)
     if table is None:
