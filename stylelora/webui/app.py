@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
@@ -24,7 +25,8 @@ from stylelora.presets import WEBUI_DEFAULT  # noqa: E402
 
 from .handlers import GenerateRequest, GridRequest, Studio, parse_values  # noqa: E402
 from .library import TABLE_HEADERS  # noqa: E402
-from .training import PRESETS, TrainRequest, format_status  # noqa: E402
+from .training import MAX_RANK, MAX_SAMPLE_STEPS, MAX_STEPS, PRESETS, TrainRequest, format_status  # noqa: E402
+from .training import max_resolution  # noqa: E402
 
 log = logging.getLogger(__name__)
 SOURCES = ("Folder on the server", "Upload images")
@@ -211,16 +213,18 @@ def _train_tab(studio: Studio, c: SimpleNamespace) -> None:
             c.preset_info = gr.Markdown(PRESETS[WEBUI_DEFAULT].describe(), elem_id="train-preset-info")
             with gr.Accordion("Advanced (0 = the preset's value)", open=False, elem_id="train-advanced"):
                 with gr.Row():
-                    c.t_steps = gr.Number(0, label="Steps", precision=0, minimum=0, elem_id="train-steps")
-                    c.t_rank = gr.Number(0, label="Rank", precision=0, minimum=0, elem_id="train-rank")
+                    c.t_steps = gr.Number(0, label="Steps", precision=0, minimum=0, maximum=MAX_STEPS,
+                                          elem_id="train-steps")
+                    c.t_rank = gr.Number(0, label="Rank", precision=0, minimum=0, maximum=MAX_RANK,
+                                         elem_id="train-rank")
                     c.t_lr = gr.Number(0, label="Learning rate", minimum=0, elem_id="train-lr")
                 with gr.Row():
                     c.t_res = gr.Number(max(64, min(native, 1024)), label="Resolution", precision=0, minimum=64,
-                                        elem_id="train-resolution")
+                                        maximum=max_resolution(native), step=64, elem_id="train-resolution")
                     c.t_sample_every = gr.Number(-1, label="Sample every N steps (-1 = 4 times, 0 = never)",
                                                  precision=0, elem_id="train-sample-every")
                     c.t_sample_steps = gr.Number(20, label="Sample denoising steps", precision=0, minimum=1,
-                                                 elem_id="train-sample-steps")
+                                                 maximum=MAX_SAMPLE_STEPS, elem_id="train-sample-steps")
             with gr.Row():
                 c.start = gr.Button("Start training", variant="primary", elem_id="train-start")
                 c.stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -250,11 +254,12 @@ def _wire_train(studio: Studio, c: SimpleNamespace, lib_outputs: list, lib_refre
         upload = source == SOURCES[1]
         if upload and not uploads:
             raise gr.Error("choose images (or a .zip) to upload first")
+        # numbers pass as sent (inf, nan, 1e300 included): the request check refuses them with their range
         req = TrainRequest(name=name or "", folder=None if upload else folder, uploads=list(uploads or []) if upload
-                           else [], trigger=trigger or "", preset=preset, steps=int(steps or 0) or None,
-                           rank=int(rank or 0) or None, lr=float(lr or 0) or None, resolution=int(res or 0) or None,
-                           sample_every=None if sample_every is None or sample_every < 0 else int(sample_every),
-                           sample_steps=int(sample_steps or 20))
+                           else [], trigger=trigger or "", preset=preset, steps=steps or None, rank=rank or None,
+                           lr=float(lr or 0) or None, resolution=res or None,
+                           sample_every=None if sample_every is None or sample_every < 0 else sample_every,
+                           sample_steps=20 if sample_steps is None else sample_steps)
         studio.start_training(req)
         s = studio.training_status()
         return format_status(s), _bar(s), [], gr.Timer(active=True)
@@ -445,10 +450,29 @@ def launch(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, share: 
     """Serve the page on ``host:port`` (127.0.0.1 unless told otherwise); a public share link only if ``share``."""
     demo = build_app(studio)
     demo.queue(default_concurrency_limit=1)
+    allowed, blocked = served_paths(studio)
     app, local_url, share_url = demo.launch(
         server_name=host, server_port=port, share=bool(share), prevent_thread_lock=not block, quiet=quiet,
-        inbrowser=False, show_error=False, ssr_mode=False, mcp_server=False, allowed_paths=[str(studio.work_dir)],
-        blocked_paths=[str(studio.library.root)],  # adapter files are never served, whatever the URL
-        max_file_size=studio.max_upload_bytes, theme=gr.themes.Soft(), footer_links=[],
+        inbrowser=False, show_error=False, ssr_mode=False, mcp_server=False, allowed_paths=allowed,
+        blocked_paths=blocked, max_file_size=studio.max_upload_bytes, theme=gr.themes.Soft(), footer_links=[],
     )
     return demo, local_url, share_url
+
+
+def served_paths(studio: Studio) -> tuple[list[str], list[str]]:
+    """(allowed_paths, blocked_paths) for Gradio: serve only what the page shows.
+
+    Gradio serves every file under an allowed path at ``/gradio_api/file=<path>`` to anyone who can reach the
+    page, so the allowed paths are the three folders that hold only images the UI wrote for the page
+    (generated images, library thumbnails, copies of training samples), never the work folder itself (with
+    ``--outputs .`` that is the user's project, ``.env`` included) nor the training runs in it (working copies
+    of adapters, checkpoints, uploaded images). Blocked paths win over everything Gradio would serve: the
+    adapter folder, the training runs and the training roots (unless a root holds a served folder).
+    """
+    allowed = [studio.outputs, studio.library.thumbs_dir, studio.work_dir / "samples"]
+    for folder in allowed:
+        folder.mkdir(parents=True, exist_ok=True)
+    allowed = [folder.resolve() for folder in allowed]
+    blocked = [studio.library.root, studio.work_dir / "train"]
+    blocked += [r for r in studio.train_roots if not any(a == r or r in a.parents for a in allowed)]
+    return [str(p) for p in allowed], [str(Path(p).resolve()) for p in blocked]

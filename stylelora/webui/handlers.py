@@ -373,24 +373,37 @@ class Studio:
         if dest.exists() and not req.overwrite:
             raise AdapterError(f"an adapter named {name!r} already exists in the library; choose another name")
         run_dir = self.work_dir / "train" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        if req.uploads:
-            folder = prepare_uploads(req.uploads, run_dir / "images", max_bytes=self.max_upload_bytes)
-        elif req.folder and req.folder.strip():
-            folder = paths.within_any(self.train_roots, req.folder, what="image folder")
-            if not folder.is_dir():
-                raise paths.UnsafePathError(f"{req.folder!r} is not a folder")
-        else:
-            raise ConfigError("choose an image folder on the server or upload images")
-        config = build_config(req, folder, run_dir / f"{name}.safetensors", base=self.base, native=self.native_size)
-        scan_folder(folder, trigger=config.data.trigger, caption_template=config.data.caption_template)
-        self.job = TrainJob(name, config, run=self._train_locked,
-                            on_done=lambda out: self._keep_trained(out, name, req.overwrite)).start()
+        try:  # a refused request leaves no run folder (uploads included) behind
+            if req.uploads:
+                folder = prepare_uploads(req.uploads, run_dir / "images", max_bytes=self.max_upload_bytes)
+            elif req.folder and req.folder.strip():
+                folder = paths.within_any(self.train_roots, req.folder, what="image folder")
+                if not folder.is_dir():
+                    raise paths.UnsafePathError(f"{req.folder!r} is not a folder")
+            else:
+                raise ConfigError("choose an image folder on the server or upload images")
+            config = build_config(req, folder, run_dir / f"{name}.safetensors", base=self.base,
+                                  native=self.native_size)
+            scan_folder(folder, trigger=config.data.trigger, caption_template=config.data.caption_template,
+                        roots=self._scan_roots(folder))
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        self.library.reserve(name)  # until the run ends: the library's own actions cannot take the name
+        self.job = TrainJob(name, config, run=self._train_locked, samples_dir=self.work_dir / "samples",
+                            on_done=lambda out: self._keep_trained(out, name, req.overwrite),
+                            on_end=lambda: self.library.release(name)).start()
         return self.job
+
+    def _scan_roots(self, folder) -> list[Path]:
+        """Where a training folder's files may resolve to: the training roots, or the upload folder itself."""
+        return [*self.train_roots, Path(folder)]
 
     def _train_locked(self, config, progress, should_stop) -> Path:
         import stylelora
+        from stylelora.data import confined_to
 
-        with self._lock:
+        with self._lock, confined_to(self._scan_roots(config.data.folder)):  # train()'s own scan is confined too
             self.blender.reset()  # train on the plain base, not on today's blend
             pipe = self.base.pipe
             placement = {n: (m.device, m.dtype) for n, m in _parts(pipe).items()}
@@ -401,8 +414,7 @@ class Studio:
                 raise
 
     def _keep_trained(self, output: Path, name: str, overwrite: bool) -> str:
-        self.library.keep_file(output, name, overwrite=overwrite)
-        return name
+        return self.library.keep_trained(output, name, overwrite=overwrite)  # a free name if it was taken
 
     def stop_training(self) -> str:
         if not (self.job and self.job.running):

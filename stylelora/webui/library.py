@@ -84,6 +84,7 @@ class Library:
         self.max_upload_bytes = max_upload_bytes
         self.version = 0  # bumped on every change, so pages can tell when to refresh
         self._cache: dict[tuple[str, int, int], AdapterInfo] = {}
+        self._reserved: set[str] = set()  # names of training runs in progress (see reserve)
 
     # ------------------------------------------------------------------------------------------ reading
     def files(self) -> dict[str, Path]:
@@ -189,10 +190,30 @@ class Library:
                 "error": i.error}
 
     # ------------------------------------------------------------------------------------------ writing
+    def entry(self, name: str) -> Path:
+        """The file of library entry ``name`` with its folder resolved and checked, but its last part not
+        resolved: for a symlinked alias this is the link itself, so deleting or replacing the alias never touches
+        the adapter it points to."""
+        stem = paths.adapter_stem(name)
+        parent, _, leaf = stem.rpartition("/")
+        folder = paths.within(self.root, parent or ".", what=f"adapter {stem!r}", must_exist=False)
+        return folder / (leaf + paths.ADAPTER_SUFFIX)
+
+    def reserve(self, name: str) -> None:
+        """Keep ``name`` for a training run in progress: imports, converts and merges refuse it until ``release``
+        (a finished run must never find its name taken by the library's own actions)."""
+        self._reserved.add(paths.adapter_stem(name))
+
+    def release(self, name: str) -> None:
+        self._reserved.discard(paths.adapter_stem(name))
+
     def _target(self, name: str, overwrite: bool) -> Path:
-        dest = self.path(name, must_exist=False)
-        if dest.exists() and not overwrite:
-            raise AdapterError(f"an adapter named {paths.adapter_stem(name)!r} already exists in the library; "
+        stem = paths.adapter_stem(name)
+        if stem in self._reserved:
+            raise AdapterError(f"the name {stem!r} is reserved by the training run in progress; choose another name")
+        dest = self.entry(stem)
+        if os.path.lexists(dest) and not overwrite:
+            raise AdapterError(f"an adapter named {stem!r} already exists in the library; "
                                "choose another name (or allow overwriting)")
         return dest
 
@@ -202,6 +223,22 @@ class Library:
         copy_file(src, dest, fsync=True)
         self.version += 1
         return dest
+
+    def keep_trained(self, src: Path, name: str, *, overwrite: bool = False) -> str:
+        """Copy a finished training run's adapter into the library as ``name``; if another program took that name
+        during the run (and overwriting was not asked for), as ``name-2``, ``name-3``, … Returns the name used:
+        a finished run is never thrown away for its name."""
+        stem = paths.adapter_stem(name)
+        for i in range(1, 1000):
+            candidate = stem if i == 1 else f"{stem}-{i}"
+            if i > 1 and (candidate in self._reserved or len(candidate.rsplit("/", 1)[-1]) > 120):
+                continue
+            dest = self.entry(candidate)
+            if (i == 1 and overwrite) or not os.path.lexists(dest):
+                copy_file(src, dest, fsync=True)
+                self.version += 1
+                return candidate
+        raise AdapterError(f"no free name like {stem!r} in the library for the trained adapter")
 
     def import_file(self, upload: str | Path, name: str | None = None, *, pipe=None, overwrite: bool = False) -> str:
         """Validate an uploaded adapter (size, safetensors header, LoRA keys) and keep a copy; returns its name."""
@@ -254,8 +291,16 @@ class Library:
         return new
 
     def delete(self, name: str) -> Path:
-        path = self.path(name)
-        path.unlink()
+        """Delete library entry ``name``. A symlinked alias loses the link, never the file it points to; a link
+        out of the folder is refused (it is not listed, and its target is none of the library's business)."""
+        path = self.entry(name)
+        if path.is_symlink():
+            if not paths.is_within(path.resolve(), self.root):
+                raise paths.UnsafePathError(f"adapter {paths.adapter_stem(name)!r} is a link to a file outside the "
+                                            f"library ({self.root}); it is not deleted from here")
+        elif not path.is_file():
+            raise paths.UnsafePathError(f"adapter {paths.adapter_stem(name)!r} is not in the library ({self.root})")
+        path.unlink()  # on a link: the link itself
         self.version += 1
         return path
 

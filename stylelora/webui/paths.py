@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -135,18 +134,36 @@ def _member_path(name: str) -> PurePosixPath | None:
     return p
 
 
+MAX_RATIO = 100  # unpacked/packed size; images (already compressed) rarely pass 10, a zip bomb reaches 10^6
+_RATIO_FLOOR = 16 << 20  # below this an archive may compress as well as it likes (captions, flat test images)
+
+
 def extract_images(archive: Path, dest: Path, *, max_files: int = 2000, max_bytes: int = 2 << 30) -> list[Path]:
-    """Unpack the images and captions of a zip into ``dest``: no links, no paths out of ``dest``, size-capped."""
+    """Unpack the images and captions of a zip into ``dest``: no links, no paths out of ``dest``, size-capped.
+
+    ``max_bytes`` bounds what is written (the caller passes what is left of the upload's budget). The sizes the
+    archive declares are checked before anything is written, and the bytes actually written are counted while
+    unpacking, so an archive that lies about its sizes stops at the limit too. On a refusal the files written
+    so far stay for the caller to remove (``prepare_uploads`` removes the whole folder).
+    """
     dest = Path(dest).resolve()
+    name = Path(archive).name
     written: list[Path] = []
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as e:
-        raise UploadError(f"{Path(archive).name} is not a readable zip archive ({e})") from None
+        raise UploadError(f"{name} is not a readable zip archive ({e})") from None
     with zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
-        if sum(m.file_size for m in members) > max_bytes:
-            raise UploadError(f"{Path(archive).name} unpacks to more than {max_bytes / 2**20:.0f} MiB; refused")
+        declared = sum(m.file_size for m in members)
+        packed = max(1, Path(archive).stat().st_size)
+        if declared > max_bytes:
+            raise UploadError(f"{name} unpacks to {declared / 2**20:.1f} MiB, more than the {max_bytes / 2**20:.1f} "
+                              "MiB left of the upload limit (--max-upload-mb); refused")
+        if declared > _RATIO_FLOOR and declared > MAX_RATIO * packed:
+            raise UploadError(f"{name} would unpack {packed / 2**10:.0f} KiB into {declared / 2**20:.0f} MiB (a "
+                              "'zip bomb'; image archives barely compress); refused")
+        budget = max_bytes
         for m in members:
             rel = _member_path(m.filename)
             if rel is None or not rel.suffix.lower() in IMAGE_SUFFIXES + CAPTION_SUFFIXES:
@@ -158,12 +175,28 @@ def extract_images(archive: Path, dest: Path, *, max_files: int = 2000, max_byte
             if not is_within(target, dest):
                 raise UploadError(f"archive member {m.filename!r} would be written outside the upload folder")
             if len(written) >= max_files:
-                raise UploadError(f"{Path(archive).name} holds more than {max_files} files; refused")
+                raise UploadError(f"{name} holds more than {max_files} files; refused")
             target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(m) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
             written.append(target)
+            budget -= _copy_member(zf, m, target, budget, name)
     return written
+
+
+def _copy_member(zf: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path, budget: int, archive: str) -> int:
+    """Write one member to ``target``, stopping as soon as more than ``budget`` bytes came out; bytes written."""
+    done = 0
+    try:
+        with zf.open(member) as src, open(target, "wb") as out:
+            while chunk := src.read(1 << 20):
+                done += len(chunk)
+                if done > budget:
+                    raise UploadError(f"{archive} unpacks to more than the upload limit (--max-upload-mb); "
+                                      "refused")
+                out.write(chunk)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError, OSError,
+            ValueError) as e:  # a damaged member (bad CRC, truncated data), an encrypted one, an odd method
+        raise UploadError(f"{archive}: member {member.filename!r} cannot be unpacked ({e}); refused") from None
+    return done
 
 
 def clean_name(name: str, default: str = "upload") -> str:

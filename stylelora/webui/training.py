@@ -9,6 +9,7 @@ only when training finished, so a stopped or failed run leaves the library untou
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import threading
 import time
@@ -46,18 +47,36 @@ class TrainRequest:
 
 
 def prepare_uploads(files: list[str], dest: Path, *, max_bytes: int) -> Path:
-    """Put uploaded images, captions and zip contents into ``dest`` (a fresh folder); refuses anything else."""
+    """Put uploaded images, captions and zip contents into ``dest`` (a fresh folder); refuses anything else.
+
+    ``max_bytes`` (the UI's --max-upload-mb) bounds each uploaded file and also everything written into ``dest``
+    together, archives unpacked included: a few KB of zip cannot fill the disk. A refused upload leaves nothing.
+    """
+    try:
+        return _prepare_uploads(files, dest, max_bytes)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def _prepare_uploads(files: list[str], dest: Path, max_bytes: int) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
-    count = 0
+    count, left = 0, max_bytes
     for f in files:
         f = Path(f)
         name = paths.upload_name(f.name)
         suffix = f.suffix.lower()
-        paths.check_size(f, max_bytes, name)
+        size = paths.check_size(f, max_bytes, name)
         if suffix == ".zip":
-            count += sum(p.suffix.lower() in paths.IMAGE_SUFFIXES for p in paths.extract_images(f, dest))
+            written = paths.extract_images(f, dest, max_bytes=left)
+            left -= sum(p.stat().st_size for p in written)
+            count += sum(p.suffix.lower() in paths.IMAGE_SUFFIXES for p in written)
         elif suffix in paths.IMAGE_SUFFIXES + paths.CAPTION_SUFFIXES:
+            if size > left:
+                raise paths.UploadError(f"the upload is more than {max_bytes / 2**20:.0f} MiB in all (the "
+                                        "--max-upload-mb limit); upload fewer or smaller files")
             shutil.copyfile(f, dest / name)
+            left -= size
             count += suffix in paths.IMAGE_SUFFIXES
         else:
             raise paths.UploadError(f"{name}: upload images ({', '.join(paths.IMAGE_SUFFIXES)}), same-name .txt "
@@ -67,10 +86,49 @@ def prepare_uploads(files: list[str], dest: Path, *, max_bytes: int) -> Path:
     return dest
 
 
+# Bounds of what a browser may ask for: a web request must not be able to hang the server (resolution 2^31
+# never finishes building its buckets) or keep the one model busy for days. The command line and TOML are
+# checked by the config itself; these are the UI's own, tighter, limits.
+MAX_STEPS = 100_000
+MAX_RANK = 256
+MAX_SAMPLE_STEPS = 150
+
+
+def max_resolution(native: int) -> int:
+    """The largest training resolution the UI offers: twice the base's native size, and at least 1024."""
+    return max(1024, 2 * int(native)) // 64 * 64
+
+
+def check_request(req: TrainRequest, *, native: int) -> None:
+    """Refuse settings outside what the base and the UI support, with the allowed range in the message."""
+    import math
+
+    def whole(value, what: str, lo: int, hi: int) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value != int(value) or not lo <= value <= hi:
+            raise ConfigError(f"{what} must be a whole number from {lo} to {hi}, got {value!r}")
+
+    top = max_resolution(native)
+    whole(req.steps or None, "steps", 1, MAX_STEPS)
+    whole(req.rank or None, "rank", 1, MAX_RANK)
+    whole(req.resolution or None, "resolution", 64, top)
+    if req.resolution and int(req.resolution) % 64:
+        raise ConfigError(f"resolution must be a multiple of 64 (64 … {top}), got {req.resolution}")
+    whole(req.sample_every, "sample every (steps between samples; 0 = never)", 0, MAX_STEPS)
+    whole(req.sample_steps, "sample denoising steps", 1, MAX_SAMPLE_STEPS)
+    whole(req.seed, "seed", 0, 2**32 - 1)
+    if req.lr not in (None, 0) and (not isinstance(req.lr, (int, float)) or not math.isfinite(req.lr)
+                               or not 0 < req.lr <= 1):
+        raise ConfigError(f"learning rate must be a number above 0 and at most 1, got {req.lr!r}")
+
+
 def build_config(req: TrainRequest, folder: Path, output: Path, *, base, native: int):
     """The ``TrainConfig`` for a request: the preset's recipe, then the request's overrides."""
     if req.preset not in PRESETS:
         raise ConfigError(f"unknown preset {req.preset!r}; choose one of {', '.join(PRESETS)}")
+    check_request(req, native=native)
     recipe = PRESETS[req.preset]
     steps = int(req.steps or recipe["steps"])
     resolution = int(req.resolution or max(64, min(1024, native) // 64 * 64))
@@ -89,11 +147,16 @@ def build_config(req: TrainRequest, folder: Path, output: Path, *, base, native:
 class TrainJob:
     """One training run in a background thread; ``status()`` is what the page shows."""
 
-    def __init__(self, name: str, config, *, run, on_done):
+    def __init__(self, name: str, config, *, run, on_done, on_end=None, samples_dir: Path | None = None):
         self.name = name
         self.config = config
         self._run = run  # callable(config, progress, should_stop) -> Path of the written adapter
         self._on_done = on_done  # callable(Path) -> library name, called when training finished
+        self._on_end = on_end  # callable(), called however the run ends (e.g. to release the reserved name)
+        # Sample images are copied here for the page: the run folder (working adapter, checkpoints, uploads) is
+        # never served, and its name (in the samples' paths) is not shown either.
+        self._samples_dir = Path(samples_dir) if samples_dir is not None else None
+        self._published = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._state = {"name": name, "status": "starting", "step": 0, "steps": config.run.steps, "loss": None,
@@ -139,8 +202,18 @@ class TrainJob:
                 if k in p:  # sample-only reports carry no loss
                     st[k] = p[k]
             if p.get("sample"):
-                st["samples"] = st["samples"] + [str(x) for x in p["sample"]]
+                st["samples"] = st["samples"] + [str(self._publish(Path(x))) for x in p["sample"]]
             st["message"] = f"step {st['step']}/{st['steps']}"
+
+    def _publish(self, sample: Path) -> Path:
+        """The copy of a sample image the page may show (the sample itself without a samples folder)."""
+        if self._samples_dir is None:
+            return sample
+        self._samples_dir.mkdir(parents=True, exist_ok=True)
+        self._published += 1
+        out = self._samples_dir / f"{self.name}-{secrets.token_hex(4)}-{self._published:04d}{sample.suffix}"
+        shutil.copyfile(sample, out)
+        return out
 
     def _main(self) -> None:
         try:
@@ -149,11 +222,14 @@ class TrainJob:
             output = Path(output)
             finals = sorted(output.parent.glob(f"{output.stem}-samples/step-{self.config.run.steps:06d}-*.png"))
             name = self._on_done(Path(output))
+            shown = [str(self._publish(p)) for p in finals]
             with self._lock:
-                self._state["samples"] = self._state["samples"] + [str(p) for p in finals]
+                self._state["samples"] = self._state["samples"] + shown
+            message = f"done: {name} is in the library"
+            if name != self.name:
+                message += f" (the name {self.name!r} was taken during the run, so it was saved as {name!r})"
             self._update(status="done", adapter=name, step=self.config.run.steps, eta=0.0,
-                         elapsed=time.time() - self._started,
-                         message=f"done: {name} is in the library")
+                         elapsed=time.time() - self._started, message=message)
         except TrainingCancelled:
             self._update(status="stopped", message="stopped; nothing was added to the library",
                          elapsed=time.time() - self._started)
@@ -163,6 +239,9 @@ class TrainJob:
             log.exception("training %s failed", self.name)
             self._update(status="failed", message=f"training failed: {type(e).__name__}: {e}",
                          elapsed=time.time() - self._started)
+        finally:
+            if self._on_end is not None:
+                self._on_end()
 
 
 def format_status(s: dict | None) -> str:
