@@ -20,9 +20,12 @@ def register(sub) -> None:
                    help="address to listen on; 0.0.0.0 exposes the UI to your network (no login!)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    p.add_argument("--outputs", metavar="DIR", help="keep generated images here (default: a temp folder removed "
-                                                     "on exit)")
-    p.add_argument("--max-upload-mb", type=int, default=1024, help="largest accepted upload")
+    p.add_argument("--outputs", metavar="DIR", help="work folder: generated images go to DIR/outputs (default: a "
+                                                     "temp folder removed on exit). Only DIR/outputs, DIR/thumbs "
+                                                     "and DIR/samples are served to the page, never DIR itself")
+    p.add_argument("--max-upload-mb", type=int, default=1024,
+                   help="largest accepted upload, and the most one Train upload may unpack to (zip archives "
+                        "included)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps … (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights dtype (default: fp16 on a GPU, fp32 on CPU)")
