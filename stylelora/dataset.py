@@ -67,7 +67,7 @@ class TrainingSet:
                 for flip in flips:
                     key = TensorCache.key("latent", self._digests[i], b.width, b.height, "center", flip, vae_id,
                                           str(vae.dtype))
-                    entry = self.latent_cache.get(key)
+                    entry = self.latent_cache.get(key, check=lambda e, b=b: self._latent_problem(e, b))
                     if entry is None:
                         entry = self._encode_image(it, b, flip=flip, crop="center", gen=None)
                         self.latent_cache.put(key, entry)
@@ -85,6 +85,24 @@ class TrainingSet:
                     entry = {k: v[0].float() for k, v in cond.items() if v is not None}
                     self.text_cache.put(key, entry)
                 self._text[caption] = {k: v.to(self.device) for k, v in entry.items()}
+
+    def _latent_problem(self, entry: dict[str, torch.Tensor], bucket) -> str | None:
+        """What makes a cached latent entry unusable for ``bucket`` (None if nothing): its key and checksum can be
+        right while its content is not what this VAE makes for this bucket (a crafted or foreign entry)."""
+        cfg = self.pipe.vae.config
+        factor = 2 ** (len(cfg.block_out_channels) - 1)
+        want = {"mean": (cfg.latent_channels, bucket.height // factor, bucket.width // factor), "orig": (2,),
+                "crop": (2,)}
+        want["std"] = want["mean"]
+        if set(entry) != set(want):
+            return f"tensors {sorted(entry)}, expected {sorted(want)}"
+        for name, shape in want.items():
+            t = entry[name]
+            if tuple(t.shape) != shape or not t.is_floating_point():
+                return f"{name} is {t.dtype} of shape {tuple(t.shape)}, expected float of shape {shape}"
+            if not torch.isfinite(t).all():
+                return f"{name} holds NaN or inf"
+        return None
 
     def _encode_image(self, item, bucket, *, flip: bool, crop: str, gen) -> dict[str, torch.Tensor]:
         img = data.load_image(item.path)
