@@ -6,12 +6,67 @@ The temporary lives in the destination's folder because a rename is only atomic 
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import NoSpaceError
+
+# How writers report a full disk. OSError carries the errno; safetensors words it ("No space left on device (os
+# error 28)"); torch's zip writer loses it and says only that its stream failed.
+_NO_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NO_SPACE_WORDS = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+_TORCH_WRITE_FAILED = ("basic_ios::clear", "iostream error", "inline_container.cc", "PytorchStreamWriter failed",
+                       "unexpected pos")
+_LOW_SPACE = 64 * 1024 * 1024  # below this much free space, a torch write failure is taken to be a full disk
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        try:
+            return shutil.disk_usage(p).free
+        except OSError:
+            continue
+    return None
+
+
+def no_space_error(exc: BaseException, path) -> NoSpaceError | None:
+    """``exc`` raised while writing ``path`` as a ``NoSpaceError`` naming the path, or None for other errors.
+
+    ``path`` may be None where the writer did not say what it was writing (then the message names no file).
+
+    The one place that recognises a full disk (or quota) in whatever form a writer reports it, so every writer
+    says "no space left on <path>" instead of an errno, a Rust I/O error or torch's "basic_ios::clear".
+    """
+    if isinstance(exc, NoSpaceError):
+        return exc
+    path = Path(path) if path is not None else None
+    text = str(exc).lower()
+    full = (isinstance(exc, OSError) and exc.errno in _NO_SPACE_ERRNOS) or any(w in text for w in _NO_SPACE_WORDS)
+    if not full and path is not None and isinstance(exc, RuntimeError) and any(w.lower() in text
+                                                                               for w in _TORCH_WRITE_FAILED):
+        free = _free_bytes(path.parent)  # checked before the caller deletes its partial temporary
+        full = free is not None and free < _LOW_SPACE
+    if not full:
+        return None
+    if path is None:
+        return NoSpaceError(errno.ENOSPC, f"no space left on the device being written ({exc}). Free some space or "
+                                          "write elsewhere, then run again.")
+    free = _free_bytes(path.parent)
+    where = f" ({free // 1024} KiB free)" if free is not None else ""
+    return NoSpaceError(errno.ENOSPC, f"no space left on {path.parent}{where} while writing {path.name}. Nothing "
+                                      "partial was left there (complete files written before are kept). Free some "
+                                      "space or write elsewhere, then run again.", str(path))
+
+
+def _raise_no_space(exc: BaseException, path: Path) -> None:
+    err = no_space_error(exc, path)
+    if err is not None and err is not exc:
+        raise err from exc
 
 
 def _fresh_name(dest: Path, suffix: str) -> Path:
@@ -28,6 +83,15 @@ def _new_temp_file(dest: Path, suffix: str) -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"could not create a temporary file next to {dest}")
+
+
+def _new_temp_file_or_raise(dest: Path, suffix: str) -> Path:
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return _new_temp_file(dest, suffix)
+    except OSError as e:
+        _raise_no_space(e, dest)
+        raise
 
 
 def _new_temp_folder(dest: Path) -> Path:
@@ -74,8 +138,7 @@ def atomic_path(dest, *, fsync: bool = False, suffix: str = ".tmp") -> Iterator[
     pick a format from the name (PIL).
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temp_file(dest, suffix)
+    tmp = _new_temp_file_or_raise(dest, suffix)
     try:
         yield tmp
         if dest.is_file():
@@ -88,6 +151,9 @@ def atomic_path(dest, *, fsync: bool = False, suffix: str = ".tmp") -> Iterator[
             os.replace(tmp, dest)
         if fsync:
             _fsync(dest.parent)
+    except Exception as e:
+        _raise_no_space(e, dest)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -122,8 +188,12 @@ def atomic_folder(dest, *, fsync: bool = False) -> Iterator[Path]:
     body the temporary folder is deleted and ``dest`` is untouched.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temp_folder(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_temp_folder(dest)
+    except OSError as e:
+        _raise_no_space(e, dest)
+        raise
     try:
         yield tmp
         if fsync:
@@ -131,6 +201,9 @@ def atomic_folder(dest, *, fsync: bool = False) -> Iterator[Path]:
         _swap_into_place(tmp, dest)
         if fsync:
             _fsync(dest.parent)
+    except Exception as e:
+        _raise_no_space(e, dest)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -27,3 +27,10 @@ class TrainingError(StyleloraError):
 
 class TrainingCancelled(StyleloraError):
     """Training was stopped on request; a checkpoint was written to resume from."""
+
+
+class NoSpaceError(StyleloraError, OSError):
+    """The disk (or quota) is full: nothing partial was left at the path being written. Also an OSError (ENOSPC)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()

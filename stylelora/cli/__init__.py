@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from ..atomic import no_space_error
 from ..errors import StyleloraError
 
 # Command modules, in the order `stylelora --help` lists them. Each defines `register(subparsers)` and the
@@ -61,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as e:
+        # a writer outside stylelora.atomic (a library's own file) that hit a full disk: say so, not errno 28
+        full = no_space_error(e, getattr(e, "filename", None))
+        if full is None or args.verbose:
+            raise
+        print(f"error: {full}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
