@@ -513,7 +513,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, base_config: str | None):
         )
     from .tensorfile import open_safetensors
 
-    with open_safetensors(path, error=ModelError) as f:
+    with open_safetensors(path, error=ModelError, floats_only=False) as f:  # checkpoints hold int position_ids
         keys = f.keys()
     cls = StableDiffusionXLPipeline if any(k.startswith("conditioner.embedders.1") for k in keys) else StableDiffusionPipeline
     kwargs = dict(dtype=dtype, **_sd_kwargs(cls))

@@ -4,6 +4,11 @@ safe_open checks the header, every tensor's dtype, shape and offsets, and that t
 unpickles anything. On top we cap the header size before anything is parsed, and when safe_open refuses a file
 we say what is wrong in words (which key, past the end, not JSON, a pickle in disguise) instead of its error code.
 Callers pass the error class their users expect (AdapterError for adapters, ModelError for base models, ...).
+
+Everything stylelora reads (adapters, cache entries, checkpoints, toy weights) is floating point, so by default a
+file holding a bool, integer or complex tensor is refused at open, naming the key and dtype, instead of failing
+later in some torch op; fp8 tensors are returned upcast to float32 (exact), because torch implements almost no
+operations (``isfinite``, matmul, ...) on fp8.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ _FIX = "Re-download or re-export it."
 _DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
                "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
                "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
+_FP8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+                                    "float8_e8m0fnu") if hasattr(torch, n)}
 
 
 def _pickle_hint(head: bytes) -> str:
@@ -110,18 +118,32 @@ class TensorFile:
         return list(s.get_shape()), s.get_dtype()
 
     def tensor(self, key: str) -> torch.Tensor:
+        """The tensor ``key``; fp8 comes back as float32 (every fp8 value is exact in it)."""
         try:
-            return self._f.get_tensor(key)
+            t = self._f.get_tensor(key)
         except Exception as e:  # noqa: BLE001 - safetensors/torch raise several types (e.g. a dtype torch lacks)
             raise self._error(f"{self.path}: cannot read tensor {key!r}: {e}") from None
+        return t.float() if t.dtype in _FP8 else t
+
+    def check_floats(self) -> None:
+        """Refuse a file with any tensor that is not floating point, naming the first such key and its dtype."""
+        for key in self.keys():
+            dtype = self._f.get_slice(key).get_dtype()
+            if dtype not in _FLOAT_DTYPES:
+                raise self._error(f"{self.path}: tensor {key!r} has dtype {dtype}; only floating-point tensors "
+                                  "(F16, BF16, F32, F64, F8) are accepted here. The file was not written for this "
+                                  "use or is damaged; re-export it with floating-point weights.")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: self.tensor(k) for k in self.keys()}
 
 
 @contextmanager
-def open_safetensors(path, *, error: type[StyleloraError] = AdapterError) -> Iterator[TensorFile]:
-    """Open ``path`` with safe_open (CPU tensors), refusing a bad file with an ``error`` that names it."""
+def open_safetensors(path, *, error: type[StyleloraError] = AdapterError, floats_only: bool = True
+                     ) -> Iterator[TensorFile]:
+    """Open ``path`` with safe_open (CPU tensors), refusing a bad file with an ``error`` that names it.
+
+    ``floats_only`` (the default) also refuses a file with a non-floating-point tensor (see the module's note)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -134,17 +156,20 @@ def open_safetensors(path, *, error: type[StyleloraError] = AdapterError) -> Ite
     except OSError as e:
         raise error(f"{path}: cannot be read ({e})") from None
     with handle:
-        yield TensorFile(path, handle, error)
+        f = TensorFile(path, handle, error)
+        if floats_only:
+            f.check_floats()
+        yield f
 
 
-def read_safetensors(path, *, error: type[StyleloraError] = AdapterError) -> tuple[dict[str, torch.Tensor],
-                                                                                  dict[str, str]]:
-    """(all tensors, metadata) of a .safetensors file."""
-    with open_safetensors(path, error=error) as f:
+def read_safetensors(path, *, error: type[StyleloraError] = AdapterError, floats_only: bool = True
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(all tensors, metadata) of a .safetensors file; fp8 tensors upcast to float32."""
+    with open_safetensors(path, error=error, floats_only=floats_only) as f:
         return f.tensors(), f.metadata
 
 
 def read_safetensors_metadata(path, *, error: type[StyleloraError] = AdapterError) -> dict[str, str]:
-    """The ``__metadata__`` of a .safetensors file (header only)."""
-    with open_safetensors(path, error=error) as f:
+    """The ``__metadata__`` of a .safetensors file (header only; any dtypes)."""
+    with open_safetensors(path, error=error, floats_only=False) as f:
         return f.metadata
