@@ -408,24 +408,84 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:10]
 
 
+TINY_MANIFEST = "stylelora-manifest.json"  # size + sha256 of every other file, written last
+
+
 def ensure_tiny(spec: str = "tiny") -> Path:
     """Build the tiny base once and keep it on disk.
 
     Built in a temp folder and renamed into place, under a file lock so that concurrent processes (tests,
-    ``accelerate launch``) build it once. Call before ``torch.distributed`` starts: transformers skips writing
-    weights on ranks other than 0.
+    ``accelerate launch``) build it once. Every use checks the folder against the manifest written last, so one
+    damaged later (zero-byte files left by a full disk or a crash before the data reached it, an older version
+    built without atomic writes) is rebuilt with a warning instead of failing every run until deleted by hand.
+    Call before ``torch.distributed`` starts: transformers skips writing weights on ranks other than 0.
     """
     import fcntl
 
     target = tiny_path(spec)
-    if (target / "model_index.json").exists():
+    if _tiny_damage(target) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{spec}-v{TINY_VERSION}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "model_index.json").exists():
+        why = _tiny_damage(target)
+        if why is not None and _adopt_unlisted(target):
+            return target
+        if why is not None:
+            if target.exists():
+                log.warning("the built-in base %r in %s is damaged (%s); building it again", spec, target, why)
             _build_tiny(target, TINY[spec])
     return target
+
+
+def _tiny_damage(folder: Path) -> str | None:
+    """Why ``folder`` is not an intact built-in base (None if it is): checked against its manifest."""
+    try:
+        manifest = json.loads((folder / TINY_MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "not built" if not folder.exists() else f"{TINY_MANIFEST} is missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{TINY_MANIFEST} is unreadable ({e})"
+    if not isinstance(manifest, dict) or not manifest:
+        return f"{TINY_MANIFEST} lists no files"
+    for name, want in manifest.items():
+        file = folder / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if not isinstance(want, dict) or file.stat().st_size != want.get("size"):
+            return f"{name} has {file.stat().st_size} bytes, {want.get('size') if isinstance(want, dict) else '?'} " \
+                   "were written"
+        if hashlib.sha256(file.read_bytes()).hexdigest() != want.get("sha256"):
+            return f"{name} differs from what was written"
+    return None
+
+
+def _manifest(folder: Path) -> dict:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != TINY_MANIFEST)
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size,
+                                               "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files}
+
+
+def _adopt_unlisted(folder: Path) -> bool:
+    """A folder built before manifests existed: give it one if it looks whole (its model_index.json and every
+    component config parse, no file is empty), so an upgrade does not rebuild every cached base."""
+    from .atomic import write_text
+
+    if not folder.is_dir() or (folder / TINY_MANIFEST).exists():
+        return False
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        for part in index:
+            if (folder / part).is_dir():
+                for cfg in (folder / part).glob("*.json"):
+                    json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    manifest = _manifest(folder)
+    if not manifest or any(v["size"] == 0 for v in manifest.values()):
+        return False
+    write_text(folder / TINY_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True), fsync=True)
+    return True
 
 
 def _build_tiny(target: Path, kind: str) -> None:
@@ -434,7 +494,8 @@ def _build_tiny(target: Path, kind: str) -> None:
 
     from .atomic import atomic_folder
 
-    with tempfile.TemporaryDirectory(prefix=".tiny-tok-", dir=target.parent) as tok, atomic_folder(target) as out:
+    with tempfile.TemporaryDirectory(prefix=".tiny-tok-", dir=target.parent) as tok, \
+            atomic_folder(target, fsync=True) as out:
         if kind == "toy":
             shutil.copytree(TOY_TOKENIZER, tok, dirs_exist_ok=True)
         else:
@@ -450,6 +511,7 @@ def _build_tiny(target: Path, kind: str) -> None:
         for part in [k for k in parts if k.startswith(("unet", "vae", "text_encoder"))]:
             if not any((out / part).glob("*.safetensors")):
                 raise ModelError(f"building the tiny base wrote no weights for {part} (distributed run?)")
+        (out / TINY_MANIFEST).write_text(json.dumps(_manifest(out), indent=1, sort_keys=True), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------- loading
