@@ -4,11 +4,17 @@ A checkpoint is a folder ``step-000120`` written under a temporary name and rena
 mid-write leaves either the previous checkpoints or a complete new one, never a torn one. Everything random in
 training is derived from (seed, step), so restoring these states is enough for a resumed run to end bit-for-bit
 where an uninterrupted one ends.
+
+``state.json`` (written last) records the size and sha256 of the other two files, so a checkpoint damaged later
+(a truncated copy, a bad disk) is recognised before anything is loaded: ``--resume latest`` then falls back to the
+newest intact checkpoint, saying so, and a damaged one named explicitly is refused with the previous one offered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -25,6 +31,9 @@ NAME = re.compile(r"^step-(\d{6,})$")
 RESUMABLE_CHANGES = {"run.steps", "run.resume", "run.checkpoint_every", "run.keep_checkpoints", "run.sample_every",
                      "run.sample_prompts", "run.sample_steps", "run.sample_seed", "run.log_every",
                      "run.tensorboard_dir", "run.output", "run.format", "data.cache_dir", "data.skip_bad_images"}
+FILES = ("lora.safetensors", "train_state.pt")  # what state.json's "files" describes
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_root(output: Path) -> Path:
@@ -47,29 +56,101 @@ def save(root: Path, step: int, *, params: dict[str, torch.Tensor], optimizer, l
         save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / "lora.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "train_state.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1, sort_keys=True))
+        files = {name: {"size": (tmp / name).stat().st_size, "sha256": _digest(tmp / name)} for name in FILES}
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "files": files}, indent=1, sort_keys=True))
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def damage(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be resumed from (None if it is intact): its state.json does not parse, or a
+    file is missing or differs in size or sha256 from what state.json recorded when it was written."""
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"state.json is unreadable ({e})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return "state.json is not a checkpoint's state"
+    files = state.get("files")
+    if not isinstance(files, dict):  # written before checksums were recorded: only presence can be checked
+        missing = [name for name in FILES if not (path / name).is_file()]
+        return f"{', '.join(missing)} missing" if missing else None
+    for name in FILES:
+        want, file = files.get(name) or {}, path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != want.get("size"):
+            return f"{name} has {size} bytes, {want.get('size')} were written (truncated or replaced)"
+        if _digest(file) != want.get("sha256"):
+            return f"{name} does not match the checksum written with it (corrupted or replaced)"
+    return None
+
+
+def _previous_intact(path: Path) -> Path | None:
+    """The newest intact checkpoint older than ``path`` in its folder."""
+    match = NAME.match(path.name)
+    older = [p for p in list_checkpoints(path.parent)
+             if match is None or int(NAME.match(p.name).group(1)) < int(match.group(1))]
+    return next((p for p in reversed(older) if damage(p) is None), None)
+
+
+def _damaged_error(path: Path, why: str) -> TrainingError:
+    prev = _previous_intact(path)
+    offer = (f"The previous intact checkpoint is {prev}: resume from it with --resume {prev} (or delete {path} "
+             "and use --resume latest)." if prev else "No older intact checkpoint exists; start the run again "
+             "without --resume.")
+    return TrainingError(f"checkpoint {path} is damaged: {why}. {offer}")
+
+
 def find(resume: str, root: Path) -> Path | None:
-    """Resolve ``--resume``: 'latest' → newest complete checkpoint in ``root`` (None if there is none)."""
+    """Resolve ``--resume``: 'latest' → newest intact checkpoint in ``root`` (None if there is none; damaged newer
+    ones are skipped with a warning naming them); a folder → that folder, refused with the previous intact one
+    offered if it is damaged."""
     if resume == "latest":
-        found = list_checkpoints(root)
-        return found[-1] if found else None
+        for path in reversed(list_checkpoints(root)):
+            why = damage(path)
+            if why is None:
+                return path
+            log.warning("checkpoint %s is damaged (%s); falling back to an older one", path, why)
+        return None
     path = Path(resume)
     if not (path / "state.json").exists():
         raise TrainingError(f"--resume {resume}: not a checkpoint folder (no state.json). "
                             f"Use 'latest' or a folder such as {root}/step-000100.")
+    why = damage(path)
+    if why is not None:
+        raise _damaged_error(path, why)
     return path
 
 
 def load(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """(state.json, LoRA params, optimizer/scheduler/scaler states). Pickled parts load with weights_only=True."""
-    state = json.loads((path / "state.json").read_text())
-    params, _ = read_safetensors(path / "lora.safetensors", error=TrainingError)
-    train_state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+    """(state.json, LoRA params, optimizer/scheduler/scaler states). Pickled parts load with weights_only=True.
+
+    A damaged checkpoint raises ``TrainingError`` naming it and the previous intact one."""
+    why = damage(path)
+    if why is not None:
+        raise _damaged_error(path, why)
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    state.pop("files", None)  # this module's bookkeeping, not part of the run's state
+    try:
+        params, _ = read_safetensors(path / "lora.safetensors", error=TrainingError)
+    except TrainingError as e:
+        raise _damaged_error(path, str(e)) from None
+    try:
+        train_state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/UnpicklingError/EOFError for a bad archive
+        raise _damaged_error(path, f"train_state.pt cannot be loaded ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return state, params, train_state
 
 
