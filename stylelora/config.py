@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,37 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 D = DEFAULT.overrides  # the default recipe: field defaults below are read from it, never written here
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# Upper bounds that keep a typo from hanging a run or exhausting memory before anything is reported: no base
+# supported here samples beyond 4096 px (SDXL's native size is 1024), and 10M steps is years of training.
+MAX_RESOLUTION = 4096
+MAX_STEPS = 10_000_000
+# What each simple annotation accepts (bool is an int in Python, so it is excluded from the numbers by hand).
+_KINDS = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+          "str": ((str,), "a string"), "list": ((list,), "a list"), "dict": ((dict,), "a table")}
+
+
+def _check_types(obj) -> None:
+    """Every field holds a value of its annotated type (``int``, ``float | None``, ...), numbers finite.
+
+    TOML and Python callers can pass any type (``steps = 2.5``, ``rank = 8.0``, ``lr = "1e-4"``); refusing them
+    here, by name, keeps them from surfacing later as a TypeError deep inside training."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        parts = [p.strip() for p in str(f.type).split("|")]
+        if value is None and "None" in parts:
+            continue
+        kinds = [p.split("[")[0] for p in parts if p != "None"]
+        if not kinds or any(k not in _KINDS for k in kinds):
+            continue  # another annotation (a section, a Literal): the class's own checks cover it
+        ok = any(isinstance(value, _KINDS[k][0]) and not (isinstance(value, bool) and k in ("int", "float"))
+                 for k in kinds)
+        if not ok:
+            want = " or ".join(_KINDS[k][1] for k in kinds) + (" or none" if "None" in parts else "")
+            hint = f" (write {int(value)})" if kinds == ["int"] and isinstance(value, float) and value.is_integer() \
+                else ""
+            raise ConfigError(f"{f.name} must be {want}, got {value!r} ({type(value).__name__}){hint}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
 
 
 class _Validated:
@@ -49,8 +81,12 @@ class _Validated:
     def _validate(self) -> None:
         pass
 
-    def __post_init__(self):
+    def _check_all(self) -> None:
+        _check_types(self)  # first: the value checks below compare numbers
         self._validate()
+
+    def __post_init__(self):
+        self._check_all()
         object.__setattr__(self, "_ready", True)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -63,7 +99,7 @@ class _Validated:
         old = getattr(self, name)
         object.__setattr__(self, name, value)
         try:
-            self._validate()
+            self._check_all()
         except (ConfigError, TypeError) as e:  # TypeError: a value of the wrong type met a comparison
             object.__setattr__(self, name, old)
             raise ConfigError(f"{type(self).__name__}.{name} = {value!r}: {e}") from e
@@ -95,10 +131,11 @@ class DataConfig(_Validated):
                                  "(without it, guidance can cancel much of a style); 0.05-0.2 typical")
 
     def _validate(self) -> None:
-        _check(self.resolution >= 64 and self.resolution % self.bucket_step == 0,
-               f"resolution must be >= 64 and a multiple of bucket_step ({self.bucket_step}), got {self.resolution}")
+        _check(64 <= self.resolution <= MAX_RESOLUTION and self.resolution % self.bucket_step == 0,
+               f"resolution must be in 64..{MAX_RESOLUTION} and a multiple of bucket_step ({self.bucket_step}), "
+               f"got {self.resolution}")
         _check(self.bucket_step in (8, 16, 32, 64, 128), f"bucket_step must be 8, 16, 32, 64 or 128, got {self.bucket_step}")
-        _check(self.default_repeats >= 1, "default_repeats must be >= 1")
+        _check(1 <= self.default_repeats <= 10_000, f"default_repeats must be in 1..10000, got {self.default_repeats}")
         _check(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         _check(all(isinstance(v, int) and v >= 1 for v in self.repeats.values()), "repeats values must be integers >= 1")
 
@@ -146,7 +183,7 @@ class OptimConfig(_Validated):
         _check(self.te_lr is None or self.te_lr >= 0, "te_lr must be >= 0")
         _check(self.optimizer in ("adamw", "adamw8bit"), f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
         _check(self.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)}")
-        _check(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        _check(0 <= self.warmup_steps <= MAX_STEPS, f"warmup_steps must be in 0..{MAX_STEPS}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             object.__setattr__(self, "min_snr_gamma", None)  # 0 means off; not a change to validate
 
@@ -179,8 +216,12 @@ class RunConfig(_Validated):
     tensorboard_dir: str | None = opt(None, "write TensorBoard logs here (needs tensorboard)")
 
     def _validate(self) -> None:
-        _check(self.steps >= 1, "steps must be >= 1")
-        _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
+        _check(1 <= self.steps <= MAX_STEPS, f"steps must be in 1..{MAX_STEPS}, got {self.steps}")
+        _check(1 <= self.batch_size <= 4096 and 1 <= self.grad_accum <= 4096,
+               "batch_size and grad_accum must be in 1..4096")
+        _check(self.checkpoint_every >= 0 and self.sample_every >= 0, "checkpoint_every and sample_every must be >= 0")
+        _check(1 <= self.sample_steps <= 1000, f"sample_steps must be in 1..1000, got {self.sample_steps}")
+        _check(0 <= self.seed < 2**63, f"seed must be in 0..2**63-1, got {self.seed}")
         _check(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision must be no, fp16 or bf16")
         _check(self.format in ("kohya", "peft"), f"format must be kohya or peft, got {self.format!r}")
         _check(self.prediction_type in (None, "epsilon", "v_prediction"), "prediction_type must be epsilon or v_prediction")
@@ -235,7 +276,7 @@ class TrainConfig(_Validated):
                 raise ConfigError(f"{source}: unknown key(s) in [{name}]: {sorted(bad)}; allowed: {sorted(names)}")
             try:
                 parts[name] = klass(**{**start.get(name, {}), **values})
-            except TypeError as e:
+            except (TypeError, ConfigError) as e:
                 raise ConfigError(f"{source}: [{name}]: {e}") from e
         return cls(**parts)
 
