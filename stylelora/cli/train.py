@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
+import sys
+import threading
 
 from ..config import SECTIONS, TrainConfig
 from ..presets import RECIPES
@@ -61,11 +64,59 @@ def config_from_args(args) -> TrainConfig:
 
 
 def run(args) -> int:
-    from ..training import train
+    from .. import training
+    from ..errors import TrainingCancelled
 
     from accelerate import PartialState
 
-    path = train(config_from_args(args))
+    cfg = config_from_args(args)
+    with _StopOnSignal() as stop:
+        try:
+            path = training.train(cfg, should_stop=stop.requested)
+        except TrainingCancelled as e:
+            if stop.signum is None:
+                raise
+            if PartialState().is_main_process:
+                print(f"{signal.Signals(stop.signum).name}: {e}", file=sys.stderr)  # it says how to resume
+            return 128 + stop.signum  # the shell's code for "ended by this signal", after a clean stop
     if PartialState().is_main_process:
         print(f"wrote {path}")
     return 0
+
+
+class _StopOnSignal:
+    """SIGTERM (schedulers, ``docker stop``) and SIGINT (Ctrl-C) stop training like the web UI's Stop button: the
+    run finishes its step, writes a checkpoint and returns. A second signal ends the process at once (the previous
+    handler, e.g. KeyboardInterrupt, takes over). The previous handlers are restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # second signal: stop waiting for the step
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: stopping after this step and writing a checkpoint "
+              "(send it again to quit at once)", file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
