@@ -18,12 +18,16 @@ class TextConditioning:
         self.xl = family.spec.micro_conditioning  # SDXL: two encoders' states, pooled embeds, time ids
         # one tokenizer per text encoder of the family: text_encoder -> tokenizer, text_encoder_2 -> tokenizer_2
         self.tokenizers = [getattr(pipe, te.replace("text_encoder", "tokenizer")) for te in family.text_encoders]
+        # learnt trigger tokens (stylelora/tokens.py): a word that stands for several added tokens is expanded to
+        # all of them by the pipeline's own maybe_convert_prompt, exactly as its __call__ does at inference
+        self.expand = pipe.maybe_convert_prompt if getattr(pipe, "maybe_convert_prompt", None) else None
+        self.expand_tokens = False
 
     def tokenize(self, captions: list[str]) -> list[torch.Tensor]:
         """Token ids per encoder, padded to each tokenizer's max length."""
         return [
-            tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                return_tensors="pt").input_ids
+            tok(self.expand(captions, tok) if self.expand_tokens else captions, padding="max_length",
+                max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
             for tok in self.tokenizers
         ]
 

@@ -150,12 +150,17 @@ class NetworkConfig(_Validated):
     unet_targets: list = opt(UNET_TARGETS, "UNet module names that get LoRA (comma-separated)")
     train_text_encoder: bool = opt(False, "also train LoRA on the text encoder")
     te_targets: list = opt(TE_TARGETS, "text-encoder module names that get LoRA (comma-separated)")
+    train_tokens: int = opt(0, "pivotal tuning: the trigger word becomes this many new tokens in the tokenizer(s), "
+                               "whose embeddings train with the LoRA and ship in the adapter (0 = off)")
+    token_init: str | None = opt(None, "start the learnt tokens from this word's embedding (default: random vectors "
+                                       "of the vocabulary's mean norm)")
 
     def _validate(self) -> None:
         _check(1 <= self.rank <= 1024, f"rank must be in 1..1024, got {self.rank}")
         _check(self.alpha is None or self.alpha > 0, "alpha must be > 0")
         _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
         _check(bool(self.unet_targets) or self.train_text_encoder, "nothing to train: unet_targets is empty")
+        _check(0 <= self.train_tokens <= 64, f"train_tokens must be in 0..64, got {self.train_tokens}")
 
     @property
     def lora_alpha(self) -> float:
@@ -177,6 +182,10 @@ class OptimConfig(_Validated):
     min_snr_gamma: float | None = opt(D["min_snr_gamma"], "min-SNR-gamma loss weighting (0 or none = off)")
     noise_offset: float = opt(D["noise_offset"], "noise offset (helps very dark/bright styles); 0.05-0.1 typical")
     zero_terminal_snr: bool = opt(False, "rescale the noise schedule to zero terminal SNR (needs v-prediction)")
+    token_lr: float = opt(5e-3, "learning rate of the learnt trigger tokens (--train-tokens); 5e-3 is AUTOMATIC1111's "
+                                "textual-inversion default")
+    token_stop: float = opt(0.5, "share of the steps the learnt tokens train for; they stay fixed after it while the "
+                                 "LoRA goes on (0.5 as diffusers' train_text_encoder_ti_frac)")
 
     def _validate(self) -> None:
         _check(self.lr > 0, "lr must be > 0")
@@ -184,6 +193,8 @@ class OptimConfig(_Validated):
         _check(self.optimizer in ("adamw", "adamw8bit"), f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
         _check(self.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)}")
         _check(0 <= self.warmup_steps <= MAX_STEPS, f"warmup_steps must be in 0..{MAX_STEPS}")
+        _check(self.token_lr > 0, "token_lr must be > 0")
+        _check(0.0 < self.token_stop <= 1.0, f"token_stop must be in (0, 1], got {self.token_stop}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             object.__setattr__(self, "min_snr_gamma", None)  # 0 means off; not a change to validate
 
@@ -247,6 +258,9 @@ class TrainConfig(_Validated):
     def _validate(self) -> None:
         for name, klass in SECTIONS.items():
             _check(isinstance(getattr(self, name), klass), f"{name} must be a {klass.__name__}")
+        _check(not self.network.train_tokens or bool(self.data.trigger),
+               f"train_tokens = {self.network.train_tokens} needs a trigger word ([data] trigger, --trigger WORD): "
+               "the learnt tokens stand for it in captions and prompts")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -25,7 +25,8 @@ class TrainingSet:
     """Images of one run with their buckets; ``batch()`` returns model-ready tensors for a list of item indices."""
 
     def __init__(self, items: list[data.ImageItem], cfg: DataConfig, pipe, *, cache_root: Path,
-                 cache_text: bool, device: torch.device, weight_dtype: torch.dtype, family=None):
+                 cache_text: bool, device: torch.device, weight_dtype: torch.dtype, family=None,
+                 learnt_tokens=None):
         from .conditioning import TextConditioning
         from .models import detect_family
 
@@ -38,6 +39,10 @@ class TrainingSet:
         if cfg.cache_latents and cfg.random_crop:
             log.warning("random_crop changes the crop every epoch, so latents are encoded each step (no latent cache)")
         self.cache_text = cache_text
+        # learnt trigger tokens (stylelora/tokens.py TriggerTokens), already in the pipeline's tokenizers: captions
+        # are expanded to them, and a caption that uses them is never cached (see prepare)
+        self.learnt_tokens = learnt_tokens if learnt_tokens is not None and learnt_tokens.active else None
+        self.text.expand_tokens = self.learnt_tokens is not None
         self.buckets = [
             data.assign_bucket(it.width, it.height, cfg.resolution, no_upscale=not cfg.upscale, step=cfg.bucket_step)
             for it in items
@@ -77,6 +82,12 @@ class TrainingSet:
             te_id = "".join(module_fingerprint(e) for e in self.encoders)
             te_id += "".join(_tokenizer_id(t) for t in self.text.tokenizers)
             captions = {it.caption for it in self.items} | ({""} if self.cfg.caption_dropout else set())
+            if self.learnt_tokens is not None:
+                # The encoding of a caption that holds a learnt token changes at every step while the tokens
+                # train, so it cannot be cached: cached_text encodes those live. The others (regularization
+                # images, the empty caption of caption dropout, captions without the trigger) never read the
+                # new rows and keep the cache.
+                captions = {c for c in captions if not self.learnt_tokens.in_caption(self.text.tokenize([c]))}
             for caption in sorted(captions):
                 key = TensorCache.key("text", caption, te_id, str(self.weight_dtype), self.family.arch)
                 entry = self.text_cache.get(key)
@@ -144,8 +155,20 @@ class TrainingSet:
         """The items' captions; where ``drop`` is True, the empty caption (caption dropout)."""
         return ["" if drop and drop[k] else self.items[i].caption for k, i in enumerate(indices)]
 
-    def cached_text(self, indices: list[int], drop: list[bool] | None = None) -> dict[str, torch.Tensor]:
-        entries = [self._text[c] for c in self.captions(indices, drop)]
+    def cached_text(self, indices: list[int], drop: list[bool] | None = None, encoders=None,
+                    live_all: bool = False) -> dict[str, torch.Tensor]:
+        """Text conditioning of a batch from the cache; captions the cache does not hold (those with learnt
+        trigger tokens, see prepare), or all of them with ``live_all``, are encoded here with ``encoders``."""
+        captions = self.captions(indices, drop)
+        live = [k for k, c in enumerate(captions) if live_all or c not in self._text]
+        if not live:
+            entries = [self._text[c] for c in captions]
+            return {k: torch.stack([e[k] for e in entries]).to(self.device) for k in entries[0]}
+        fresh = self.text.encode(encoders, self.text.tokenize([captions[k] for k in live]))
+        fresh = {k: v.float() for k, v in fresh.items() if v is not None}  # the cache's dtype, to stack with it
+        row = {k: j for j, k in enumerate(live)}
+        entries = [{n: v[row[k]] for n, v in fresh.items()} if k in row else self._text[c]
+                   for k, c in enumerate(captions)]
         return {k: torch.stack([e[k] for e in entries]).to(self.device) for k in entries[0]}
 
 

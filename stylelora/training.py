@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, lora
+from . import checkpoint, data, lora, tokens
 from .config import TrainConfig
 from .dataset import TrainingSet
 from .errors import ConfigError, TrainingCancelled, TrainingError
@@ -77,6 +77,8 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
     if output.suffix != ".safetensors":
         raise ConfigError(f"output {output} must end in .safetensors")
     started_at = time.time()
+    if cfg.network.train_tokens:
+        tokens.check_trigger(cfg.data.trigger, cfg.network.train_tokens)
     if base is None and run.base in TINY:
         ensure_tiny(run.base)  # before the process group exists (see ensure_tiny)
 
@@ -103,12 +105,14 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
     parts = ["unet", "vae", *base.family.text_encoders]
     original = {n: (getattr(base.pipe, n).device, getattr(base.pipe, n).dtype) for n in parts}
     scheduler = base.pipe.scheduler
+    learnt = tokens.TriggerTokens()  # filled by _setup with --train-tokens; given back below
     try:
         return _train_on(base, cfg, accelerator, items, output, started_at,
-                         hooks=_Hooks(progress=progress, should_stop=should_stop, on_step=on_step))
+                         hooks=_Hooks(progress=progress, should_stop=should_stop, on_step=on_step), learnt=learnt)
     finally:
         if borrowed:
             lora.remove(base.pipe, ADAPTER_NAME)
+            learnt.remove(base.pipe)
             for n, (dev, dtype) in original.items():
                 getattr(base.pipe, n).to(dev, dtype)
             base.pipe.scheduler = scheduler
@@ -143,6 +147,8 @@ class _Parts:
     params: list                 # all LoRA parameters (for gradient clipping)
     optimizer: Any
     lr_scheduler: Any
+    learnt: tokens.TriggerTokens  # learnt trigger tokens (inactive without --train-tokens)
+    token_stop: int = 0           # the first step (0-based) in which the learnt tokens no longer change
 
 
 @dataclass
@@ -172,12 +178,13 @@ class EpochStream:
         return self._plan(epoch)[k]
 
 
-def _train_on(base: Base, cfg: TrainConfig, accelerator, items, output: Path, started_at: float, hooks: _Hooks) -> Path:
+def _train_on(base: Base, cfg: TrainConfig, accelerator, items, output: Path, started_at: float, hooks: _Hooks,
+              learnt: tokens.TriggerTokens) -> Path:
     """The run proper, on a loaded base: frozen base → caches → LoRA → optimizer → resume → steps → adapter file."""
     from tqdm.auto import tqdm
 
     run = cfg.run
-    p = _setup(base, cfg, accelerator, items)
+    p = _setup(base, cfg, accelerator, items, learnt)
     ckpt_root = checkpoint.checkpoint_root(output)
     run_state = {"config": cfg.to_dict(), "data": p.tset.fingerprint(), "world": accelerator.num_processes}
     start_step = _resume(run.resume, ckpt_root, run_state, accelerator, p)
@@ -224,7 +231,7 @@ def _train_on(base: Base, cfg: TrainConfig, accelerator, items, output: Path, st
     return output
 
 
-def _setup(base: Base, cfg: TrainConfig, accelerator, items) -> _Parts:
+def _setup(base: Base, cfg: TrainConfig, accelerator, items, learnt: tokens.TriggerTokens) -> _Parts:
     """Frozen base in the training dtype, filled caches, seeded LoRA layers, optimizer and LR schedule, prepared."""
     from diffusers.optimization import get_scheduler
 
@@ -235,10 +242,13 @@ def _setup(base: Base, cfg: TrainConfig, accelerator, items) -> _Parts:
     prediction_type = run.prediction_type or family.prediction_type
     _freeze(pipe, te_names, accelerator.device, weight_dtype)
     noise_scheduler = make_noise_scheduler(pipe, prediction_type, cfg.optim.zero_terminal_snr)
+    if cfg.network.train_tokens:  # the tokenizers first: the text cache must know which captions use the tokens
+        learnt.add_tokens(pipe, te_names, cfg.data.trigger, cfg.network.train_tokens)
 
     # caches (main process fills them; the others then read them back)
     tset = TrainingSet(items, cfg.data, pipe, cache_root=Path(cfg.data.cache_dir or stylelora_home() / "cache"),
-                       cache_text=not train_te, device=accelerator.device, weight_dtype=weight_dtype, family=family)
+                       cache_text=not train_te, device=accelerator.device, weight_dtype=weight_dtype, family=family,
+                       learnt_tokens=learnt)
     with accelerator.main_process_first():
         tset.prepare()
     log.info("cache: latents %s, text %s", tset.latent_cache.stats, tset.text_cache.stats)
@@ -250,6 +260,12 @@ def _setup(base: Base, cfg: TrainConfig, accelerator, items) -> _Parts:
                "lr": cfg.optim.lr if n == "unet" else (cfg.optim.te_lr if cfg.optim.te_lr is not None else cfg.optim.lr)}
               for n in trained]
     groups = [g for g in groups if g["params"]]
+    if learnt.active:
+        # after the LoRA groups (their order and lrs stay those of a run without tokens); the rows come after the
+        # LoRA injection so they are in no LoRA group, and are seeded apart from the LoRA initialisation
+        groups.append({"params": learnt.add_rows(pipe, cfg.network.token_init, run.seed), "lr": cfg.optim.token_lr})
+        # the text encoders now train even without their LoRA: they go through prepare() (DDP syncs the rows)
+        trained += [n for n in te_names if n not in trained]
     optimizer = make_optimizer(cfg, groups, accelerator.device)
     lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                  num_training_steps=run.steps)
@@ -262,7 +278,8 @@ def _setup(base: Base, cfg: TrainConfig, accelerator, items) -> _Parts:
     return _Parts(tset=tset, noise_scheduler=noise_scheduler, prediction_type=prediction_type,
                   trained={n: models[n] for n in trained}, unet=models["unet"], unet_forward=unet_forward,
                   encoders=[models[n] for n in te_names], params=[q for g in groups for q in g["params"]],
-                  optimizer=optimizer, lr_scheduler=lr_scheduler)
+                  optimizer=optimizer, lr_scheduler=lr_scheduler, learnt=learnt,
+                  token_stop=tokens.stop_step(run.steps, cfg.optim.token_stop))
 
 
 def _freeze(pipe, te_names: list[str], device, weight_dtype) -> None:
@@ -326,9 +343,15 @@ def _step(p: _Parts, cfg: TrainConfig, accelerator, stream: EpochStream, step: i
         with accelerator.no_sync(p.unet) if a < run.grad_accum - 1 else nullcontext():
             with accelerator.autocast():
                 loss = compute_loss(p.tset, indices, gen, p.unet_forward, p.encoders, p.noise_scheduler, cfg,
-                                    p.prediction_type, cfg.network.train_text_encoder)
+                                    p.prediction_type, cfg.network.train_text_encoder,
+                                    # several processes: each runs the text encoders in every micro-batch, as
+                                    # DDP all-reduces the learnt rows' gradients in each backward
+                                    p.learnt.active and world > 1)
             accelerator.backward(loss / run.grad_accum)
         total += loss.detach().float() / run.grad_accum
+    if p.learnt.active and step >= p.token_stop:
+        for rows in p.learnt.rows.values():
+            rows.grad = None  # the tokens stop training (--token-stop): the optimizer skips a parameter without grad
     if cfg.optim.max_grad_norm > 0:
         accelerator.clip_grad_norm_(p.params, cfg.optim.max_grad_norm)
     lrs = [g["lr"] for g in p.optimizer.param_groups]
@@ -386,6 +409,8 @@ def _write_adapter(base: Base, cfg: TrainConfig, items, output: Path, started_at
         adapter = lora.extract(base.pipe, ADAPTER_NAME)
         adapter.name = output.stem
         adapter.family = base.family.key
+        if p.learnt.active:
+            adapter.embeddings[p.learnt.word] = p.learnt.embedding()
         epoch = math.ceil(run.steps * run.grad_accum * accelerator.num_processes / stream.per_epoch)
         meta = formats.training_metadata(cfg, base.family, items=items, base_name=base.name, steps=run.steps,
                                          epoch=epoch, started_at=started_at, finished_at=time.time(),
@@ -399,7 +424,8 @@ def _write_adapter(base: Base, cfg: TrainConfig, items, output: Path, started_at
     accelerator.end_training()
 
 
-def compute_loss(tset, indices, gen, unet, encoders, noise_scheduler, cfg, prediction_type, train_te):
+def compute_loss(tset, indices, gen, unet, encoders, noise_scheduler, cfg, prediction_type, train_te,
+                 live_text: bool = False):
     """Diffusion loss for one micro-batch: noise the latents at random timesteps, predict, weight by min-SNR."""
     from diffusers.training_utils import compute_snr
 
@@ -421,7 +447,9 @@ def compute_loss(tset, indices, gen, unet, encoders, noise_scheduler, cfg, predi
     if train_te:
         cond = tset.text.encode(encoders, tset.text.tokenize(tset.captions(indices, **drop)))
     else:
-        cond = tset.cached_text(indices, **drop)
+        # cached, except captions with learnt tokens (encoded live: their rows train), or all with live_text
+        live = {"encoders": encoders, "live_all": live_text} if tset.learnt_tokens is not None else {}
+        cond = tset.cached_text(indices, **drop, **live)
     dtype = tset.weight_dtype
     extra = unet_kwargs(tset.family, cond, original_sizes=batch["original_sizes"], crops=batch["crops"],
                         target_sizes=batch["target_sizes"], dtype=dtype)
@@ -483,7 +511,11 @@ def trainable_state(accelerator, models: dict) -> dict[str, torch.Tensor]:
 def restore(path: Path, run_state: dict, accelerator, models, optimizer, lr_scheduler) -> int:
     """Load a checkpoint into the live run after checking it belongs to the same run; returns its step."""
     state, params, train_state = checkpoint.load(path)
-    diffs = checkpoint.config_differences(state["config"], run_state["config"])
+    # a setting added since the checkpoint was written (e.g. train_tokens) counts as its default, which is how
+    # that older run trained
+    defaults = TrainConfig().to_dict()
+    saved_config = {sec: {**defaults.get(sec, {}), **values} for sec, values in state["config"].items()}
+    diffs = checkpoint.config_differences(saved_config, run_state["config"])
     if diffs:
         raise TrainingError(f"cannot resume from {path}: the run's settings changed: {'; '.join(diffs)}. "
                             "Use the original settings (or start a new run with a different output).")
