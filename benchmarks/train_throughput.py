@@ -37,10 +37,12 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 
 class SyntheticSet:
     """Stands in for ``dataset.TrainingSet``: random images/captions, either cached once or re-encoded per step."""
 
+    learnt_tokens = None  # no --train-tokens rows: captions never need a live text encoder here
+
     def __init__(self, pipe, family, *, batch: int, resolution: int, device, weight_dtype, reencode: bool):
         self.pipe, self.family, self.weight_dtype, self.device = pipe, family, weight_dtype, device
         self.text = TextConditioning(pipe, family)
-        self.encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family.arch == "sdxl" else [])
+        self.encoders = [getattr(pipe, n) for n in family.text_encoders]
         self.batch_size, self.res, self.reencode = batch, resolution, reencode
         self.caption = "mystyle, a lighthouse on a cliff at dusk, oil painting"
         g = torch.Generator().manual_seed(0)
