@@ -115,13 +115,15 @@ def parse_prompt(prompt: str) -> tuple[str, list[LoraRef]]:
 
 def available_adapters(folders: list[str | Path]) -> dict[str, Path]:
     """Adapter files in ``folders`` (searched recursively), by name: file stem, and ``sub/dir/stem`` for nested ones."""
+    from .formats.embeddings import is_embedding_file
+
     found: dict[str, Path] = {}
     for folder in folders:
         root = Path(folder).expanduser()
         if not root.is_dir():
             raise ConfigError(f"--adapters {root}: not a folder")
         for path in sorted(root.rglob("*")):
-            if path.suffix.lower() in ADAPTER_SUFFIXES and path.is_file():
+            if path.suffix.lower() in ADAPTER_SUFFIXES and path.is_file() and not is_embedding_file(path):
                 rel = path.relative_to(root).with_suffix("").as_posix()
                 found.setdefault(rel, path)
                 found.setdefault(path.stem, path)

@@ -275,3 +275,31 @@ def test_web_ui_switches_between_adapters_that_share_a_word(tmp_path):
         assert np.array_equal(run(), plain)
     finally:
         studio.close()
+
+
+def test_sidecars_are_not_listed_as_adapters_and_travel_with_library_copies(tmp_path):
+    from stylelora.prompt import available_adapters
+    from stylelora.webui.library import Library
+
+    base = quiet_base("tiny-random")
+    src = tmp_path / "run" / "ink.safetensors"
+    src.parent.mkdir()
+    save_adapter(make_adapter(base.pipe, "tiny-random"), src, pipe=base.pipe)
+    assert (tmp_path / "run" / "ink_emb.safetensors").is_file()  # written for ComfyUI / diffusers
+    assert sorted(available_adapters([src.parent])) == ["ink"]  # the sidecar is no adapter
+
+    (tmp_path / "loras").mkdir()
+    lib = Library(tmp_path / "loras", tmp_path / "thumbs")
+    name = lib.keep_trained(src, "mine")
+    assert name == "mine" and lib.names() == ["mine"]
+    sidecar = lib.root / "mine_emb.safetensors"
+    assert sidecar.is_file()  # named after the library copy, not the run's file
+    from stylelora.formats import load_embedding
+
+    got = load_embedding(sidecar, name=WORD)
+    want = make_adapter(base.pipe, "tiny-random").embeddings[WORD]
+    assert torch.equal(got.vectors["text_encoder"], want.vectors["text_encoder"])
+    (lib.root / "other_emb.safetensors").write_bytes(sidecar.read_bytes())  # someone else's embedding: not ours
+    lib.delete("mine")
+    assert not sidecar.exists() and (lib.root / "other_emb.safetensors").exists()
+    assert lib.names() == []

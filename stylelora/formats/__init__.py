@@ -8,12 +8,12 @@
 - ``metadata``: what a trained adapter records; ``summary``: what ``stylelora inspect`` reports
 """
 
-from .embeddings import load_embedding, sidecar_paths
+from .embeddings import is_embedding_file, load_embedding, sidecar_paths
 from .io import model_hashes, read_metadata
 from .load import load_adapter
 from .metadata import training_metadata
 from .save import FORMATS, save_adapter
 from .summary import describe
 
-__all__ = ["FORMATS", "describe", "load_adapter", "load_embedding", "model_hashes", "read_metadata", "save_adapter",
+__all__ = ["FORMATS", "describe", "is_embedding_file", "load_adapter", "load_embedding", "model_hashes", "read_metadata", "save_adapter",
            "sidecar_paths", "training_metadata"]

@@ -20,6 +20,7 @@ encoder, ``clip_l`` + ``clip_g`` for SDXL, the word in the metadata (``stylelora
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -129,6 +130,49 @@ def sidecar_paths(path, embeddings) -> dict[str, Path]:
     if len(words) == 1:
         return {words[0]: path.with_name(f"{path.stem}_emb.safetensors")}
     return {w: path.with_name(f"{path.stem}_{w}_emb.safetensors") for w in words}
+
+
+def is_embedding_file(path) -> bool:
+    """Whether ``path`` is a standalone embedding file (a sidecar, or any A1111/ComfyUI-style ``emb_params`` /
+    ``clip_l``+``clip_g`` file) rather than an adapter: adapter listings skip these. Reads the header only (once per
+    file version); a file that cannot be read is left to the adapter loader, which names what is wrong with it."""
+    if not str(path).lower().endswith(".safetensors"):
+        return False
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return False
+    return _is_embedding_file(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_embedding_file(path: str, size: int, mtime_ns: int) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - unreadable: not ours to judge here
+        return False
+    return METADATA_TOKEN in meta or (bool(keys) and keys <= {ONE_TE_KEY, *SDXL_KEYS.values()})
+
+
+def sidecars_of(path) -> list[Path]:
+    """The sidecar embedding files ``write_sidecars`` wrote beside the adapter at ``path`` (found by name and by
+    the ``stylelora.adapter`` entry in their header, so an unrelated file of a similar name is never picked)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    out = []
+    for cand in sorted(path.parent.glob(f"{path.stem}_*emb.safetensors")):
+        try:
+            with safe_open(str(cand), "pt") as f:
+                if (f.metadata() or {}).get("stylelora.adapter") == path.name:
+                    out.append(cand)
+        except Exception:  # noqa: BLE001 - unreadable: not a sidecar we wrote
+            continue
+    return out
 
 
 def sidecar_tensors(emb: TokenEmbedding) -> dict[str, torch.Tensor]:

@@ -99,6 +99,8 @@ class Library:
                 p = here / f
                 if not paths.is_within(p.resolve(), self.root) or not p.resolve().is_file():
                     continue  # a link that leaves the folder
+                if _is_embedding_file(p):
+                    continue  # an adapter's sidecar embedding (for other tools), not an adapter
                 rel = p.relative_to(self.root).as_posix()
                 out[rel[: -len(paths.ADAPTER_SUFFIX)]] = p
         return out
@@ -221,6 +223,7 @@ class Library:
         """Copy ``src`` into the library as ``name`` atomically (temp file in the folder, then rename)."""
         dest = self._target(name, overwrite)
         copy_file(src, dest, fsync=True)
+        _write_sidecars(dest)
         self.version += 1
         return dest
 
@@ -236,6 +239,7 @@ class Library:
             dest = self.entry(candidate)
             if (i == 1 and overwrite) or not os.path.lexists(dest):
                 copy_file(src, dest, fsync=True)
+                _write_sidecars(dest)
                 self.version += 1
                 return candidate
         raise AdapterError(f"no free name like {stem!r} in the library for the trained adapter")
@@ -300,7 +304,10 @@ class Library:
                                             f"library ({self.root}); it is not deleted from here")
         elif not path.is_file():
             raise paths.UnsafePathError(f"adapter {paths.adapter_stem(name)!r} is not in the library ({self.root})")
+        sidecars = [] if path.is_symlink() else _sidecars_of(path)
         path.unlink()  # on a link: the link itself
+        for extra in sidecars:  # the adapter's embedding files for other tools go with it
+            extra.unlink(missing_ok=True)
         self.version += 1
         return path
 
@@ -326,3 +333,35 @@ def _load_checked(path: Path, pipe):
             return load_adapter(path), None
         except AdapterError:
             raise first from None
+
+
+def _is_embedding_file(path: Path) -> bool:
+    from stylelora.formats.embeddings import is_embedding_file
+
+    return is_embedding_file(path)
+
+
+def _sidecars_of(path: Path) -> list[Path]:
+    from stylelora.formats.embeddings import sidecars_of
+
+    return sidecars_of(path)
+
+
+def _write_sidecars(dest: Path) -> None:
+    """Beside a library copy of an adapter with learnt tokens, its sidecar embedding file(s) for tools that do not
+    read embeddings bundled in a LoRA file (ComfyUI, diffusers), named after the copy. Files without embeddings
+    are not read further; one that cannot be read without its base keeps just the adapter (it loads with a base)."""
+    from safetensors import safe_open
+
+    from stylelora.formats import load_adapter
+    from stylelora.formats.embeddings import is_embedding_key, write_sidecars
+
+    with safe_open(str(dest), "pt") as f:
+        if not any(is_embedding_key(k) for k in f.keys()):
+            return
+    try:
+        adapter = load_adapter(dest)
+    except AdapterError:
+        return
+    if adapter.embeddings:
+        write_sidecars(dest, adapter.embeddings, adapter.family)
