@@ -224,3 +224,31 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
+
+
+def _same_or_inside(path: Path, output: Path) -> bool:
+    """Whether writing ``output`` (a file, or a folder that is replaced whole) would destroy ``path``: the same file
+    (also through a symlink or a hard link), or ``path`` inside ``output``."""
+    try:
+        rp, ro = path.resolve(), output.resolve()
+    except OSError:
+        return False
+    if rp == ro or ro in rp.parents:
+        return True
+    try:
+        return output.exists() and path.exists() and os.path.samefile(path, output)
+    except OSError:
+        return False
+
+
+def check_output(output, inputs, *, overwrite: bool, flag: str = "--overwrite") -> None:
+    """Refuse an output that would replace one of the ``inputs`` (ever, whatever ``overwrite`` says), and an
+    existing output unless ``overwrite``. Called before any slow work, so nothing is computed for nothing."""
+    from .errors import ConfigError
+
+    output = Path(output)
+    for src in inputs:
+        if src is not None and _same_or_inside(Path(src), output):
+            raise ConfigError(f"output {output} would replace the input {src}; choose another output path")
+    if os.path.lexists(output) and not overwrite:
+        raise ConfigError(f"output {output} already exists; pass {flag} to replace it")

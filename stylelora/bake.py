@@ -53,11 +53,17 @@ def _check_plain(pipe) -> None:
                              "Blender (fused weights), not from a pipeline with attached adapters")
 
 
-def check_output(output: str | Path, *, single_file: bool = False, overwrite: bool = False) -> None:
-    """Refuse a bad or existing destination before any slow work."""
+def check_output(output: str | Path, *, single_file: bool = False, overwrite: bool = False,
+                 base_spec: str | None = None) -> None:
+    """Refuse a bad or existing destination before any slow work, and always one that would replace the base
+    model being read (``base_spec``: its folder or file), whatever ``overwrite`` says."""
+    from .atomic import check_output as refuse_inputs
+
     output = Path(output)
     if single_file and output.suffix.lower() != ".safetensors":
         raise ConfigError(f"--single-file output must end in .safetensors, got {output.name}")
+    base_path = Path(base_spec).expanduser() if base_spec else None
+    refuse_inputs(output, [base_path] if base_path is not None and base_path.exists() else [], overwrite=True)
     _prepare(output, overwrite, create=False)
 
 
@@ -124,6 +130,7 @@ def bake(base, refs: list[LoraRef], output: str | Path, *, folders=(), single_fi
     """Load ``refs`` onto ``base`` (a models.Base), fuse them at their weights and save the result."""
     if not refs:
         raise ConfigError("bake needs at least one --lora FILE[:W[:W_TE]]")
+    check_output(output, single_file=single_file, overwrite=overwrite, base_spec=getattr(base, "spec", None))
     blender = Blender(base)
     blender.set(blender.load_refs(refs, folders))
     if single_file:

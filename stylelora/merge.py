@@ -234,14 +234,21 @@ def load_sources(refs: list[LoraRef], *, folders=(), pipe=None) -> list[Source]:
 
 
 def merge_files(refs: list[LoraRef], output: str | Path, *, rank: int | None = None, folders=(), pipe=None,
-                format: str = "kohya", rename=()) -> tuple[Path, MergeResult]:
+                format: str = "kohya", rename=(), overwrite: bool = False) -> tuple[Path, MergeResult]:
     """Merge adapter files into ``output`` (written atomically), recording the sources in its metadata; token
-    embeddings are kept (and written to sidecar files too, see ``formats.save_adapter``)."""
-    from .formats import save_adapter
+    embeddings are kept (and written to sidecar files too, see ``formats.save_adapter``). ``output`` is never one
+    of the sources, and an existing file is replaced only with ``overwrite``."""
+    from .atomic import check_output
+    from .formats import save_adapter, sidecar_paths
+    from .prompt import resolve
 
     output = Path(output)
+    check_output(output, [resolve(ref, list(folders)) for ref in refs], overwrite=overwrite)
     sources = load_sources(refs, folders=folders, pipe=pipe)
     result = merge(sources, rank=rank, name=output.stem, rename=rename)
+    # the sidecar embedding files written beside the output must not replace a source either
+    for extra in sidecar_paths(output, result.adapter.embeddings).values():
+        check_output(extra, [s.origin for s in sources], overwrite=True)
     if not result.adapter.num_modules():
         raise ConfigError("every source has weight 0: the merged adapter would be empty")
     metadata = {**shared_metadata(sources), "stylelora.version": __version__,

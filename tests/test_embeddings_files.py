@@ -216,7 +216,7 @@ def test_merge_keeps_both_sources_embeddings_clash_and_rename(tiny, tmp_path, ca
     assert main(["merge", str(fa), str(fc), "-o", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
     assert str(fa) in err and str(fc) in err and "'inkwash'" in err and "--rename" in err
-    assert main(["merge", str(fa), str(fc), "--rename", f"{fc}:inkwash=inkwash2", "-o", str(out)]) == 0
+    assert main(["merge", str(fa), str(fc), "--rename", f"{fc}:inkwash=inkwash2", "-o", str(out), "--overwrite"]) == 0
     got = load_adapter(out).embeddings
     assert torch.equal(got["inkwash"].vectors["text_encoder"], a.embeddings["inkwash"].vectors["text_encoder"])
     assert torch.equal(got["inkwash2"].vectors["text_encoder"], c.embeddings["inkwash"].vectors["text_encoder"])

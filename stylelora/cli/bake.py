@@ -28,7 +28,7 @@ def run(args) -> int:
     refs = [parse_spec(s) for s in args.lora]
     if not refs:
         raise ConfigError("bake needs at least one --lora FILE[:W[:W_TE]]")
-    check_output(args.output, single_file=args.single_file, overwrite=args.overwrite)
+    check_output(args.output, single_file=args.single_file, overwrite=args.overwrite, base_spec=args.base)
     base = load_model(args)
     out = bake(base, refs, args.output, folders=args.adapters, single_file=args.single_file,
                dtype=torch.float16 if args.half else None, overwrite=args.overwrite)

@@ -54,6 +54,12 @@ def run(args) -> int:
 
         pipe = load_base(args.base).pipe
     adapter = load_adapter(src, pipe=pipe, allow_unused_keys=args.allow_unused_keys)
+    from ..formats import sidecar_paths
+
+    for extra in sidecar_paths(out, adapter.embeddings).values():  # written beside OUT: never over an input
+        if any(_same_file(p, extra) for p in inputs if p.exists()):
+            raise AdapterError(f"the embedding file {extra} written beside {out} would replace the input; choose "
+                               "another output name")
     save_adapter(adapter, out, format=args.to, pipe=pipe)
     print(f"wrote {out} ({args.to} layout, {adapter.num_modules()} modules, family {adapter.family or 'unknown'})")
     if adapter.embeddings:

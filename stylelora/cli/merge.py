@@ -18,6 +18,7 @@ def register(sub) -> None:
                                   "for files that do not say their model family (metadata, key prefixes or "
                                   "a released model's shapes)")
     p.add_argument("--format", default="kohya", choices=["kohya", "peft"], help="output key layout")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never one of the inputs)")
     p.add_argument("--rename", action="append", default=[], metavar="[FILE:]OLD=NEW",
                    help="learnt token embeddings are kept from every source, unscaled by the weights; two sources "
                         "with the same trigger word are an error unless one is renamed: FILE's embedding OLD "
@@ -39,7 +40,7 @@ def run(args) -> int:
 
         pipe = load_base(args.base).pipe
     path, result = merge_files(refs, args.output, rank=args.rank, folders=args.folders, format=args.format,
-                               pipe=pipe, rename=args.rename)
+                               pipe=pipe, rename=args.rename, overwrite=args.overwrite)
     adapter = result.adapter
     ranks = sorted({r for rs in adapter.ranks().values() for r in rs})
     print(f"wrote {path} ({adapter.num_modules()} modules, rank {_span(ranks)})")
