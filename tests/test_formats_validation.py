@@ -252,3 +252,37 @@ def test_trailing_bytes_after_the_tensors(tmp_path):
     f = write(tmp_path, good())
     f.write_bytes(f.read_bytes() + b"\0" * 16)
     assert "do not exactly cover" in refused(f)
+
+
+@pytest.mark.parametrize("pattern", ["(.*){14}!", "(a|a)*$", "x" * 600, "a.*b.*c.*d.*e.*f", "[a-z]+\\.to_q"])
+def test_peft_pattern_keys_that_could_backtrack_are_refused_fast(tmp_path, pattern):
+    """A crafted alpha_pattern/rank_pattern key is never run as a regular expression over module names (ReDoS)."""
+    import json
+    import time
+
+    from safetensors.torch import save_file
+
+    from stylelora.formats import load_adapter
+
+    path = tmp_path / "evil.safetensors"
+    tensors = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 32),
+               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(32, 2)}
+    meta = {"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 2, "unet.alpha_pattern": {pattern: 1}}),
+            "ss_base_model_version": "sd_v1", "ss_sd_model_name": "tiny-random"}
+    save_file(tensors, str(path), metadata=meta)
+    start = time.perf_counter()
+    with pytest.raises(AdapterError, match=r"evil\.safetensors.*alpha_pattern key .*not a module name pattern"):
+        load_adapter(path)
+    assert time.perf_counter() - start < 5  # the crafted "(.*){14}!" alone ran for hours before
+
+
+def test_peft_plain_and_wildcard_pattern_keys_still_apply():
+    from stylelora.formats.peft import alpha_from_config
+
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    cfg = {"lora_alpha": 4, "alpha_pattern": {"^down_blocks.0.*to_q$": 1.0}}
+    assert alpha_from_config("f", cfg, [name], 2) == 1.0
+    assert alpha_from_config("f", {"lora_alpha": 4, "alpha_pattern": {"attn1.to_q": 3.0}}, [name], 2) == 3.0
+    assert alpha_from_config("f", {"lora_alpha": 4, "alpha_pattern": {"attn2.to_q": 3.0}}, [name], 2) == 4.0
+    escaped = {"lora_alpha": 4, "alpha_pattern": {r"^down_blocks\.0\.attentions.*to_q$": 2.5}}  # as PEFT users write
+    assert alpha_from_config("f", escaped, [name], 2) == 2.5

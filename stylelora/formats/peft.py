@@ -76,14 +76,36 @@ def read_configs(file, metadata: dict[str, str]) -> dict[str, dict]:
     for comp, cfg in out.items():
         if cfg.get("use_dora"):
             raise AdapterError(f"{file}: not supported: {METADATA_KEY} {comp}.use_dora=true (DoRA adapters)")
+        for field in ("alpha_pattern", "rank_pattern"):
+            patterns = cfg.get(field) or {}
+            if not isinstance(patterns, dict):
+                raise AdapterError(f"{file}: metadata key {METADATA_KEY}: {comp}.{field} is not a JSON object")
+            for pattern in patterns:
+                _check_pattern(file, f"{comp}.{field}", pattern)
     return out
 
 
+# PEFT reads alpha_pattern / rank_pattern keys as regular expressions over module names. Files come from anyone, and
+# a crafted pattern such as "(.*){14}!" backtracks for hours, so only what real files use is accepted: module names
+# (dots plain or escaped), "^"/"$" anchors and a few ".*" wildcards — a pattern language in which matching a ~100-character
+# module name takes microseconds. The checker itself is linear: its alternatives start with different characters.
+_SAFE_PATTERN = re.compile(r"\^?(?:[\w\-]|\\\.|\.\*?)*\$?")
+_MAX_PATTERN, _MAX_WILDCARDS = 512, 4
+
+
+def _check_pattern(file, where: str, pattern) -> None:
+    if not isinstance(pattern, str) or len(pattern) > _MAX_PATTERN or not _SAFE_PATTERN.fullmatch(pattern) \
+            or pattern.count("*") > _MAX_WILDCARDS:
+        shown = repr(pattern)[:80]
+        raise AdapterError(f"{file}: metadata key {METADATA_KEY}: {where} key {shown} is not a module name "
+                           "pattern stylelora accepts (module names, '^'/'$' and up to four '.*' wildcards; "
+                           "diffusers writes plain module names). Rewrite that entry with the module's name.")
+
+
 def _matches(pattern: str, name: str) -> bool:
-    try:  # PEFT's rule (peft.utils.other.get_pattern_key): the pattern matches a dotted suffix of the name
-        return re.match(rf"(.*\.)?({pattern})$", name) is not None
-    except re.error:
-        return name == pattern or name.endswith("." + pattern)
+    # PEFT's rule (peft.utils.other.get_pattern_key): the pattern matches a dotted suffix of the name. Patterns are
+    # checked by _check_pattern when the file is read, so this regex cannot backtrack badly.
+    return re.match(rf"(.*\.)?({pattern})$", name) is not None
 
 
 def alpha_from_config(file, cfg: dict, names: list[str], rank: int) -> float:
