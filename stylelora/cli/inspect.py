@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..formats import describe
+from ..formats.summary import finite
 
 
 def register(subparsers) -> None:
@@ -106,5 +107,6 @@ def format_text(info: dict) -> str:
 
 def run(args) -> int:
     info = describe(args.file, hashes=not args.no_hash)
-    print(json.dumps(info, sort_keys=True, indent=2) if args.json else format_text(info))
+    # standard JSON only: metadata numbers that are NaN/inf are shown as null, never as NaN
+    print(json.dumps(finite(info), sort_keys=True, indent=2, allow_nan=False) if args.json else format_text(info))
     return 0

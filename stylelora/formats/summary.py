@@ -24,22 +24,45 @@ _DIFFUSERS_BLOCKS = ("down_blocks_", "mid_block_", "up_blocks_", "conv_in", "con
                      "add_embedding_")
 
 
+# Metadata comes from whoever made the file: every reader below returns None for what it cannot use (wrong type,
+# NaN/inf, out-of-range times, JSON nested past Python's recursion limit) instead of raising, so one odd file never
+# breaks `inspect` or a listing.
+_MAX_JSON = 4 << 20  # characters: larger metadata JSON is not parsed for display
+
+
 def _num(value, kind=float):
     try:
-        return kind(value) if value not in (None, "", "None") else None
-    except (TypeError, ValueError):
+        out = kind(value) if value not in (None, "", "None") else None
+    except (TypeError, ValueError, OverflowError):
         return None
+    return None if isinstance(out, float) and not math.isfinite(out) else out
 
 
 def _iso(ts) -> str | None:
     t = _num(ts)
-    return None if t is None else datetime.datetime.fromtimestamp(t, tz=datetime.timezone.utc).isoformat()
+    try:
+        return None if t is None else datetime.datetime.fromtimestamp(t, tz=datetime.timezone.utc).isoformat()
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def finite(value):
+    """``value`` (parsed JSON) with NaN/inf numbers replaced by None, so JSON output stays standard."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
 
 
 def _json(value):
+    if not value or not isinstance(value, str) or len(value) > _MAX_JSON:
+        return None
     try:
-        return json.loads(value) if value else None
-    except ValueError:
+        return finite(json.loads(value))
+    except (ValueError, RecursionError):
         return None
 
 
@@ -161,7 +184,9 @@ def _trigger(md: dict[str, str]) -> str | None:
     if md.get("modelspec.trigger_phrase"):
         return md["modelspec.trigger_phrase"]
     config = _json(md.get("stylelora.config"))
-    return ((config or {}).get("data") or {}).get("trigger") if isinstance(config, dict) else None
+    data = config.get("data") if isinstance(config, dict) else None
+    trigger = data.get("trigger") if isinstance(data, dict) else None
+    return trigger if isinstance(trigger, str) else None
 
 
 def _shown_metadata(md: dict[str, str]) -> dict[str, str]:

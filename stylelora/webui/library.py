@@ -143,6 +143,8 @@ class Library:
             md = read_metadata(path)
         except (StyleloraError, OSError, ValueError) as e:
             return AdapterInfo(name, path, size, error=f"unreadable: {e}")
+        except Exception as e:  # noqa: BLE001 - a file's metadata is others' data: one odd file never breaks a listing
+            return AdapterInfo(name, path, size, error=f"unreadable metadata ({type(e).__name__})")
         comps = d.get("components") or {}
         first = comps.get("unet") or next(iter(comps.values()), {})
         model_hash = d["hashes"].get("sshs_model_hash")
@@ -313,10 +315,10 @@ class Library:
 
 
 def _merged_names(text: str) -> str:
-    try:
+    try:  # others' metadata: any shape, any depth; never let it break a listing
         rows = json.loads(text)
         return ", ".join(f"{r['name']} {r['weight']}" for r in rows)
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         return "several adapters"
 
 
