@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_folder
 from .errors import TrainingError
-from .tensorfile import read_safetensors
+from .tensorfile import check_torch_archive, read_safetensors
 
 NAME = re.compile(r"^step-(\d{6,})$")
 # Settings that may differ between the first run and its resume (they do not change the trained tensors).
@@ -147,6 +147,7 @@ def load(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
     except TrainingError as e:
         raise _damaged_error(path, str(e)) from None
     try:
+        check_torch_archive(path / "train_state.pt", error=TrainingError)
         train_state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/UnpicklingError/EOFError for a bad archive
         raise _damaged_error(path, f"train_state.pt cannot be loaded ({type(e).__name__}: "

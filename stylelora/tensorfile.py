@@ -173,3 +173,25 @@ def read_safetensors_metadata(path, *, error: type[StyleloraError] = AdapterErro
     """The ``__metadata__`` of a .safetensors file (header only; any dtypes)."""
     with open_safetensors(path, error=error, floats_only=False) as f:
         return f.metadata
+
+
+def check_torch_archive(path, *, error: type[StyleloraError] = AdapterError) -> None:
+    """Refuse a zip-format torch file (``.pt``/``.ckpt``/``.bin``) whose members unpack to far more than the file:
+    ``torch.save`` stores members uncompressed, so a big ratio can only be a decompression bomb, and
+    ``torch.load(weights_only=True)`` would inflate it all in memory before any check could run (a 2 MB file
+    took 2.35 GB). Reads only the zip directory; legacy (non-zip) pickles pass through."""
+    import zipfile
+
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise error(f"{path}: damaged archive ({e}); re-download or re-export it") from None
+    size = path.stat().st_size
+    unpacked = sum(m.file_size for m in members)
+    if unpacked > 2 * size + (1 << 20):
+        raise error(f"{path}: its archive declares {unpacked:,} bytes unpacked from a {size:,}-byte file (torch.save "
+                    "writes uncompressed archives): refused as a decompression bomb")

@@ -286,3 +286,24 @@ def test_peft_plain_and_wildcard_pattern_keys_still_apply():
     assert alpha_from_config("f", {"lora_alpha": 4, "alpha_pattern": {"attn2.to_q": 3.0}}, [name], 2) == 4.0
     escaped = {"lora_alpha": 4, "alpha_pattern": {r"^down_blocks\.0\.attentions.*to_q$": 2.5}}  # as PEFT users write
     assert alpha_from_config("f", escaped, [name], 2) == 2.5
+
+
+def test_a_zip_bomb_pickle_is_refused_from_its_directory_before_torch_load(tmp_path, monkeypatch):
+    """A .pt whose zip members declare far more bytes than the file (torch.save never compresses) is refused
+    before torch.load inflates it in memory."""
+    import zipfile
+
+    bomb = tmp_path / "zipbomb.pt"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/data.pkl", b"\0" * (64 << 20))  # 64 MiB of zeros: a ~64 KB file
+    assert bomb.stat().st_size < 1 << 20
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load must not run on a bomb"))
+    with pytest.raises(AdapterError, match=r"zipbomb\.pt: .*declares 67,108,864 bytes unpacked.*decompression bomb"):
+        load_adapter(bomb)
+    # a real torch.save file (uncompressed members) still passes the check
+    from stylelora.tensorfile import check_torch_archive
+
+    ok = tmp_path / "ok.pt"
+    monkeypatch.undo()
+    torch.save({"x": torch.zeros(1000)}, ok)
+    check_torch_archive(ok)

@@ -39,7 +39,11 @@ def read_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a pickle, never running code from it: only ``torch.load(weights_only=True)``."""
+    """Tensors from a pickle, never running code from it: only ``torch.load(weights_only=True)``, and only after
+    its archive's sizes were checked (see ``tensorfile.check_torch_archive``)."""
+    from ..tensorfile import check_torch_archive
+
+    check_torch_archive(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, zip errors ...
