@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, data, lora, tokens
+from .atomic import atomic_path
 from .config import TrainConfig
 from .dataset import TrainingSet
 from .errors import ConfigError, TrainingCancelled, TrainingError
@@ -207,7 +208,7 @@ def _train_on(base: Base, cfg: TrainConfig, accelerator, items, output: Path, st
         meter.bad |= ~torch.isfinite(loss)
         meter.loss_sum += loss
         done = step + 1
-        stop = bool(hooks.should_stop and hooks.should_stop()) and done < run.steps
+        stop = _stop_requested(hooks, accelerator) and done < run.steps
         is_ckpt = stop or (run.checkpoint_every and done % run.checkpoint_every == 0 and done < run.steps)
         if done % run.log_every == 0 or is_ckpt or done == run.steps:
             _log(meter, done, start_step, run, accelerator, p.lr_scheduler, bar, hooks.progress)
@@ -229,6 +230,20 @@ def _train_on(base: Base, cfg: TrainConfig, accelerator, items, output: Path, st
     bar.close()
     _write_adapter(base, cfg, items, output, started_at, accelerator, p, stream, ckpt_root, run_state)
     return output
+
+
+def _stop_requested(hooks: _Hooks, accelerator) -> bool:
+    """Whether to stop after this step. With several processes a stop seen by any one (a signal, the UI) stops all
+    of them at the same step: each must reach the checkpoint's barrier, or the others wait there forever. That
+    costs one tiny all-reduce per step, and only when a ``should_stop`` was given."""
+    if hooks.should_stop is None:
+        return False
+    asked = bool(hooks.should_stop())
+    if accelerator.num_processes == 1:
+        return asked
+    if asked:
+        accelerator.set_trigger()
+    return accelerator.check_trigger()
 
 
 def _setup(base: Base, cfg: TrainConfig, accelerator, items, learnt: tokens.TriggerTokens) -> _Parts:
@@ -562,7 +577,8 @@ def write_samples(pipe, cfg: TrainConfig, output: Path, step: int, accelerator, 
             img = pipe(prompt, num_inference_steps=cfg.run.sample_steps, height=res, width=res, generator=g,
                        output_type="pil").images[0]
         path = folder / f"step-{step:06d}-{i}.png"
-        img.save(path)
+        with atomic_path(path) as tmp:  # a full disk never leaves half a PNG behind
+            img.save(tmp, format="PNG")
         images.append(img)
         paths.append(path)
     pipe.vae.to(vae_device)

@@ -367,3 +367,24 @@ def test_caption_dropout_trains_the_empty_caption(style_dir, tmp_path, monkeypat
         c.data.caption_dropout = rate
         training.train(c)
         assert len(seen) == 16 and (0 < seen.count("") < 16) == expect_empty and ("" in seen) == expect_empty, seen
+
+
+def test_a_stop_seen_by_one_process_stops_both_at_the_same_step(style_dir, tmp_path):
+    """Under `accelerate launch`, a stop asked on one process only (a signal, the UI) must stop every process at the
+    same step: each reaches the checkpoint's barrier, nobody waits there forever."""
+    import socket
+
+    out = tmp_path / "mp" / "m.safetensors"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "tests" / "train_worker.py"), "--stop-after-step", "2", "--stop-rank", "1", "--", "train",
+           str(style_dir), "-o", str(out), "--base", "tiny-random", "--trigger", "zzstyle", "--resolution", "64",
+           "--rank", "2", "--steps", "6", "--batch-size", "1", "--cache-dir", str(tmp_path / "cache")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert "training stopped at step 3" in p.stderr, p.stderr[-3000:]
+    assert (out.parent / "m-checkpoints" / "step-000003" / "state.json").is_file()
+    assert not out.exists()  # stopped, not finished

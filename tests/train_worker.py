@@ -7,6 +7,8 @@
 ``DIR/rank-R.safetensors`` (its LoRA weights after the last step).
 ``--sgd``: plain SGD (the configured lr, no momentum or weight decay) instead of AdamW, so an update is linear in
 the gradient and two runs with equal gradients end with equal weights.
+``--stop-after-step N --stop-rank R``: process R alone asks to stop (``should_stop``) once step N is done, as a
+signal delivered to one process would.
 ``--per-sample-noise``: each sample's latent sample, noise and timestep come from a generator seeded by its item
 index, so its loss is the same whichever batch, micro-batch or process it lands in.
 """
@@ -14,7 +16,6 @@ index, so its loss is the same whichever batch, micro-batch or process it lands 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import signal
@@ -49,6 +50,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--record")
     ap.add_argument("--sgd", action="store_true")
     ap.add_argument("--per-sample-noise", action="store_true")
+    ap.add_argument("--stop-after-step", type=int)
+    ap.add_argument("--stop-rank", type=int, default=0)
     opts = ap.parse_args(argv[:sep])
 
     from safetensors.torch import save_file
@@ -71,8 +74,25 @@ def main(argv: list[str]) -> int:
         training.make_optimizer = sgd_optimizer
     if opts.per_sample_noise:
         training.compute_loss = per_sample_noise(training.compute_loss)
+    done = {}  # what on_step last saw on this process
+
+    def stop_here(theirs) -> bool:
+        mine = opts.stop_after_step is not None and done.get("rank") == opts.stop_rank \
+            and done.get("step", 0) >= opts.stop_after_step
+        return mine or bool(theirs and theirs())
+
+    def recording(info: training.StepInfo) -> None:
+        done.update(step=info.step, rank=info.rank)
+        on_step(info)
+
+    real_train = training.train
+
+    def train(cfg, **kw):
+        theirs = kw.pop("should_stop", None)
+        return real_train(cfg, on_step=recording, should_stop=lambda: stop_here(theirs), **kw)
+
     # the CLI looks `train` up in stylelora.training when it runs, so this is the train() it calls
-    training.train = functools.partial(training.train, on_step=on_step)
+    training.train = train
     return cli.main(argv[sep + 1:])
 
 
