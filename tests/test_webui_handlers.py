@@ -174,6 +174,27 @@ def test_tiny_training_job_lands_in_the_library(studio):
         studio.start_training(TrainRequest(name="stripes", folder=folder))
 
 
+def test_training_with_learnt_trigger_tokens_from_the_ui(studio):
+    folder = studio.image_folders()[0]
+    vocab = len(studio.base.pipe.tokenizer)
+    job = studio.start_training(TrainRequest(name="tokens", folder=folder, trigger="tkst", preset="quick", steps=2,
+                                             sample_every=0, train_tokens=2))
+    assert job.join(timeout=600)["status"] == "done"
+    assert len(studio.base.pipe.tokenizer) == vocab  # the borrowed base got its tokenizer back
+    lib = studio.library
+    assert (lib.root / "tokens_emb.safetensors").is_file() and "tokens_emb" not in studio.adapters()
+    assert studio.library.details("tokens")  # listed and described
+    res = studio.generate(request(prompt="tkst lighthouse", adapters={"tokens": 1.0}))
+    assert "<lora:tokens:1>" in res.infotexts[0]
+    assert len(studio.base.pipe.tokenizer) == vocab + 2  # the learnt tokens are in while the adapter is blended
+    studio.generate(request(prompt="tkst lighthouse"))
+    assert len(studio.base.pipe.tokenizer) == vocab  # ... and out again without it
+    with pytest.raises(ConfigError, match="learnt trigger tokens"):
+        studio.start_training(TrainRequest(name="bad", folder=folder, trigger="x", train_tokens=100))
+    lib.delete("tokens")
+    assert not (lib.root / "tokens_emb.safetensors").exists()
+
+
 def test_training_from_uploaded_files_can_be_stopped(studio, tmp_path):
     files = sorted(str(p) for p in make_style_images(tmp_path / "upload", n=2).iterdir())
     job = studio.start_training(TrainRequest(name="stopped", uploads=files, trigger="strp", steps=50,

@@ -225,6 +225,8 @@ def _train_tab(studio: Studio, c: SimpleNamespace) -> None:
                                                  precision=0, elem_id="train-sample-every")
                     c.t_sample_steps = gr.Number(20, label="Sample denoising steps", precision=0, minimum=1,
                                                  maximum=MAX_SAMPLE_STEPS, elem_id="train-sample-steps")
+                    c.t_tokens = gr.Number(-1, label="Learnt trigger tokens (-1 = the preset's, 0 = off)",
+                                           precision=0, minimum=-1, maximum=64, elem_id="train-tokens")
             with gr.Row():
                 c.start = gr.Button("Start training", variant="primary", elem_id="train-start")
                 c.stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -250,7 +252,8 @@ def _wire_train(studio: Studio, c: SimpleNamespace, lib_outputs: list, lib_refre
     c.refresh_folders.click(_ui(lambda: gr.Dropdown(choices=studio.image_folders())), outputs=c.folder)
 
     @_ui
-    def start(source, folder, uploads, name, trigger, preset, steps, rank, lr, res, sample_every, sample_steps):
+    def start(source, folder, uploads, name, trigger, preset, steps, rank, lr, res, sample_every, sample_steps,
+              tokens):
         upload = source == SOURCES[1]
         if upload and not uploads:
             raise gr.Error("choose images (or a .zip) to upload first")
@@ -259,13 +262,14 @@ def _wire_train(studio: Studio, c: SimpleNamespace, lib_outputs: list, lib_refre
                            else [], trigger=trigger or "", preset=preset, steps=steps or None, rank=rank or None,
                            lr=float(lr or 0) or None, resolution=res or None,
                            sample_every=None if sample_every is None or sample_every < 0 else sample_every,
-                           sample_steps=20 if sample_steps is None else sample_steps)
+                           sample_steps=20 if sample_steps is None else sample_steps,
+                           train_tokens=None if tokens is None or tokens < 0 else int(tokens))
         studio.start_training(req)
         s = studio.training_status()
         return format_status(s), _bar(s), [], gr.Timer(active=True)
 
     c.start.click(start, inputs=[c.source, c.folder, c.uploads, c.name, c.trigger, c.preset, c.t_steps, c.t_rank,
-                                 c.t_lr, c.t_res, c.t_sample_every, c.t_sample_steps],
+                                 c.t_lr, c.t_res, c.t_sample_every, c.t_sample_steps, c.t_tokens],
                   outputs=[c.status, c.bar, c.samples, c.timer], concurrency_id="train-start",
                   show_progress_on=[c.status])
     c.stop.click(_ui(lambda: (studio.stop_training(), format_status(studio.training_status()))[1]),

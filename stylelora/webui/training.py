@@ -44,6 +44,7 @@ class TrainRequest:
     sample_steps: int = 20
     seed: int = 0
     overwrite: bool = False
+    train_tokens: int | None = None  # learnt trigger tokens (pivotal tuning); None: the preset's value, 0: off
 
 
 def prepare_uploads(files: list[str], dest: Path, *, max_bytes: int) -> Path:
@@ -118,6 +119,7 @@ def check_request(req: TrainRequest, *, native: int) -> None:
         raise ConfigError(f"resolution must be a multiple of 64 (64 … {top}), got {req.resolution}")
     whole(req.sample_every, "sample every (steps between samples; 0 = never)", 0, MAX_STEPS)
     whole(req.sample_steps, "sample denoising steps", 1, MAX_SAMPLE_STEPS)
+    whole(req.train_tokens, "learnt trigger tokens (0 = off)", 0, 64)
     whole(req.seed, "seed", 0, 2**32 - 1)
     if req.lr not in (None, 0) and (not isinstance(req.lr, (int, float)) or not math.isfinite(req.lr)
                                or not 0 < req.lr <= 1):
@@ -141,6 +143,7 @@ def build_config(req: TrainRequest, folder: Path, output: Path, *, base, native:
         base=base.spec, output=str(output), steps=steps, seed=int(req.seed), sample_every=sample_every,
         sample_steps=int(req.sample_steps), mixed_precision=precision, log_every=max(1, min(10, steps // 50)),
         checkpoint_every=0,
+        train_tokens=int(recipe["train_tokens"] if req.train_tokens is None else req.train_tokens),
     )
 
 
