@@ -43,14 +43,6 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over each tensor's name, dtype, shape and bytes (in name order): what an entry's checksum covers."""
     h = hashlib.sha256()

@@ -12,7 +12,6 @@ newest intact checkpoint, saying so, and a damaged one named explicitly is refus
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from . import manifest
 from .atomic import atomic_folder
 from .errors import TrainingError
 from .tensorfile import check_torch_archive, read_safetensors
@@ -56,19 +56,11 @@ def save(root: Path, step: int, *, params: dict[str, torch.Tensor], optimizer, l
         save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / "lora.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "train_state.pt")
-        files = {name: {"size": (tmp / name).stat().st_size, "sha256": _digest(tmp / name)} for name in FILES}
+        files = manifest.record(tmp, FILES)
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "files": files}, indent=1, sort_keys=True))
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def damage(path: Path) -> str | None:
@@ -84,16 +76,7 @@ def damage(path: Path) -> str | None:
     if not isinstance(files, dict):  # written before checksums were recorded: only presence can be checked
         missing = [name for name in FILES if not (path / name).is_file()]
         return f"{', '.join(missing)} missing" if missing else None
-    for name in FILES:
-        want, file = files.get(name) or {}, path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        size = file.stat().st_size
-        if size != want.get("size"):
-            return f"{name} has {size} bytes, {want.get('size')} were written (truncated or replaced)"
-        if _digest(file) != want.get("sha256"):
-            return f"{name} does not match the checksum written with it (corrupted or replaced)"
-    return None
+    return manifest.damage(path, files, FILES)
 
 
 def _previous_intact(path: Path) -> Path | None:

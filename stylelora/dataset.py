@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from . import data
-from .cache import TensorCache, file_digest, module_fingerprint
+from .cache import TensorCache, module_fingerprint
+from .manifest import file_sha256
 from .config import DataConfig
 from .errors import DataError
 
@@ -51,7 +52,7 @@ class TrainingSet:
         self.text_cache = TensorCache(cache_root, "text")
         self._latents: dict[tuple[int, bool], dict[str, torch.Tensor]] = {}
         self._text: dict[str, torch.Tensor] = {}
-        self._digests = [file_digest(it.path) for it in items]
+        self._digests = [file_sha256(it.path) for it in items]
 
     # ------------------------------------------------------------------------------------------- preparation
     def fingerprint(self) -> str:

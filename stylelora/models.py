@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import manifest as manifests
 from .errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def build_tiny_components(kind: str = "sd1") -> dict:
         return _build_tiny_sdxl()
     if kind == "toy":
         return build_toy_components()
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(0)
@@ -405,7 +405,7 @@ def _weights_digest(path: Path) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:10]
+    return manifests.file_sha256(path)[:10]
 
 
 TINY_MANIFEST = "stylelora-manifest.json"  # size + sha256 of every other file, written last
@@ -448,22 +448,12 @@ def _tiny_damage(folder: Path) -> str | None:
         return f"{TINY_MANIFEST} is unreadable ({e})"
     if not isinstance(manifest, dict) or not manifest:
         return f"{TINY_MANIFEST} lists no files"
-    for name, want in manifest.items():
-        file = folder / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if not isinstance(want, dict) or file.stat().st_size != want.get("size"):
-            return f"{name} has {file.stat().st_size} bytes, {want.get('size') if isinstance(want, dict) else '?'} " \
-                   "were written"
-        if hashlib.sha256(file.read_bytes()).hexdigest() != want.get("sha256"):
-            return f"{name} differs from what was written"
-    return None
+    return manifests.damage(folder, manifest)
 
 
 def _manifest(folder: Path) -> dict:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != TINY_MANIFEST)
-    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size,
-                                               "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files}
+    return manifests.record(folder, [p.relative_to(folder).as_posix() for p in files])
 
 
 def _adopt_unlisted(folder: Path) -> bool:
