@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 # kind of machine has one), else a python3.10 on PATH; without either that test skips with the reason.
 export STYLELORA_LOWEST_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) $(shell command -v python3.10 2>/dev/null))
 
-.PHONY: setup demo test test-fast browser clean
+.PHONY: setup demo test test-fast browser bench-gpu clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,12 @@ test: $(STAMP) browser
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu and not slow and not browser"
+
+# Every GPU figure in one command (benchmarks/gpu_suite.py; refuses without a CUDA GPU). On a lent GPU machine there
+# is no .venv (never carried): the machine's own python3 runs it, with the wheels carried in .whl/.
+BENCH_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+bench-gpu:
+	$(BENCH_PY) benchmarks/gpu_suite.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .stylelora-cache out *.egg-info

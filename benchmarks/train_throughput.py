@@ -125,7 +125,7 @@ def measure(args, pipe, batch: int, mode: str) -> dict:
     sched = make_noise_scheduler(pipe, family.prediction_type, False)
     data = SyntheticSet(pipe, family, batch=batch, resolution=args.resolution, device=device,
                         weight_dtype=weight_dtype, reencode=mode == "reencode")
-    unet = torch.compile(pipe.unet) if args.compile else pipe.unet
+    unet = torch.compile(pipe.unet, backend=args.compile_backend) if args.compile else pipe.unet
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
 
     def step(i):
@@ -208,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (no FLOP count then)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend; 'eager' traces with dynamo only (a quick CPU check of the path)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--vae-fp32", action="store_true", help="keep the VAE in fp32 in reencode mode")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -82,3 +84,44 @@ def test_blend_latency_times_every_case():
     for key in ("base", "fused blend, 5 adapters", "PEFT unfused set_adapters, 5 adapters", "change weight (1 of 5)",
                 "restore base (5 active -> all 0)"):
         assert seconds[key] > 0, key
+
+
+
+@pytest.mark.slow  # ~11 subprocesses that each import torch and diffusers: ~30 s on 2 idle cores, ~50 s on busy ones
+def test_gpu_suite_dry_run_runs_every_stage_and_writes_its_report(tmp_path):
+    """`make bench-gpu`'s script at toy sizes on the CPU: every stage runs (the peer's side may be absent), the
+    report's JSON agrees with formulas computed here, and each goal's verdict follows its target."""
+    import shutil
+    import subprocess
+    import sys
+
+    suite = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py")]
+    done = subprocess.run([*suite, "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report,) = tmp_path.glob("cpu-dry-run-*.md")
+    text = report.read_text()
+    results = json.loads(text[text.index("```json") + 7:text.rindex("```")])
+    stages = {"facts", "cuda-tests", "train", "peer", "blend", "lowmem", "sdxl", "train-compiled", "blend-compiled"}
+    assert set(results) == stages and {r["status"] for r in results.values()} == {"ok"}, results
+    assert results["cuda-tests"]["tests"] and set(results["cuda-tests"]["tests"].values()) <= {"SKIPPED", "PASSED"}
+    rows = [r for s in ("train", "train-compiled", "sdxl", "lowmem") for r in results[s]["rows"]]
+    assert {r["options"] for r in rows} >= {"", "compile", "gradient_checkpointing"}
+    for r in rows:  # images/s and step time are one measurement: batch / step time
+        assert abs(r["images_per_s"] - r["batch"] * 1000 / r["step_ms"]) < 1e-6 * r["images_per_s"], r
+    ours = results["peer"]["ours"]  # our trainer, timed from outside by the optimizer-step hook
+    assert ours["optimizer_steps"] == results["peer"]["steps"] == 3 and ours["images_per_s"] > 0, ours
+    peer = results["peer"]["peer"]
+    assert "images_per_s" in peer or peer.get("skipped"), peer
+    seconds = results["blend-compiled"]["seconds"]
+    assert seconds["fused blend, 5 adapters (compiled)"] > 0 and results["blend"]["seconds"]["base"] > 0
+    assert results["blend-compiled"]["recompilations_after_weight_changes"] == 0
+    change = results["blend"]["seconds"]["change weights (5 adapters, all)"]
+    verdict = "yes" if change <= 0.1 else "**no**"
+    assert f"| weight change (5 adapters) | <= 100 ms | {change * 1e3:.1f} ms | {verdict} |" in text
+    assert "| recompilations after weight changes | 0 | 0 | yes |" in text
+    # without a GPU the real run refuses at once, says why and what it would have run
+    if shutil.which("nvidia-smi") is None:
+        refused = subprocess.run(suite, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert refused.returncode == 2 and "needs a CUDA GPU" in refused.stderr
+        assert all(name in refused.stderr for name in stages)
