@@ -127,7 +127,10 @@ def stage_facts(ctx: Ctx) -> dict:
         q = "name,memory.total,driver_version,clocks.max.sm,clocks.max.mem,power.limit,temperature.gpu"
         smi = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=30)
-        facts["nvidia_smi"] = dict(zip(q.split(","), (v.strip() for v in smi.stdout.splitlines()[0].split(","))))
+        if smi.returncode == 0 and smi.stdout.strip():  # a field this driver lacks fails the query: facts go without
+            facts["nvidia_smi"] = dict(zip(q.split(","), (v.strip() for v in smi.stdout.splitlines()[0].split(","))))
+        else:
+            facts["nvidia_smi_error"] = (smi.stderr or smi.stdout).strip()[-300:]
     else:
         facts["gpu"], facts["gpu_count"] = f"cpu ({os.cpu_count()} cores; dry run)", 0
     if PEER.exists():
