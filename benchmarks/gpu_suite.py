@@ -248,10 +248,12 @@ def stage_peer(ctx: Ctx) -> dict:
     ctx.call([ctx.py, __file__, "_inputs", str(inputs), "--size", str(size), "--dry" if ctx.dry else "--real"], 90)
     base, images, prompt = inputs / "base", inputs / "images", "sks style"
     out: dict = {"steps": steps, "timed_steps": steps - skip, "batch": batch, "rank": rank, "resolution": size,
-                 "precision": precision, "base": "tiny-random (saved)" if ctx.dry else "SD1.5 architecture, random weights"}
+                 "precision": precision,
+                 "base": "tiny-random (saved)" if ctx.dry else "SD1.5 architecture, random weights"}
     ours = ["stylelora", "train", str(images), "--base", str(base), "--trigger", prompt, "--resolution", str(size),
             "--batch-size", str(batch), "--rank", str(rank), "--alpha", str(rank), "--lr", "1e-4",
-            "--mixed-precision", precision, "--steps", str(steps), "--seed", "0", "-o", str(ctx.work / "ours.safetensors")]
+            "--mixed-precision", precision, "--steps", str(steps), "--seed", "0",
+            "-o", str(ctx.work / "ours.safetensors")]
     out["ours"] = _timed_run(ctx, ours, steps, skip, 150)
     if not PEER.exists():
         out["peer"] = {"skipped": "no .peer/train_dreambooth_lora.py (see benchmarks/fetch_peer.sh)"}

@@ -69,17 +69,20 @@ def goals(results: dict) -> list[tuple[str, str, str, str]]:
     change = s.get("change weights (5 adapters, all)")
     add("weight change (5 adapters)", "<= 100 ms", change and f"{change * 1e3:.1f} ms", change and change <= 0.1)
     rec = results.get("blend-compiled", {}).get("recompilations_after_weight_changes")
-    add("recompilations after weight changes", "0", None if rec is None else str(rec), None if rec is None else rec == 0)
+    add("recompilations after weight changes", "0", None if rec is None else str(rec),
+        None if rec is None else rec == 0)
     return out
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     """A markdown table; columns holding only figures ('12.5', '3.1 %', '2.50x', '-') are right-aligned."""
     def numeric(i):
-        return all(re.fullmatch(r"-|[-\d.]+( %\*?|x)?", r[i]) for r in rows if r[i]) and any(r[i] not in ("", "-") for r in rows)
+        cells = [r[i] for r in rows if r[i]]
+        return all(re.fullmatch(r"-|[-\d.]+( %\*?|x)?", c) for c in cells) and any(c != "-" for c in cells)
 
     align = ["---:" if numeric(i) else "---" for i in range(len(head))]
-    return ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"] + ["| " + " | ".join(r) + " |" for r in rows]
+    return ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"] + \
+        ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def tables(results: dict, dry: bool) -> list[str]:
@@ -158,7 +161,8 @@ def write_report(results: dict, folder: Path, *, dry: bool, only, elapsed: float
             f"`make bench-gpu` (benchmarks/gpu_suite.py{' --dry-run' if dry else ''}), {elapsed:.0f} s of a "
             f"{budget:.0f} s budget, commit {facts.get('commit')}. "
             f"torch {facts.get('torch')} (CUDA {facts.get('cuda')}), diffusers {facts.get('diffusers')}, "
-            f"transformers {facts.get('transformers')}, peft {facts.get('peft')}, accelerate {facts.get('accelerate')}, "
+            f"transformers {facts.get('transformers')}, peft {facts.get('peft')}, "
+            f"accelerate {facts.get('accelerate')}, "
             f"bitsandbytes {facts.get('bitsandbytes') or 'not installed'}."]
     if smi:
         head.append(f"nvidia-smi: {', '.join(f'{k} {v}' for k, v in smi.items())}; {facts.get('gpu_count')} GPU(s).")
