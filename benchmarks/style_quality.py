@@ -55,11 +55,8 @@ def train_adapters(styles, out: Path, no_reg: bool = False, **overrides) -> dict
     folders = ensure(ROOT / "examples" / "styles", styles)
     paths = {}
     for style in styles:
-        per_style = dict(overrides)
-        if per_style.get("token_init") == "family":  # each style's tokens start from its look family's word
-            per_style["token_init"] = toyworld.LOOK_WORDS[toyworld.STYLE_FAMILIES[style]]
         config = toyworld.train_config(folders[style], toyworld.TRIGGERS[style], out / f"{style}.safetensors",
-                                       reg_folder=None if no_reg else PLAIN, **per_style)
+                                       reg_folder=None if no_reg else PLAIN, style=style, **overrides)
         path = out / f"{style}-{recipe_key(config)}.safetensors"
         if path.exists():
             print(f"reusing {path.name} (same recipe, base and pictures)", flush=True)
@@ -133,8 +130,8 @@ def main(argv=None) -> dict:
     p.add_argument("--train-steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--no-reg", action="store_true", help="train on the style set alone (no plain pictures)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the recipe (TrainConfig, flat: lr=2e-3, rank=16, ...); repeatable. "
-                        "token_init=family starts each style's learnt tokens from its look family's word")
+                   help="override a field of the recipe (TrainConfig, flat: lr=2e-3, rank=16, ...); repeatable "
+                        "(train_tokens=0: the plain-LoRA recipe without learnt trigger tokens)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--cfg", type=float, default=5.0, help="guidance scale")
     p.add_argument("--blend", type=float, default=0.5, help="weight of each style in the two-style blends")

@@ -55,7 +55,7 @@ def main(argv=None) -> Path:
     held_out = toyworld.held_out_scenes(5, seed=3)
     prompts = [toyworld.captioned(s, trigger) for s in held_out]
     adapter_path = OUT / f"{style}.safetensors"
-    config = toyworld.train_config(folder, trigger, adapter_path, reg_folder=PLAIN,
+    config = toyworld.train_config(folder, trigger, adapter_path, reg_folder=PLAIN, style=style,
                                     sample_prompts=prompts[:1],
                                     **({"steps": args.steps} if args.steps else {}))
     stylelora.train(config)

@@ -22,7 +22,7 @@ def test_every_recipe_names_real_fields_and_builds_a_valid_config(name):
     recipe = presets.RECIPES[name]
     assert recipe.name == name and recipe.base and recipe.note
     assert set(recipe.overrides) <= FIELDS, set(recipe.overrides) - FIELDS
-    cfg = recipe.config(folder="imgs")
+    cfg = recipe.config(folder="imgs", trigger="zzstyle")  # the toy recipe learns trigger tokens: it needs one
     for key, value in recipe.overrides.items():
         assert cfg.get(key) == value, key
     assert cfg.data.folder == "imgs"

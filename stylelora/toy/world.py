@@ -310,16 +310,20 @@ def held_out_scenes(n: int, seed: int = 0) -> list[Scene]:
 
 
 def train_config(folder: str | Path, trigger: str, output: str | Path, reg_folder: str | Path | None = None,
-                 **overrides):
+                 style: str | None = None, **overrides):
     """The recipe the demo and benchmarks/style_quality.py use for a toy-world style on the ``tiny`` base.
 
     With ``reg_folder`` (plain pictures, ``write_plain_folder``) it is ``stylelora.presets.TOY``: both sets, which
     keeps the content and the untriggered pictures closer to the base; without, ``TOY_NO_REG`` on the style set
     alone. The numbers and why they were chosen are in stylelora/presets.py; what was tried and measured is in the
-    README's "Style quality" section. ``overrides``: flat TrainConfig fields, applied after the recipe.
+    README's "Style quality" section. ``style`` (a name in ``STYLES``): the learnt trigger tokens start from the
+    word the base knows for that style's look family (``LOOK_WORDS``), unless ``overrides`` name a ``token_init``.
+    ``overrides``: flat TrainConfig fields, applied after the recipe.
     """
     from ..presets import TOY, TOY_NO_REG
 
+    if style is not None and "token_init" not in overrides:
+        overrides["token_init"] = LOOK_WORDS[STYLE_FAMILIES[style]]
     recipe = TOY if reg_folder else TOY_NO_REG
     return recipe.config(folder=str(folder), trigger=trigger, output=str(output),
                          reg_folder=str(reg_folder) if reg_folder else None, **overrides)
