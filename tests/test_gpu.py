@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import quick_config
+from test_train import quick_config, straight_and_resumed
 
-from stylelora.errors import TrainingCancelled
 from stylelora.training import train
 
 pytestmark = pytest.mark.gpu
@@ -49,15 +48,10 @@ def test_resume_equals_uninterrupted_on_cuda(style_dir, tmp_path):
         cfg.data.cache_dir = str(tmp_path / "cache")
         return cfg
 
-    straight = train(config("a"))
-    polls = []
-    with pytest.raises(TrainingCancelled, match="step 2"):
-        train(config("b"), should_stop=lambda: polls.append(1) or len(polls) >= 2)
-    cfg = config("b")
-    cfg.run.resume = "latest"
-    steps = []
-    resumed = train(cfg, on_step=lambda info: steps.append(info.step))
-    assert steps == [3, 4]
+    seen = []
+    straight, resumed = straight_and_resumed(
+        config, on_step=lambda run: (lambda info: seen.append(info.step)) if run == "b" else None)
+    assert seen == [1, 2, 3, 4]  # the second part starts at step 3: resumed, not restarted
     ta, tb = load_file(str(straight)), load_file(str(resumed))
     assert ta.keys() == tb.keys() and len(ta) > 0
     for k in ta:

@@ -31,6 +31,23 @@ def quick_config(folder, output, **run) -> TrainConfig:
     )
 
 
+def straight_and_resumed(config, stop_after: int = 2, on_step=None) -> tuple[Path, Path]:
+    """Train ``config("a")`` straight, and ``config("b")`` stopped cooperatively (``should_stop``) after
+    ``stop_after`` steps, then resumed with ``resume="latest"``; returns both adapter files. ``on_step(run)``, if
+    given, makes the step callback for run "a" or "b" (the stopped and the resumed part share one)."""
+    from stylelora.errors import TrainingCancelled
+    from stylelora.training import train
+
+    straight = train(config("a"), on_step=on_step("a") if on_step else None)
+    polls = []
+    second = on_step("b") if on_step else None
+    with pytest.raises(TrainingCancelled, match=f"step {stop_after}"):
+        train(config("b"), should_stop=lambda: polls.append(1) or len(polls) >= stop_after, on_step=second)
+    cfg = config("b")
+    cfg.run.resume = "latest"
+    return straight, train(cfg, on_step=second)
+
+
 def cli(*args, env=None, check=True) -> subprocess.CompletedProcess:
     e = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     p = subprocess.run([sys.executable, "-m", "stylelora", *args], cwd=REPO, env=e, capture_output=True, text=True,

@@ -9,10 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import quick_config
+from test_train import quick_config, straight_and_resumed
 
-from stylelora.errors import TrainingCancelled
-from stylelora.training import train
 
 CASES = {
     "grad_accum": dict(grad_accum=2),
@@ -31,16 +29,10 @@ def test_resume_equals_uninterrupted(style_dir, tmp_path, case):
         cfg.data.cache_dir = str(tmp_path / "cache")
         return cfg
 
-    straight_steps = []
-    straight = train(config("a"), on_step=lambda info: straight_steps.append((info.step, info.indices)))
-
-    polls, resumed_steps = [], []
-    with pytest.raises(TrainingCancelled, match="step 2"):
-        train(config("b"), should_stop=lambda: polls.append(1) or len(polls) >= 2,
-              on_step=lambda info: resumed_steps.append((info.step, info.indices)))
-    cfg = config("b")
-    cfg.run.resume = "latest"
-    resumed = train(cfg, on_step=lambda info: resumed_steps.append((info.step, info.indices)))
+    steps = {"a": [], "b": []}
+    straight, resumed = straight_and_resumed(config, on_step=lambda run: lambda info: steps[run].append(
+        (info.step, info.indices)))
+    straight_steps, resumed_steps = steps["a"], steps["b"]
     assert resumed_steps == straight_steps  # steps 1, 2 then 3, 4 (resumed, not restarted) on the same batches
     ta, tb = load_file(str(straight)), load_file(str(resumed))
     assert ta.keys() == tb.keys() and len(ta) > 0

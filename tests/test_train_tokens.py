@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import make_style_images
 from safetensors.torch import load_file
-from test_train import quick_config
+from test_train import quick_config, straight_and_resumed
 
 from stylelora.config import TrainConfig
-from stylelora.errors import ConfigError, TrainingCancelled
+from stylelora.errors import ConfigError
 from stylelora.formats import load_adapter
 from stylelora.models import load_base
 from stylelora.training import train
@@ -113,13 +113,7 @@ def test_resume_with_tokens_equals_uninterrupted(style_dir, tmp_path):
         cfg.data.cache_dir = str(tmp_path / "cache")
         return cfg
 
-    straight = train(config("a"))
-    polls = []
-    with pytest.raises(TrainingCancelled, match="step 2"):
-        train(config("b"), should_stop=lambda: polls.append(1) or len(polls) >= 2)
-    cfg = config("b")
-    cfg.run.resume = "latest"
-    resumed = train(cfg)
+    straight, resumed = straight_and_resumed(config)
     ta, tb = load_file(str(straight)), load_file(str(resumed))
     assert ta.keys() == tb.keys() and any(k.startswith("bundle_emb.") for k in ta)
     for k in ta:
