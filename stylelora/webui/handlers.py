@@ -89,7 +89,10 @@ def parse_values(text: str, *, integers: bool = False) -> list:
             if step <= 0 or stop < start:
                 raise ConfigError(f"range {text!r}: needs start <= stop and a step > 0")
             n = int((stop - start) / step + 1e-9) + 1
-            return [kind(round(start + i * step, 6)) for i in range(min(n, MAX_CELLS + 1))]
+            if n > 100_000:  # refused before building the list; smaller ranges are kept whole so that the
+                # grid's "would have N images" counts every value, not a truncated list
+                raise ConfigError(f"range {text!r} gives {n} values; a grid holds at most {MAX_CELLS} images")
+            return [kind(round(start + i * step, 6)) for i in range(n)]
         return [kind(x) for x in (v.strip() for v in text.replace(";", ",").split(",")) if x]
     except ValueError:
         raise ConfigError(f"{text!r}: give numbers separated by commas, or start:stop:step") from None
@@ -317,8 +320,13 @@ class Studio:
         row_labels = None if req.y_kind == "none" else [
             f"seed {y}" if req.y_kind == "seed" else f"{y_name} {y:g}" for y in ys]
         grid = image_grid(rows, row_labels=row_labels, col_labels=[f"{x_name} {x:g}" for x in req.x_values])
-        y_text = {"seed": f"seeds {', '.join(str(y) for y in ys)}", "none": "none",
-                  "adapter": f"{y_name} weight {', '.join(f'{y:g}' for y in ys)}"}[req.y_kind]
+        # only the chosen axis is formatted: with no Y axis, ys is [None] and cannot be formatted as a number
+        if req.y_kind == "seed":
+            y_text = f"seeds {', '.join(str(y) for y in ys)}"
+        elif req.y_kind == "adapter":
+            y_text = f"{y_name} weight {', '.join(f'{y:g}' for y in ys)}"
+        else:
+            y_text = "none"
         info = rows[0][0].info["parameters"] + (f"\nX/Y grid: X {x_name} weight "
                                                f"{', '.join(f'{x:g}' for x in req.x_values)}; Y {y_text}")
         grid.info["parameters"] = info
