@@ -2,10 +2,22 @@
 
 __version__ = "0.1.0"
 
-from .adapter import Adapter, LoraModule, TokenEmbedding  # noqa: E402
 from .config import DataConfig, NetworkConfig, OptimConfig, RunConfig, TrainConfig  # noqa: E402
 from .errors import StyleloraError  # noqa: E402
-from .blend import Blender  # noqa: E402
+
+# torch-backed names are imported on first use: `import stylelora` (and so `stylelora --help` and argument errors)
+# must not pay the seconds torch/diffusers take to import.
+_LAZY = {"Adapter": "adapter", "LoraModule": "adapter", "TokenEmbedding": "adapter", "Blender": "blend"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import add_threads_arg
 from .generate import add_model_args, load_model
 
 
@@ -15,6 +16,7 @@ def register(sub) -> None:
     p.add_argument("--single-file", action="store_true", help="write one original-layout .safetensors checkpoint")
     p.add_argument("--half", action="store_true", help="store the single-file checkpoint in fp16")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..formats import FORMATS, load_adapter, save_adapter
 
 
 def register(subparsers) -> None:
@@ -18,7 +17,8 @@ def register(subparsers) -> None:
                     "as standalone embedding files beside OUT.",
     )
     p.add_argument("file", help="adapter file (or diffusers LoRA output folder) to read")
-    p.add_argument("--to", required=True, choices=FORMATS, help="layout to write")
+    p.add_argument("--to", required=True, choices=("kohya", "peft"),  # = formats.FORMATS, not imported here (torch)
+                   help="layout to write")
     p.add_argument("-o", "--output", required=True, help="file to write (.safetensors)")
     p.add_argument("--base", help="base model to resolve module names and check shapes against; needed only "
                                   "for files that do not say their model family (metadata, key prefixes or "
@@ -48,6 +48,8 @@ def run(args) -> int:
         raise AdapterError(f"output {out} is the input file; choose another output path")
     if out.exists() and not args.force:
         raise AdapterError(f"output {out} already exists; pass --force to overwrite it")
+    from ..formats import load_adapter, save_adapter  # late: torch is imported only once a command runs
+
     pipe = None
     if args.base:
         from ..models import load_base

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import secrets
 
+from . import add_threads_arg
+
 
 def add_model_args(p: argparse.ArgumentParser, *, device: str = "auto") -> None:
     """--base, --base-config, --device, --dtype, --lora, --adapters: shared by generate and bake."""
@@ -61,6 +63,7 @@ def register(sub) -> None:
     p.add_argument("--sampler", help="dpm++2m, dpm++2m-karras, euler, euler-a, heun, ddim, pndm, unipc "
                                      "(default: the base's scheduler)")
     p.add_argument("--num-images", type=int, default=1)
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from ..formats import describe
-from ..formats.summary import finite
 
 
 def register(subparsers) -> None:
@@ -106,6 +104,9 @@ def format_text(info: dict) -> str:
 
 
 def run(args) -> int:
+    from ..formats import describe  # late: torch is imported only once a command runs
+    from ..formats.summary import finite
+
     info = describe(args.file, hashes=not args.no_hash)
     # standard JSON only: metadata numbers that are NaN/inf are shown as null, never as NaN
     print(json.dumps(finite(info), sort_keys=True, indent=2, allow_nan=False) if args.json else format_text(info))

@@ -10,6 +10,7 @@ import threading
 
 from ..config import SECTIONS, TrainConfig
 from ..presets import RECIPES
+from . import add_threads_arg
 
 SHORT = {"output": ["-o"], "config": ["-c"]}
 
@@ -41,7 +42,8 @@ def register(sub) -> None:
                 kw["type"] = _float_or_none
             kw["help"] += f" (default: {default!r})"
             group.add_argument(*flags, **kw)
-    p.set_defaults(func=run)
+    add_threads_arg(p)
+    p.set_defaults(func=run, precheck=precheck)
 
 
 def _comma_list(s: str) -> list[str]:
@@ -56,20 +58,46 @@ def config_from_args(args) -> TrainConfig:
     cfg = RECIPES[args.recipe].config() if getattr(args, "recipe", None) else TrainConfig()
     if args.config:
         cfg = TrainConfig.from_toml(args.config, base=cfg)
-    reserved = {"command", "func", "config", "recipe", "verbose", "folder"}
+    reserved = {"command", "func", "precheck", "config", "recipe", "verbose", "folder", "threads"}
     overrides = {k: v for k, v in vars(args).items() if k not in reserved}
     if args.folder:
         overrides["folder"] = args.folder
     return cfg.replace(**overrides)
 
 
+def check_paths(cfg: TrainConfig) -> None:
+    """The path mistakes a user makes most, answered before torch is imported (seconds on a busy machine);
+    training.train checks them again, and everything else, for callers of the Python API."""
+    from pathlib import Path
+
+    from ..errors import ConfigError, DataError
+
+    for label, folder in (("dataset", cfg.data.folder), ("regularization", cfg.data.reg_folder)):
+        if not folder:
+            continue
+        root = Path(folder).expanduser().absolute()
+        if not root.exists():
+            raise DataError(f"{label} folder {root} does not exist. Check the path.")
+        if not root.is_dir():
+            raise DataError(f"{label} path {root} is a file, not a folder. Pass the folder that holds the images.")
+    if not cfg.data.folder:
+        raise ConfigError("no image folder given (the first argument of `stylelora train`, or [data] folder)")
+    if Path(cfg.run.output).suffix != ".safetensors":
+        raise ConfigError(f"output {cfg.run.output} must end in .safetensors")
+
+
+def precheck(args) -> None:
+    """Run by cli.main before torch/diffusers are imported: a wrong path is answered in well under a second."""
+    check_paths(config_from_args(args))
+
+
 def run(args) -> int:
+    cfg = config_from_args(args)
     from .. import training
     from ..errors import TrainingCancelled
 
     from accelerate import PartialState
 
-    cfg = config_from_args(args)
     with _StopOnSignal() as stop:
         try:
             path = training.train(cfg, should_stop=stop.requested)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import add_threads_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser("webui", help="start the web UI (generate with sliders, train, manage the adapter library)",
@@ -29,6 +31,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps … (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights dtype (default: fp16 on a GPU, fp32 on CPU)")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
