@@ -8,6 +8,7 @@ seeded by (seed, s, process), so a run resumed from a checkpoint ends exactly wh
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 import time
@@ -20,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, data, lora, tokens
-from .atomic import atomic_path
 from .config import TrainConfig
 from .dataset import TrainingSet
 from .errors import ConfigError, TrainingCancelled, TrainingError
@@ -571,14 +571,23 @@ def write_samples(pipe, cfg: TrainConfig, output: Path, step: int, accelerator, 
     for n in te_modes:
         getattr(pipe, n).eval()
     res = cfg.data.resolution
+    from . import __version__
+    from .generate import _num, infotext, sampler_label, save_png
+
+    # the pipeline's own default guidance (7.5 for SD 1/2, 5 for SDXL) is used and so recorded
+    guidance = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
+    sampler, schedule = sampler_label(pipe.scheduler)
     for i, prompt in enumerate(prompts):
         g = torch.Generator().manual_seed(cfg.run.sample_seed + i)
         with accelerator.autocast():
             img = pipe(prompt, num_inference_steps=cfg.run.sample_steps, height=res, width=res, generator=g,
                        output_type="pil").images[0]
-        path = folder / f"step-{step:06d}-{i}.png"
-        with atomic_path(path) as tmp:  # a full disk never leaves half a PNG behind
-            img.save(tmp, format="PNG")
+        # A1111's `parameters` chunk: the sample's prompt and settings travel with the PNG (PNG Info, our UI)
+        img.info["parameters"] = infotext(prompt, "", {
+            "Steps": cfg.run.sample_steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": _num(guidance),
+            "Seed": cfg.run.sample_seed + i, "Size": f"{res}x{res}", "Model": cfg.run.base,
+            "Training step": step, "Version": f"stylelora {__version__}"})
+        path = save_png(img, folder / f"step-{step:06d}-{i}.png")  # atomic: a full disk never leaves half a PNG
         images.append(img)
         paths.append(path)
     pipe.vae.to(vae_device)

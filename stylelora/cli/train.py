@@ -13,6 +13,7 @@ from ..presets import RECIPES
 from . import add_threads_arg
 
 SHORT = {"output": ["-o"], "config": ["-c"]}
+ONE_PER_FLAG = {"sample_prompts"}  # list options whose values contain commas
 
 
 def register(sub) -> None:
@@ -32,7 +33,11 @@ def register(sub) -> None:
             flags = SHORT.get(f.name, []) + ["--" + f.name.replace("_", "-")]
             kw = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS, "dest": f.name}
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if isinstance(default, bool):
+            if f.name in ONE_PER_FLAG:
+                # prompts hold commas ("trigger, a red house"): one per flag or per line, never split on commas
+                kw.update(action="extend", type=_lines)
+                kw["help"] += " (one per flag, repeat the flag for more, or one per line)"
+            elif isinstance(default, bool):
                 kw["action"] = argparse.BooleanOptionalAction
             elif isinstance(default, list):
                 kw["type"] = _comma_list
@@ -44,6 +49,10 @@ def register(sub) -> None:
             group.add_argument(*flags, **kw)
     add_threads_arg(p)
     p.set_defaults(func=run, precheck=precheck)
+
+
+def _lines(s: str) -> list[str]:
+    return [x.strip() for x in s.splitlines() if x.strip()]
 
 
 def _comma_list(s: str) -> list[str]:
