@@ -53,8 +53,8 @@ def _metadata(adapter: Adapter, extra: dict[str, str] | None, fmt: str, family: 
     for key in _STALE:  # a kohya file with diffusers' alpha metadata would make diffusers refuse it
         md.pop(key, None)
     summary = kohya.summary_metadata(adapter, family)
-    for key in ("ss_network_dim", "ss_network_alpha"):  # always the tensors' own values
-        if key in summary:
+    for key in ("ss_network_dim", "ss_network_alpha"):  # always the tensors' own values ...
+        if key in summary and not ((extra or {}).get(key) == "dynamic"):  # ... or kohya's "dynamic" (resize)
             md[key] = summary[key]
     if "ss_network_args" in summary:  # conv LoRA: kohya's conv_dim / conv_alpha
         try:
