@@ -28,6 +28,10 @@ from .models import compatible  # which families' adapters fit which bases: read
 log = logging.getLogger(__name__)
 
 Weight = float | tuple[float, float]  # one number for UNet and text encoder, or (unet, text_encoder)
+# Weights are clamped to +-MAX_WEIGHT with a warning, the same for --lora, <lora:...> tags, merge, the Python API
+# and the web UI (whose sliders end there): far past it a LoRA only gives noise, and a typo (100 for 1.00) should
+# not run silently.
+MAX_WEIGHT = 4.0
 
 _CACHE_SIZE = 16
 _ADAPTERS: OrderedDict[tuple[str, str], Adapter] = OrderedDict()  # (file sha256, model signature) -> Adapter
@@ -109,7 +113,11 @@ def as_pair(weight: Weight, what: str = "weight") -> tuple[float, float]:
         raise AdapterError(f"{what}: expected a number or (unet, text_encoder), got {weight!r}")
     if not all(math.isfinite(w) for w in pair):
         raise AdapterError(f"{what}: weights must be finite, got {weight!r}")
-    return pair
+    clamped = tuple(max(-MAX_WEIGHT, min(MAX_WEIGHT, w)) for w in pair)
+    if clamped != pair:
+        log.warning("%s: %s is outside -%g..%g; using %s", what, ", ".join(f"{w:g}" for w in pair), MAX_WEIGHT,
+                    MAX_WEIGHT, ", ".join(f"{w:g}" for w in clamped))
+    return clamped
 
 
 @dataclass

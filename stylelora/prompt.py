@@ -75,6 +75,9 @@ def parse_spec(spec: str, default: float = 1.0) -> LoraRef:
     source = ":".join(parts)
     if not source:
         raise ConfigError(f"--lora {spec!r}: missing the adapter file before ':'")
+    if not nums and len(parts) > 1 and not parts[-1].startswith(("/", "\\")):
+        # "file:abc" is a weight typo, not a file named "file:abc" (a Windows "C:\\..." path goes on with a slash)
+        raise ConfigError(f"--lora {spec!r}: weight {parts[-1]!r} is not a number; write FILE:W or FILE:W_UNET:W_TE")
     if not nums:
         return LoraRef(source, default, default)
     unet = _float(nums[0], f"--lora {spec!r}")

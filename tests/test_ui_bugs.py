@@ -53,3 +53,32 @@ def test_sample_pngs_carry_a_parameters_chunk(tiny_base, tmp_path):
     assert text.splitlines()[0] == "zzstyle, a tree"
     fields = parse_infotext(text)
     assert (fields["Steps"], fields["Seed"], fields["Size"], fields["Training step"]) == ("2", "5", "64x64", "7")
+
+
+def test_weights_past_the_limit_are_clamped_with_a_warning_everywhere(studio, caplog):  # noqa: F811
+    from stylelora.blend import MAX_WEIGHT, as_pair
+    from stylelora.prompt import parse_prompt, parse_spec
+
+    assert MAX_WEIGHT == 4.0
+    with caplog.at_level("WARNING"):
+        assert as_pair(parse_spec("x.safetensors:100").weights) == (4.0, 4.0)  # --lora x:100
+        assert "outside -4..4; using 4" in caplog.text
+        caplog.clear()
+        assert as_pair(parse_prompt("<lora:x:-7:0.5>")[1][0].weights) == (0.5, -4.0)  # tag: te -7, unet 0.5
+        assert "using 0.5, -4" in caplog.text
+        caplog.clear()
+        assert as_pair((1.5, -2.0)) == (1.5, -2.0) and not caplog.text  # inside the range: untouched, no warning
+        # the web UI: the infotext shows the weight actually used (was: 100 typed, 2 used, nothing said)
+        res = studio.generate(request(adapters={"ink": 100.0}))
+    assert "<lora:ink:4>" in res.infotexts[0] and "outside -4..4" in caplog.text
+
+
+def test_lora_weight_typo_is_named():
+    from stylelora.prompt import parse_spec
+
+    # was: "adapter 'ink.safetensors:abc': no such file"
+    with pytest.raises(ConfigError, match="weight 'abc' is not a number"):
+        parse_spec("ink.safetensors:abc")
+    with pytest.raises(ConfigError, match="weight 'x' is not a number"):
+        parse_spec("ink.safetensors:0.5:x")
+    assert parse_spec(r"C:\loras\ink.safetensors").source == r"C:\loras\ink.safetensors"  # a Windows drive stays

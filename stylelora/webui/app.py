@@ -20,6 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr  # noqa: E402
 
 from stylelora.errors import StyleloraError  # noqa: E402
+from stylelora.blend import MAX_WEIGHT  # noqa: E402
 from stylelora.generate import SAMPLERS  # noqa: E402
 from stylelora.presets import WEBUI_DEFAULT  # noqa: E402
 
@@ -126,11 +127,12 @@ def _weight_rows(studio: Studio, c: SimpleNamespace) -> None:
         rows = []
         for name in names or []:
             with gr.Row(equal_height=True):
-                w = gr.Slider(-2, 2, value=1.0, step=0.05, label=f"{name}: weight", key=f"w:{name}",
+                w = gr.Slider(-MAX_WEIGHT, MAX_WEIGHT, value=1.0, step=0.05, label=f"{name}: weight", key=f"w:{name}",
                               elem_id=f"w-{_slug(name)}", scale=4, interactive=True)
                 sep = gr.Checkbox(False, label="own TE weight", key=f"sep:{name}",
                                   elem_id=f"sep-{_slug(name)}", scale=1, interactive=True)
-                te = gr.Slider(-2, 2, value=1.0, step=0.05, label=f"{name}: text-encoder weight", key=f"te:{name}",
+                te = gr.Slider(-MAX_WEIGHT, MAX_WEIGHT, value=1.0, step=0.05, label=f"{name}: text-encoder weight",
+                               key=f"te:{name}",
                                elem_id=f"te-{_slug(name)}", scale=3, visible=False, interactive=True,
                                preserved_by_key=["value", "visible"])
                 sep.change(lambda on: gr.Slider(visible=on), sep, te, queue=False)
