@@ -236,6 +236,16 @@ def test_cli_table_metadata_and_embeddings(base, tmp_path, capsys):
                        a.embeddings["zqstyle"].vectors["text_encoder"])
     assert max(m.rank for _, m in modules(got)) <= 5
     assert len({m.alpha for _, m in modules(got)}) == 1 and md["ss_network_alpha"] == str(modules(got)[0][1].alpha)
+    # inspect shows the rank distribution per part
+    assert main(["inspect", str(out), "--json", "--no-hash"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    unet_ranks = sorted(m.rank for m in got.modules["unet"].values())
+    c = info["components"]["unet"]
+    assert (c["ranks"][0], c["rank_median"], c["ranks"][-1]) == (unet_ranks[0], float(np.median(unet_ranks)),
+                                                                unet_ranks[-1])
+    assert main(["inspect", str(out), "--no-hash"]) == 0
+    assert f"{unet_ranks[0]}/{float(np.median(unet_ranks)):g}/{unet_ranks[-1]} (min/median/max)" in \
+        capsys.readouterr().out
     # the input is never the output, and an existing output needs --overwrite
     assert main(["resize", str(src), "-o", str(src), "--rank", "2"]) == 2
     assert main(["resize", str(src), "-o", str(out), "--rank", "2"]) == 2

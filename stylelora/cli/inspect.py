@@ -27,7 +27,9 @@ def _g(value) -> str:
 def _components(info: dict) -> list[str]:
     rows = []
     for name, c in sorted(info["components"].items()):
-        ranks = ", ".join(map(str, c["ranks"])) if len(c["ranks"]) > 1 else str(c["rank"])
+        # per-module ranks (a resized file): their spread, not a list of every value
+        ranks = f"{c['ranks'][0]}/{c['rank_median']:g}/{c['ranks'][-1]} (min/median/max)" \
+            if len(c["ranks"]) > 1 else str(c["rank"])
         alphas = ", ".join(map(_g, c["alphas"])) if len(c["alphas"]) > 1 else _g(c["alpha"])
         conv = f", {c['conv_modules']} conv" if c["conv_modules"] else ""
         uniform = c["scale"] is not None and len(c["alphas"]) == 1 and len(c["ranks"]) == 1
@@ -73,6 +75,19 @@ def _embeddings(info: dict) -> list[str]:
     return rows
 
 
+def _merged(rows: list | None) -> list[str]:
+    if not rows:
+        return []
+
+    def weight(w) -> str:
+        if isinstance(w, dict):
+            return f"unet {_g(w.get('unet'))}, text encoder {_g(w.get('text_encoder'))}"
+        return _g(w)
+
+    return [f"merged from     {r.get('name', '?')} weight {weight(r.get('weight'))}"
+            + (f", hash {str(r['sshs_model_hash'])[:12]}" if r.get("sshs_model_hash") else "") for r in rows]
+
+
 def format_text(info: dict) -> str:
     fam = info["family"] or "unknown"
     if info["family_source"]:
@@ -90,6 +105,7 @@ def format_text(info: dict) -> str:
         f"modules         {info['num_modules']} ({counts or 'none'})",
         *_components(info),
         f"trigger         {info['trigger'] or '-'}",
+        *_merged(info.get("merged_from")),
         *_embeddings(info),
         f"model hash      {stored} {check}".rstrip(),
         f"legacy hash     {h['sshs_legacy_hash'] or h['legacy_hash'] or '-'}",

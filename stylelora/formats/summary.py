@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -132,7 +133,9 @@ def _components(file, parsed, entries, alphas, configs) -> dict:
     for name, c in comps.items():
         rank = max(c["ranks"], key=lambda r: (c["ranks"][r], -r))
         alpha = max(c["alphas"], key=lambda a: (c["alphas"][a], -a))
+        per_module = sorted(c["ranks"].elements())  # one entry per module: the rank distribution (resize)
         out[name] = {"modules": c["modules"], "rank": rank, "ranks": sorted(c["ranks"]), "alpha": alpha,
+                     "rank_median": statistics.median(per_module),
                      "alphas": sorted(c["alphas"]), "scale": alpha / rank if rank else None,
                      "conv_modules": c["conv_modules"], "dtypes": sorted(c["dtypes"])}
     return out
@@ -180,6 +183,11 @@ def training_summary(md: dict[str, str]) -> dict | None:
     }
 
 
+def trigger_phrase(md: dict[str, str]) -> str | None:
+    """An adapter's trigger words from its metadata (modelspec, else the training config), or None."""
+    return _trigger(md)
+
+
 def _trigger(md: dict[str, str]) -> str | None:
     if md.get("modelspec.trigger_phrase"):
         return md["modelspec.trigger_phrase"]
@@ -187,6 +195,12 @@ def _trigger(md: dict[str, str]) -> str | None:
     data = config.get("data") if isinstance(config, dict) else None
     trigger = data.get("trigger") if isinstance(data, dict) else None
     return trigger if isinstance(trigger, str) else None
+
+
+def _merged_from(md: dict[str, str]) -> list | None:
+    """The sources a merged file records (``modelspec.merged_from``: name, model hash, weight), or None."""
+    rows = _json(md.get("modelspec.merged_from"))
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else None
 
 
 def _shown_metadata(md: dict[str, str]) -> dict[str, str]:
@@ -230,6 +244,7 @@ def describe(path, *, hashes: bool = True) -> dict:
         "unsupported_keys": sorted(parsed.unsupported),
         "unrecognized_keys": sorted(parsed.unrecognized),
         "trigger": _trigger(md),
+        "merged_from": _merged_from(md),
         "embeddings": embs,
         "embeddings_error": emb_error,
         "hashes": {
