@@ -271,3 +271,19 @@ def test_cli_bad_parameter_message(base, tmp_path, capsys):
     assert main(["resize", str(src), "-o", str(tmp_path / "o.safetensors"), "--energy", "1.5"]) == 2
     assert "--energy must be in (0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_budget_and_max_error_with_base(base, tmp_path, capsys):
+    a = random_adapter(base.pipe, seed=8)
+    src = save_adapter(a, tmp_path / "src.safetensors", pipe=base.pipe)
+    out = tmp_path / "b.safetensors"
+    assert main(["resize", str(src), "-o", str(out), "--budget", "40K", "--base", "tiny-random"]) == 0
+    text = capsys.readouterr().out
+    assert "UNet output relative error vs the original" in text
+    got = load_adapter(out, pipe=base.pipe)
+    assert sum(m.down.numel() * 4 + m.up.numel() * 4 for _, m in modules(got)) <= 40 * 1024
+    out2 = tmp_path / "e.safetensors"
+    assert main(["resize", str(src), "-o", str(out2), "--max-error", "0.25", "--base", "tiny-random"]) == 0
+    with safe_open(out2, "pt") as f:
+        record = json.loads(f.metadata()["stylelora.resize"])
+    assert record["unet_relative_error"] <= 0.25 and record["method"]["max_error"] == 0.25
