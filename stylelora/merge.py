@@ -220,6 +220,23 @@ def shared_metadata(sources: list[Source]) -> dict[str, str]:
     return out
 
 
+def merged_trigger(sources: list[Source], merged: Adapter) -> str:
+    """The trigger words of every source in the blend (weight not 0), so the merged file still says which words
+    call the style; a source's learnt word renamed in the merge is given under its new name."""
+    from .formats.summary import trigger_phrase
+
+    words: list[str] = []
+    for s in sources:
+        if s.unet == 0 and s.te == 0:
+            continue
+        for word in (w.strip() for w in (trigger_phrase(s.adapter.metadata) or "").split(",")):
+            renamed_away = word in s.adapter.embeddings and word not in merged.embeddings
+            if word and not renamed_away and word not in words:
+                words.append(word)
+    words += [w for w in merged.embeddings if w not in words]
+    return ", ".join(words)
+
+
 def load_sources(refs: list[LoraRef], *, folders=(), pipe=None) -> list[Source]:
     """Read the files behind ``refs`` (paths or names in ``folders``) into weighted Sources."""
     from .prompt import resolve
@@ -255,6 +272,9 @@ def merge_files(refs: list[LoraRef], output: str | Path, *, rank: int | None = N
                 "modelspec.merged_from": merged_from(sources), "modelspec.title": output.stem,
                 "ss_output_name": output.stem,
                 "stylelora_merge": "exact" if rank is None else f"svd-rank-{rank}"}
+    trigger = merged_trigger(sources, result.adapter)
+    if trigger:
+        metadata["modelspec.trigger_phrase"] = trigger
     if result.energy is not None:
         metadata["stylelora_merge_energy"] = json.dumps({k: round(v, 6) for k, v in result.energy.items()})
     path = save_adapter(result.adapter, output, format=format, metadata=metadata, pipe=pipe)

@@ -82,3 +82,34 @@ def test_lora_weight_typo_is_named():
     with pytest.raises(ConfigError, match="weight 'x' is not a number"):
         parse_spec("ink.safetensors:0.5:x")
     assert parse_spec(r"C:\loras\ink.safetensors").source == r"C:\loras\ink.safetensors"  # a Windows drive stays
+
+
+def test_merged_adapter_keeps_trigger_words_and_inspect_shows_its_sources(tiny_base, tmp_path, capsys):
+    import json
+
+    from safetensors import safe_open
+
+    from stylelora.cli import main
+    from stylelora.formats import save_adapter
+    from test_webui_handlers import random_adapter
+
+    files = {}
+    for name, trigger, seed in (("ink", "inkwash", 1), ("pastel", "pastl, soft", 2), ("off", "offword", 3)):
+        a = random_adapter(tiny_base.pipe, name, 2, seed)
+        a.metadata["modelspec.trigger_phrase"] = trigger
+        files[name] = save_adapter(a, tmp_path / f"{name}.safetensors", pipe=tiny_base.pipe)
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", f"{files['ink']}:0.6", f"{files['pastel']}:0.4", f"{files['off']}:0", "-o", str(out)]) == 0
+    with safe_open(str(out), "pt") as f:  # read the header with safetensors itself
+        md = f.metadata()
+    # was: no trigger at all; a source at weight 0 is not in the blend, so its word is not either
+    assert md["modelspec.trigger_phrase"] == "inkwash, pastl, soft"
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--no-hash"]) == 0
+    text = capsys.readouterr().out
+    assert "trigger         inkwash, pastl, soft" in text
+    sources = json.loads(md["modelspec.merged_from"])  # what inspect must show, read from the header directly
+    for s in sources:
+        assert f"merged from     {s['name']} weight {s['weight']:g}, hash {s['sshs_model_hash'][:12]}" in text
+    assert main(["inspect", str(out), "--json", "--no-hash"]) == 0
+    assert json.loads(capsys.readouterr().out)["merged_from"] == sources
