@@ -75,8 +75,11 @@ def _strict_truncation():
         ImageFile.LOAD_TRUNCATED_IMAGES = old
 
 
+_SKIP_HINT = ". Fix or remove the file, or pass --skip-bad-images"
+
+
 def _bad_image(path: Path, reason: str) -> DataError:
-    return DataError(f"cannot read image {path}: {reason}. Fix or remove the file, or pass --skip-bad-images")
+    return DataError(f"cannot read image {path}: {reason}{_SKIP_HINT}")
 
 
 def _check_pixels(path: Path, img: Image.Image) -> None:
@@ -322,7 +325,7 @@ def scan_folder(root, *, trigger: str | None = None, caption_template: str = "{t
         except DataError as e:
             if not skip_bad_images:
                 raise
-            bad.append(str(e))
+            bad.append(str(e).removesuffix(_SKIP_HINT))  # it was passed: the list says what was skipped, and why
             continue
         subset = str(PurePosixPath(rel).parent)
         found = captions.get((subset, path.stem), {})

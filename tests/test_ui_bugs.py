@@ -113,3 +113,20 @@ def test_merged_adapter_keeps_trigger_words_and_inspect_shows_its_sources(tiny_b
         assert f"merged from     {s['name']} weight {s['weight']:g}, hash {s['sshs_model_hash'][:12]}" in text
     assert main(["inspect", str(out), "--json", "--no-hash"]) == 0
     assert json.loads(capsys.readouterr().out)["merged_from"] == sources
+
+
+def test_skipped_images_are_a_plain_warning_without_the_skip_hint(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"x")  # not a PNG
+    out = subprocess.run([sys.executable, "-m", "stylelora", "train", str(tmp_path / "imgs"), "-o",
+                          str(tmp_path / "o.safetensors"), "--trigger", "zz", "--skip-bad-images",
+                          "--base", "tiny-random"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    # was: "…/data.py:351: UserWarning: skipped … or pass --skip-bad-images" and the source line of the warn call
+    assert out.stderr.startswith("warning: skipped 1 unreadable image(s):\n")
+    assert str(tmp_path / "imgs" / "broken.png") in out.stderr
+    assert "UserWarning" not in out.stderr and "warnings.warn" not in out.stderr
+    assert "--skip-bad-images" not in out.stderr

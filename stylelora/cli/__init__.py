@@ -99,6 +99,12 @@ def quiet_libraries() -> None:
         pass
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings (skipped images, unused repeats) read as messages to the user: ``warning: …``, not
+    Python's ``path.py:351: UserWarning: …`` followed by the source line that raised it."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -106,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    if not args.verbose:  # -v keeps Python's form, with the file and line that warned
+        import warnings
+
+        warnings.showwarning = _show_warning
     try:
         # argument checks that need no torch come first: quiet_libraries imports diffusers (seconds)
         if getattr(args, "precheck", None):
