@@ -130,3 +130,33 @@ def test_skipped_images_are_a_plain_warning_without_the_skip_hint(tmp_path):
     assert str(tmp_path / "imgs" / "broken.png") in out.stderr
     assert "UserWarning" not in out.stderr and "warnings.warn" not in out.stderr
     assert "--skip-bad-images" not in out.stderr
+
+
+def test_ui_validation_errors_leave_no_traceback_and_progress_counts_images():
+    import gradio as gr
+
+    from stylelora.errors import AdapterError
+    from stylelora.webui import app
+
+    def pick_first():
+        raise gr.Error("pick an adapter first")
+
+    def bad_name():
+        raise AdapterError("no such adapter")
+
+    # gradio's queue prints a traceback for an Error whose print_exception is True (gradio/queueing.py)
+    for fn, words in ((pick_first, "pick an adapter"), (bad_name, "no such adapter")):
+        with pytest.raises(gr.Error, match=words) as e:
+            app._ui(fn)()
+        assert e.value.print_exception is False
+    calls = []
+    app._progress(lambda *a, **kw: calls.append((a, kw)))(1, 4, "image 2/4")
+    assert calls == [(((1, 4),), {"desc": "image 2/4", "unit": "images"})]  # was gradio's default unit, "steps"
+
+
+def test_existing_name_message_offers_only_what_the_ui_has(studio, tmp_path):  # noqa: F811
+    from stylelora.errors import AdapterError
+
+    with pytest.raises(AdapterError, match="already exists") as e:
+        studio.convert_adapter("ink", "peft", "pastel")
+    assert "allow overwriting" not in str(e.value) and "delete" in str(e.value)

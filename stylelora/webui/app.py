@@ -39,7 +39,8 @@ def _ui(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
+        except gr.Error as e:  # our own "pick an adapter first": a message for the page, no traceback in the log
+            e.print_exception = False
             raise
         except StyleloraError as e:
             raise gr.Error(str(e), print_exception=False) from None
@@ -54,7 +55,8 @@ def _slug(name: str) -> str:
 
 
 def _progress(progress: gr.Progress):
-    return lambda done, total, what: progress((done, total), desc=what)
+    # every caller counts images (generate, grid cells); gradio's default unit would say "steps"
+    return lambda done, total, what: progress((done, total), desc=what, unit="images")
 
 
 # ---------------------------------------------------------------------------------------------- Generate

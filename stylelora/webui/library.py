@@ -218,7 +218,7 @@ class Library:
         dest = self.entry(stem)
         if os.path.lexists(dest) and not overwrite:
             raise AdapterError(f"an adapter named {stem!r} already exists in the library; "
-                               "choose another name (or allow overwriting)")
+                               "choose another name, or delete that one first")  # the UI has no overwrite switch
         return dest
 
     def keep_file(self, src: Path, name: str, *, overwrite: bool = False) -> Path:
