@@ -9,6 +9,7 @@ blended, so the folder output carries them; a single original-layout file cannot
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -84,7 +85,30 @@ def save_folder(blender: Blender, output: str | Path, *, base_name: str = "", ov
         info = {"base": base_name, "family": blender.family, "adapters": blend_record(blender),
                 "trigger_tokens": token_record(blender), "stylelora_version": __version__}
         (tmp / BAKE_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
+        _usual_modes(tmp)
     return output
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS says it (Linux); else set and put back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _usual_modes(path: Path) -> None:
+    """Give every file 0666 and folder 0777 minus the umask (0644/0755 usually), as our adapter files get:
+    safetensors writes its files 0600, so a baked model was unreadable to the other users of a shared machine."""
+    mask = _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def save_single_file(blender: Blender, output: str | Path, *, dtype: torch.dtype | None = None, base_name: str = "",
@@ -109,6 +133,7 @@ def save_single_file(blender: Blender, output: str | Path, *, dtype: torch.dtype
                 "stylelora_baked_from": json.dumps(blend_record(blender))}
     with atomic_path(output) as tmp:
         save_file(state, str(tmp), metadata=metadata)
+        _usual_modes(tmp)
     return output
 
 

@@ -160,3 +160,26 @@ def test_existing_name_message_offers_only_what_the_ui_has(studio, tmp_path):  #
     with pytest.raises(AdapterError, match="already exists") as e:
         studio.convert_adapter("ink", "peft", "pastel")
     assert "allow overwriting" not in str(e.value) and "delete" in str(e.value)
+
+
+def test_baked_models_get_the_usual_file_modes(tmp_path):
+    import os
+
+    from stylelora.bake import bake
+    from stylelora.formats import save_adapter
+    from stylelora.models import load_base
+    from stylelora.prompt import LoraRef
+    from test_webui_handlers import random_adapter
+
+    tiny_base = load_base("tiny-random")  # our own: bake fuses the blend into it
+    lora = save_adapter(random_adapter(tiny_base.pipe, "ink", 2, 1), tmp_path / "ink.safetensors", pipe=tiny_base.pipe)
+    old = os.umask(0o022)
+    try:
+        folder = bake(tiny_base, [LoraRef(str(lora), 0.5, 0.5)], tmp_path / "baked")
+        single = bake(tiny_base, [LoraRef(str(lora), 0.5, 0.5)], tmp_path / "baked.safetensors", single_file=True)
+    finally:
+        os.umask(old)
+    modes = {p: p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*"), single]}
+    # was 0700 folders and 0600 weights (safetensors' own mode) next to 0644 adapter files
+    assert {oct(m) for p, m in modes.items() if p.is_dir()} == {"0o755"}
+    assert {oct(m) for p, m in modes.items() if p.is_file()} == {"0o644"}
