@@ -183,3 +183,11 @@ def test_baked_models_get_the_usual_file_modes(tmp_path):
     # was 0700 folders and 0600 weights (safetensors' own mode) next to 0644 adapter files
     assert {oct(m) for p, m in modes.items() if p.is_dir()} == {"0o755"}
     assert {oct(m) for p, m in modes.items() if p.is_file()} == {"0o644"}
+
+
+def test_generate_and_train_default_to_the_same_base():
+    from stylelora.cli import build_parser
+    from stylelora.config import TrainConfig
+
+    # was: generate refused to run without --base while train used "tiny"
+    assert build_parser().parse_args(["generate", "a lighthouse"]).base == TrainConfig().run.base

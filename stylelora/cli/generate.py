@@ -1,4 +1,4 @@
-"""``stylelora generate PROMPT --base BASE [--lora FILE[:W[:W_TE]]]… [--adapters DIR] -o out.png``."""
+"""``stylelora generate PROMPT [--base BASE] [--lora FILE[:W[:W_TE]]]… [--adapters DIR] -o out.png``."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from . import add_threads_arg
 
 def add_model_args(p: argparse.ArgumentParser, *, device: str = "auto") -> None:
     """--base, --base-config, --device, --dtype, --lora, --adapters: shared by generate and bake."""
-    p.add_argument("--base", required=True, help="base model: 'tiny', a diffusers folder, a .safetensors checkpoint "
-                                                  "or a hub id")
+    # the same default as `stylelora train` (RunConfig.base), so an adapter trained without --base just works
+    p.add_argument("--base", default="tiny", help="base model: 'tiny', a diffusers folder, a .safetensors checkpoint "
+                                                  "or a hub id (default: tiny, as for train)")
     p.add_argument("--base-config", help="diffusers folder with the config of a single-file --base (offline use)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:W_TE]]",
                    help="adapter and weight (default 1); FILE:W_UNET:W_TE sets UNet and text encoder apart; "
