@@ -191,3 +191,37 @@ def test_generate_and_train_default_to_the_same_base():
 
     # was: generate refused to run without --base while train used "tiny"
     assert build_parser().parse_args(["generate", "a lighthouse"]).base == TrainConfig().run.base
+
+
+def test_webui_removes_its_temp_folder_on_sigterm(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    (tmp_path / "loras").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # a free port (gradio cannot serve on port 0)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "stylelora", "webui", "--base", "tiny-random", "--adapters",
+                             str(tmp_path / "loras"), "--port", str(port), "--device", "cpu"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # wait until it serves
+            lines.append(line)
+            if "press Ctrl+C" in line:
+                break
+        assert any(p.name.startswith("stylelora-webui-") for p in tmp.iterdir()), "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    # was: the stylelora-webui-* folder (generated images, uploads) stayed behind
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith("stylelora-webui-")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 from . import add_threads_arg
 
 
@@ -69,7 +71,19 @@ def run(args) -> int:
             print(f"warning: listening on {args.host}: anyone who can reach this machine can use the UI",
                   flush=True)
         print("press Ctrl+C to stop", flush=True)
-        demo.block_thread()  # returns on Ctrl+C, after closing the server
+        terminated = []
+
+        def on_term(signum, frame):
+            # SIGTERM (systemd, docker stop, kill) ends the server like Ctrl+C does, so the finally below runs and
+            # the temporary work folder (stylelora-webui-*) is removed instead of left behind
+            terminated.append(signum)
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            demo.block_thread()  # returns on Ctrl+C, after closing the server
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     finally:
         studio.close()
-    return 0
+    return 128 + signal.SIGTERM if terminated else 0
