@@ -429,7 +429,7 @@ def _write_adapter(base: Base, cfg: TrainConfig, items, output: Path, started_at
         epoch = math.ceil(run.steps * run.grad_accum * accelerator.num_processes / stream.per_epoch)
         meta = formats.training_metadata(cfg, base.family, items=items, base_name=base.name, steps=run.steps,
                                          epoch=epoch, started_at=started_at, finished_at=time.time(),
-                                         thumbnail=samples[0] if samples else None)
+                                         thumbnail=samples[thumbnail_index(cfg)] if samples else None)
         formats.save_adapter(adapter, output, format=run.format, family=base.family, metadata=meta, pipe=base.pipe)
         # the final state is also a checkpoint, so a later `--steps N --resume latest` can continue training
         checkpoint.save(ckpt_root, run.steps, params=trainable_state(accelerator, p.trained),
@@ -553,10 +553,26 @@ def restore(path: Path, run_state: dict, accelerator, models, optimizer, lr_sche
     return int(state["step"])
 
 
+def sample_prompts(cfg: TrainConfig) -> list[str]:
+    """The prompts sample images are made from: --sample-prompts, else the trigger word alone."""
+    return list(cfg.run.sample_prompts) or ([cfg.data.trigger] if cfg.data.trigger else [])
+
+
+def thumbnail_index(cfg: TrainConfig) -> int:
+    """Which sample becomes the adapter's thumbnail: the first whose prompt says more than the trigger word (a
+    picture of the trigger alone is mostly noise on a small base), else the first."""
+    trigger = (cfg.data.trigger or "").strip().lower()
+    for i, prompt in enumerate(sample_prompts(cfg)):
+        words = [w.strip().lower() for w in prompt.replace(",", " ").split()]
+        if any(w and w != trigger for w in words):
+            return i
+    return 0
+
+
 @torch.no_grad()
 def write_samples(pipe, cfg: TrainConfig, output: Path, step: int, accelerator, return_paths: bool = False) -> list:
     """Sample images with fixed seeds at the current LoRA state, written as PNG; returns the images (or paths)."""
-    prompts = list(cfg.run.sample_prompts) or ([cfg.data.trigger] if cfg.data.trigger else [])
+    prompts = sample_prompts(cfg)
     if not prompts:
         return []
     folder = output.parent / f"{output.stem}-samples"

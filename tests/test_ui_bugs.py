@@ -225,3 +225,17 @@ def test_webui_removes_its_temp_folder_on_sigterm(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM
     # was: the stylelora-webui-* folder (generated images, uploads) stayed behind
     assert not [p.name for p in tmp.iterdir() if p.name.startswith("stylelora-webui-")]
+
+
+def test_thumbnail_is_the_first_sample_with_content():
+    from stylelora.config import TrainConfig
+    from stylelora.training import thumbnail_index
+
+    def index(prompts, trigger="zzstyle"):
+        return thumbnail_index(TrainConfig().replace(trigger=trigger, sample_prompts=prompts))
+
+    # was always sample 0, even when it is the trigger word alone (noise on the tiny base)
+    assert index(["zzstyle", "zzstyle, a red house", "a tree"]) == 1
+    assert index(["ZZstyle ,", "a tree"]) == 1
+    assert index(["a tree", "zzstyle"]) == 0
+    assert index([]) == 0 and index(["zzstyle"]) == 0  # only the trigger: the first (and only) sample
