@@ -239,3 +239,27 @@ def test_thumbnail_is_the_first_sample_with_content():
     assert index(["ZZstyle ,", "a tree"]) == 1
     assert index(["a tree", "zzstyle"]) == 0
     assert index([]) == 0 and index(["zzstyle"]) == 0  # only the trigger: the first (and only) sample
+
+
+def test_generate_tab_shows_and_inserts_trigger_words(studio, tmp_path):  # noqa: F811
+    from stylelora.formats import save_adapter
+    from stylelora.webui.app import build_app
+    from stylelora.webui.handlers import insert_triggers
+    from test_webui_handlers import random_adapter
+
+    a = random_adapter(studio.base.pipe, "zzink", 2, 5)
+    a.metadata["modelspec.trigger_phrase"] = "zzink, inkwash"
+    save_adapter(a, studio.library.root / "zzink.safetensors", pipe=studio.base.pipe)
+    try:
+        # the library's own record of the file, read back by safetensors: the words the UI must offer
+        from safetensors import safe_open
+
+        with safe_open(str(studio.library.root / "zzink.safetensors"), "pt") as f:
+            stored = f.metadata()["modelspec.trigger_phrase"]
+        assert studio.trigger_words(["zzink", "ink", "not-there"]) == {"zzink": stored}
+        assert insert_triggers("a lighthouse", [stored]) == "zzink, inkwash, a lighthouse"
+        assert insert_triggers("ZZINK, a lighthouse", [stored]) == "inkwash, ZZINK, a lighthouse"  # said already
+        assert insert_triggers("", ["pastl"]) == "pastl"
+        assert build_app(studio) is not None  # the page still builds with the trigger row and its button
+    finally:
+        studio.delete_adapter("zzink")

@@ -24,7 +24,7 @@ from stylelora.blend import MAX_WEIGHT  # noqa: E402
 from stylelora.generate import SAMPLERS  # noqa: E402
 from stylelora.presets import WEBUI_DEFAULT  # noqa: E402
 
-from .handlers import GenerateRequest, GridRequest, Studio, parse_values  # noqa: E402
+from .handlers import GenerateRequest, GridRequest, Studio, insert_triggers, parse_values  # noqa: E402
 from .library import TABLE_HEADERS  # noqa: E402
 from .training import MAX_RANK, MAX_SAMPLE_STEPS, MAX_STEPS, PRESETS, TrainRequest, format_status  # noqa: E402
 from .training import max_resolution  # noqa: E402
@@ -67,6 +67,10 @@ def _generate_tab(studio: Studio, c: SimpleNamespace) -> None:
             c.picked = gr.Dropdown(studio.adapters(), value=[], multiselect=True, label="Adapters",
                                    info="pick adapters from the library; each gets its own weight",
                                    allow_custom_value=True, elem_id="adapters", interactive=True)
+            with gr.Row(equal_height=True):
+                c.triggers = gr.Markdown("", elem_id="trigger-words")
+                c.insert_triggers = gr.Button("Insert trigger words", size="sm", scale=0, visible=False,
+                                              elem_id="insert-triggers")
             _weight_rows(studio, c)
             c.prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", interactive=True,
                                   placeholder="a lighthouse at dusk (A1111 <lora:name:w> tags work too)")
@@ -113,6 +117,20 @@ def _generate_tab(studio: Studio, c: SimpleNamespace) -> None:
             c.files = gr.File(label="Download PNGs", file_count="multiple", interactive=False, elem_id="downloads")
     c.last_seed = gr.State(None)
     c.texts = gr.State([])
+
+    @_ui
+    def show_triggers(names):
+        words = studio.trigger_words(names)
+        shown = "; ".join(f"**{n}**: `{t.replace('`', '')}`" for n, t in words.items())
+        text = f"Trigger words: {shown}" if words else ""
+        return text, gr.Button(visible=bool(words))
+
+    @_ui
+    def insert(names, prompt):
+        return insert_triggers(prompt, studio.trigger_words(names).values())
+
+    c.picked.change(show_triggers, c.picked, [c.triggers, c.insert_triggers], queue=False)
+    c.insert_triggers.click(insert, [c.picked, c.prompt], c.prompt, queue=False)
 
 
 def _weight_rows(studio: Studio, c: SimpleNamespace) -> None:

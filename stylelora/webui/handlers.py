@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import re
 import secrets
 import shutil
 import tempfile
@@ -77,6 +78,18 @@ class GridResult:
     cells: list[Path]  # every cell as its own PNG with its parameters
     infotext: str
     seed: int
+
+
+def insert_triggers(prompt: str, triggers) -> str:
+    """``prompt`` with the trigger words it does not already say put in front (``a, b, prompt``); a trigger
+    phrase of several comma-separated words is checked word by word, case-insensitively."""
+    said = {w.strip().lower() for w in re.split(r"[,\s]+", prompt or "") if w.strip()}
+    missing = []
+    for phrase in triggers:
+        for word in (w.strip() for w in phrase.split(",")):
+            if word and not set(word.lower().split()) <= said and word not in missing:
+                missing.append(word)
+    return ", ".join(missing + ([prompt.strip()] if (prompt or "").strip() else []))
 
 
 def parse_values(text: str, *, integers: bool = False) -> list:
@@ -343,6 +356,19 @@ class Studio:
 
     def thumbnails(self) -> list[tuple[str, str]]:
         return [(str(i.thumbnail), i.name) for i in self.library.entries() if i.thumbnail]
+
+    def trigger_words(self, names) -> dict[str, str]:
+        """{library name: its trigger words} for the picked adapters that have any (metadata or training config)."""
+        out = {}
+        for n in names or []:
+            try:
+                name = self.library.find(n)
+            except StyleloraError:  # a name typed into the picker that is not (or no longer) in the library
+                continue
+            trigger = self.library.info(name).trigger
+            if trigger:
+                out[name] = trigger
+        return out
 
     def adapter_details(self, name: str) -> dict:
         return self.library.details(self.library.find(name))
