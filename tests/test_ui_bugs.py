@@ -263,3 +263,24 @@ def test_generate_tab_shows_and_inserts_trigger_words(studio, tmp_path):  # noqa
         assert build_app(studio) is not None  # the page still builds with the trigger row and its button
     finally:
         studio.delete_adapter("zzink")
+
+
+def test_grid_column_labels_stay_over_their_own_column():
+    import numpy as np
+
+    from stylelora.grid import image_grid
+
+    size, pad = 64, 4
+    cells = [[Image.new("RGB", (size, size), "white") for _ in range(3)]]
+    labels = ["pastel-watercolour 0.75", "pastel-watercolour 1", "ink 0.5"]
+    grid = np.asarray(image_grid(cells, col_labels=labels, pad=pad).convert("L"))
+    top = grid.shape[0] - size - 2 * pad  # the label band above the cells
+    ink = grid[:top] < 128  # label pixels, found in the picture itself
+    for j in range(3):
+        x0 = pad + j * (size + pad)
+        cols = np.nonzero(ink[:, x0:x0 + size + pad].any(axis=0))[0]
+        assert cols.size, f"label {j} missing"
+    # no label pixel falls in a gap between columns: each label ends before the next column starts
+    for j in range(3):
+        gap = slice(pad + j * (size + pad) + size, pad + (j + 1) * (size + pad))
+        assert not ink[:, gap].any(), f"label {labels[j]!r} runs into the next column"
