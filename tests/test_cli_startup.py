@@ -42,6 +42,16 @@ def test_train_path_mistakes_are_answered_before_torch(tmp_path):
     assert line == "RC 2 TORCH False" and "regularization folder" in err and "noreg" in err
 
 
+def test_generate_and_bake_reference_mistakes_are_answered_before_torch(tmp_path):
+    missing = str(tmp_path / "nope.safetensors")
+    line, err = probe("generate", "a lighthouse", "--lora", f"{missing}:0.5")
+    assert line == "RC 2 TORCH False" and f"{missing!r}: no such file" in err
+    line, err = probe("bake", "--lora", "ink.safetensors:abc", "-o", str(tmp_path / "m"))
+    assert line == "RC 2 TORCH False" and "weight 'abc' is not a number" in err
+    line, err = probe("generate", "a lighthouse", "--adapters", str(tmp_path / "nodir"))
+    assert line == "RC 2 TORCH False" and "not a folder" in err
+
+
 def test_convert_choices_are_the_writable_formats():
     from stylelora.cli import build_parser
     from stylelora.formats import FORMATS

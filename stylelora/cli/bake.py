@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import add_threads_arg
-from .generate import add_model_args, load_model
+from .generate import add_model_args, check_refs, load_model
 
 
 def register(sub) -> None:
@@ -17,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--half", action="store_true", help="store the single-file checkpoint in fp16")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     add_threads_arg(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, precheck=check_refs)
 
 
 def run(args) -> int:

@@ -25,6 +25,24 @@ def add_model_args(p: argparse.ArgumentParser, *, device: str = "auto") -> None:
                    help="weights dtype (default: fp16 on a GPU, fp32 on CPU)")
 
 
+def check_refs(args) -> None:
+    """--lora and --adapters mistakes, answered before torch is imported: a weight that is not a number, a file
+    that does not exist (when there is no --adapters folder to look the name up in), a missing --adapters folder."""
+    from pathlib import Path
+
+    from ..errors import AdapterError, ConfigError
+    from ..prompt import parse_spec
+
+    for folder in args.adapters:
+        if not Path(folder).expanduser().is_dir():
+            raise ConfigError(f"--adapters {folder}: not a folder")
+    for spec in args.lora:
+        ref = parse_spec(spec)
+        if not args.adapters and not Path(ref.source).expanduser().is_file():
+            raise AdapterError(f"adapter {ref.source!r}: no such file (pass a path, or --adapters FOLDER to look "
+                               "names up)")
+
+
 def device_dtype(args):
     import torch
 
@@ -65,7 +83,7 @@ def register(sub) -> None:
                                      "(default: the base's scheduler)")
     p.add_argument("--num-images", type=int, default=1)
     add_threads_arg(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, precheck=check_refs)
 
 
 def run(args) -> int:
