@@ -13,6 +13,7 @@ with both weights 0 is left out entirely). Two sources with the same word are an
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,9 +176,29 @@ def merge(items, *, rank: int | None = None, name: str = "merged", rename=()) ->
             if module is None:
                 continue
         merged.modules.setdefault(comp, {})[path] = module
+    _one_alpha(merged)
     order = [p for p in dict.fromkeys(PARTS.values()) if p in total]  # unet first, as printed
     energy = {p: (kept[p] / total[p] if total[p] > 0 else 1.0) for p in order} if rank is not None else None
     return MergeResult(merged, energy)
+
+
+def _one_alpha(adapter: Adapter) -> None:
+    """Give every module the same alpha (the most common rank), folding each module's own scale into its factors:
+    ΔW is unchanged, and the file reads the same everywhere. Merged modules have different ranks (sums of the
+    sources'), and diffusers' kohya reader applies one alpha per part to SD1 UNet modules, so a file whose alphas
+    differ loaded there with the wrong scale on some modules (A1111 and ComfyUI read either)."""
+    mods = [m for comp in adapter.modules.values() for m in comp.values()]
+    if not mods:
+        return
+    counts = Counter(m.rank for m in mods)
+    alpha = float(max(counts, key=lambda r: (counts[r], r)))
+    for comp in adapter.modules.values():
+        for path, m in comp.items():
+            if m.alpha == alpha:
+                continue
+            root = (m.alpha / alpha) ** 0.5  # (alpha/r)·(root·up)·(root·down) == (m.alpha/r)·up·down
+            comp[path] = LoraModule(down=(m.down.float() * root).to(m.down.dtype),
+                                    up=(m.up.float() * root).to(m.up.dtype), alpha=alpha)
 
 
 def _module(up, down, down_shape, up_tail, dtype) -> LoraModule:

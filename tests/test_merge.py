@@ -215,3 +215,31 @@ def test_cli_merge_without_base_refuses_a_file_of_unknown_family(pipe_and_adapte
     save_file(load_file(save_adapter(adapters[0], tmp_path / "full.safetensors", pipe=base.pipe)), bare)  # no metadata
     assert main(["merge", f"{bare}:0.5", "-o", str(tmp_path / "x.safetensors")]) == 2
     assert "--base" in capsys.readouterr().err
+
+
+def test_merged_kohya_file_has_one_alpha_and_loads_in_diffusers_with_our_images(pipe_and_adapters, tmp_path):
+    """Merged modules have different ranks; diffusers' kohya reader applies one alpha per part to SD1 UNet modules,
+    so the merged file carries one alpha and folds each module's scale into its factors."""
+    import numpy as np
+
+    from stylelora.formats import save_adapter
+
+    base, adapters = pipe_and_adapters
+    items = [(a, WEIGHTS[a.name]) for a in adapters]
+    merged = merge(items).adapter
+    ranks = {m.rank for mods in merged.modules.values() for m in mods.values()}
+    assert len(ranks) > 1 and len({m.alpha for mods in merged.modules.values() for m in mods.values()}) == 1
+    assert_same_deltas(blend_of(base, [(merged, 1.0)]), blend_of(base, items))
+    path = save_adapter(merged, tmp_path / "merged.safetensors", pipe=base.pipe)
+
+    def render(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a lighthouse", num_inference_steps=2, height=64, width=64, guidance_scale=5.0,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+    ours = load_base("tiny-random")
+    blender = Blender(ours)
+    blender.set({blender.load(merged): 1.0})
+    theirs = load_base("tiny-random").pipe
+    theirs.load_lora_weights(str(path))
+    assert np.abs(render(ours.pipe) - render(theirs)).max() <= 2.5 / 255
