@@ -28,7 +28,7 @@ from .tensorfile import check_torch_archive, read_safetensors
 
 NAME = re.compile(r"^step-(\d{6,})$")
 # Settings that may differ between the first run and its resume (they do not change the trained tensors).
-RESUMABLE_CHANGES = {"run.steps", "run.resume", "run.checkpoint_every", "run.keep_checkpoints", "run.sample_every",
+RESUMABLE_CHANGES = {"run.steps", "run.resume", "run.checkpoint_every", "run.keep_checkpoints", "run.save_every", "run.sample_every",
                      "run.sample_prompts", "run.sample_steps", "run.sample_seed", "run.log_every",
                      "run.tensorboard_dir", "run.output", "run.format", "data.cache_dir", "data.skip_bad_images"}
 FILES = ("lora.safetensors", "train_state.pt")  # what state.json's "files" describes

@@ -218,6 +218,8 @@ class RunConfig(_Validated):
     prediction_type: str | None = opt(None, "override the base's prediction type: epsilon | v_prediction")
     checkpoint_every: int = opt(0, "write a resumable checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = opt(3, "how many checkpoints to keep")
+    save_every: int = opt(0, "also write a loadable adapter NAME-step-N.safetensors beside the output every N steps "
+                             "(kohya/peft layout and metadata like the final one; 0 = off)")
     resume: str | None = opt(None, "'latest' or a checkpoint folder to resume from")
     sample_every: int = opt(0, "write sample images every N steps (0 = off)")
     sample_prompts: list = opt([], "prompts for sample images (default: the trigger word)")
@@ -230,7 +232,8 @@ class RunConfig(_Validated):
         _check(1 <= self.steps <= MAX_STEPS, f"steps must be in 1..{MAX_STEPS}, got {self.steps}")
         _check(1 <= self.batch_size <= 4096 and 1 <= self.grad_accum <= 4096,
                "batch_size and grad_accum must be in 1..4096")
-        _check(self.checkpoint_every >= 0 and self.sample_every >= 0, "checkpoint_every and sample_every must be >= 0")
+        _check(self.checkpoint_every >= 0 and self.sample_every >= 0 and self.save_every >= 0,
+               "checkpoint_every, sample_every and save_every must be >= 0")
         _check(1 <= self.sample_steps <= 1000, f"sample_steps must be in 1..1000, got {self.sample_steps}")
         _check(0 <= self.seed < 2**63, f"seed must be in 0..2**63-1, got {self.seed}")
         _check(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision must be no, fp16 or bf16")
@@ -306,6 +309,27 @@ class TrainConfig(_Validated):
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
         return cls.from_dict(data, source=str(path), base=base)
 
+    def differences(self, base: "TrainConfig | None" = None) -> dict[str, Any]:
+        """``{flat field: value}`` of the fields whose value differs from ``base`` (default: the field defaults),
+        in section order."""
+        start = (base or TrainConfig()).to_dict()
+        return {k: v for section, values in self.to_dict().items() for k, v in values.items()
+                if start[section][k] != v}
+
+    def summary(self, recipe: str = "default") -> str:
+        """The effective recipe, printed at the start of a run: the recipe's name and every field that differs
+        from the ``TrainConfig`` defaults (what a user would have to pass to train this exact run again)."""
+        diffs = self.differences()
+        lines = [f"recipe: {recipe}" + (" (the TrainConfig defaults)" if recipe == "default" else "")]
+        for section in SECTIONS:
+            own = {f.name for f in dataclasses.fields(SECTIONS[section])}
+            shown = [f"{k}={_show(v)}" for k, v in diffs.items() if k in own]
+            if shown:
+                lines.append(f"  {section}: " + ", ".join(shown))
+        if not diffs:
+            lines.append("  (no field differs from the defaults)")
+        return "\n".join(lines)
+
     def replace(self, **flat: Any) -> "TrainConfig":
         """A copy with flat overrides (``rank=8``, ``lr=1e-4``) applied to whichever section owns each key,
         validated like a new config."""
@@ -321,6 +345,14 @@ def _owner(key: str) -> str:
         if any(f.name == key for f in dataclasses.fields(klass)):
             return section
     raise ConfigError(f"unknown option {key!r}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(repr(v) for v in value) + "]"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def _check(ok: bool, message: str) -> None:

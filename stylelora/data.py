@@ -283,11 +283,14 @@ def _no_images_error(root: Path, files: list[tuple[str, Path]], skipped: int) ->
 
 def scan_folder(root, *, trigger: str | None = None, caption_template: str = "{trigger}",
                 caption_exts=CAPTION_EXTS, repeats: dict[str, int] | None = None,
-                default_repeats: int = 1, skip_bad_images: bool = False, roots=None) -> list[ImageItem]:
+                default_repeats: int = 1, skip_bad_images: bool = False, roots=None,
+                report: dict | None = None) -> list[ImageItem]:
     """Find, validate and caption every image under root (recursively, sorted by relative path).
 
     ``roots``: folders every image and caption must resolve inside (links out of them are refused, naming the
     link); None takes them from an enclosing ``confined_to`` block, else links are followed anywhere.
+    ``report``: a dict that gets ``uncaptioned`` (images captioned from the template, i.e. the trigger) and
+    ``skipped`` ((path relative to root, reason) of each skipped image) lists, for ``summarize``.
     """
     root = Path(root).expanduser().absolute()
     if not root.exists():
@@ -316,7 +319,7 @@ def scan_folder(root, *, trigger: str | None = None, caption_template: str = "{t
         if path.suffix.lower() in exts:
             captions.setdefault((str(PurePosixPath(rel).parent), path.stem), {})[path.suffix.lower()] = path
 
-    items, bad, no_caption, used = [], [], [], set()
+    items, bad, no_caption, used, skipped, uncaptioned = [], [], [], set(), [], []
     for rel, path in files:
         if path.suffix.lower() not in IMAGE_EXTS:
             continue
@@ -326,6 +329,8 @@ def scan_folder(root, *, trigger: str | None = None, caption_template: str = "{t
             if not skip_bad_images:
                 raise
             bad.append(str(e).removesuffix(_SKIP_HINT))  # it was passed: the list says what was skipped, and why
+            # the reason without the folder's path (PIL's own messages repeat it): the UI must not show it
+            skipped.append((rel, bad[-1].split(f"{path}: ", 1)[-1].replace(str(path), rel)))
             continue
         subset = str(PurePosixPath(rel).parent)
         found = captions.get((subset, path.stem), {})
@@ -343,9 +348,13 @@ def scan_folder(root, *, trigger: str | None = None, caption_template: str = "{t
                 no_caption.append(path)
                 continue
             caption = caption_template.format(trigger=trigger)
+            uncaptioned.append(path)
         reps = _repeats_for(subset, overrides, default_repeats, used)
         items.append(ImageItem(path, caption, reps, subset, width, height))
 
+    if report is not None:
+        report.setdefault("uncaptioned", []).extend(uncaptioned)
+        report.setdefault("skipped", []).extend(skipped)
     if no_caption:
         more = f" (and {len(no_caption) - 1} more)" if len(no_caption) > 1 else ""
         raise DataError(f"image {no_caption[0]}{more} has no caption and no --trigger was given. Pass --trigger "
@@ -359,6 +368,63 @@ def scan_folder(root, *, trigger: str | None = None, caption_template: str = "{t
         warnings.warn(f"repeats given for {unused} but no images in {root} are in such a folder; "
                       f"check the folder names.", stacklevel=2)
     return items
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What a run will train on, shown before training starts (CLI) and in the web UI's status."""
+
+    images: int                        # style images (regularization images not included)
+    captioned: int                     # style images with a caption file
+    uncaptioned: int                   # style images captioned from the template (the trigger word)
+    reg_images: int                    # regularization images
+    repeats: dict[int, int]            # {repeats: how many images have it}
+    samples_per_epoch: int             # sum of the repeats
+    buckets: dict[tuple[int, int], int]  # {(width, height): images}
+    upscaled: int                      # images enlarged to fill their bucket
+    downscaled: int                    # images shrunk to fit their bucket
+    skipped: tuple[tuple[str, str], ...] = ()  # (file, reason), file relative to its dataset folder
+
+    def format(self) -> str:
+        trig = f"; {self.uncaptioned} without one, captioned with the trigger" if self.uncaptioned else ""
+        lines = [f"dataset: {self.images} image(s), {self.captioned} with a caption file{trig}"
+                 + (f"; {self.reg_images} regularization image(s)" if self.reg_images else "")]
+        reps = ", ".join(f"{n} image(s) x {r}" for r, n in sorted(self.repeats.items()))
+        lines.append(f"  repeats: {reps} = {self.samples_per_epoch} samples per epoch")
+        lines.append("  buckets: " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(self.buckets.items())))
+        kept = self.images + self.reg_images - self.upscaled - self.downscaled
+        lines.append(f"  resized: {self.upscaled} upscaled, {self.downscaled} downscaled, {kept} at their size")
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)} file(s):")
+            lines += [f"    {name}: {reason}" for name, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def summarize(items: list[ImageItem], *, resolution: int, bucket_step: int = 64, upscale: bool = False,
+              uncaptioned=(), skipped=()) -> DatasetSummary:
+    """The summary of scanned ``items`` (style and ``reg/`` subsets) as training will bucket them.
+
+    ``uncaptioned`` and ``skipped`` are ``scan_folder``'s ``report`` lists. The buckets are the ones
+    ``assign_bucket`` gives (what TrainingSet uses); an image is up- or downscaled when ``prepare_pixels`` has to
+    scale it to cover its bucket.
+    """
+    style = [it for it in items if not it.subset.startswith("reg/")]
+    no_caption = {Path(p) for p in uncaptioned}
+    buckets: Counter = Counter()
+    up = down = 0
+    for it in items:
+        b = assign_bucket(it.width, it.height, resolution, no_upscale=not upscale, step=bucket_step)
+        buckets[(b.width, b.height)] += 1
+        scale = max(b.width / it.width, b.height / it.height)
+        up, down = up + (scale > 1), down + (scale < 1)
+    uncap = sum(it.path in no_caption for it in style)
+    return DatasetSummary(
+        images=len(style), captioned=len(style) - uncap, uncaptioned=uncap, reg_images=len(items) - len(style),
+        repeats=dict(Counter(it.repeats for it in items)), samples_per_epoch=sum(it.repeats for it in items),
+        buckets=dict(buckets), upscaled=up, downscaled=down, skipped=tuple(skipped))
 
 
 # --------------------------------------------------------------------------------------------- buckets

@@ -20,6 +20,14 @@ log = logging.getLogger(__name__)
 # A1111's extra-network pattern is <(\w+):([^>]+)>; we only consume the LoRA kinds and leave other tags as text.
 _TAG = re.compile(r"<(lora|lyco):([^>]+)>", re.IGNORECASE)
 ADAPTER_SUFFIXES = (".safetensors",)
+# Folders a training run writes beside its adapter: resumable checkpoints (whose lora.safetensors holds raw
+# training parameters, not a loadable adapter) and sample images. Adapter listings never look inside them.
+RUN_FOLDER_SUFFIXES = ("-checkpoints", "-samples")
+
+
+def is_run_folder(name: str) -> bool:
+    """Whether a folder named ``name`` is a training run's checkpoint or sample folder (skipped by listings)."""
+    return name.endswith(RUN_FOLDER_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,8 @@ def available_adapters(folders: list[str | Path]) -> dict[str, Path]:
         if not root.is_dir():
             raise ConfigError(f"--adapters {root}: not a folder")
         for path in sorted(root.rglob("*")):
+            if any(is_run_folder(part) for part in path.relative_to(root).parts[:-1]):
+                continue  # a run's checkpoints/samples, not adapters
             if path.suffix.lower() in ADAPTER_SUFFIXES and path.is_file() and not is_embedding_file(path):
                 rel = path.relative_to(root).with_suffix("").as_posix()
                 found.setdefault(rel, path)

@@ -58,7 +58,8 @@ class StepInfo:
 
 
 def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[dict], None] | None = None,
-          should_stop: Callable[[], bool] | None = None, on_step: Callable[[StepInfo], None] | None = None) -> Path:
+          should_stop: Callable[[], bool] | None = None, on_step: Callable[[StepInfo], None] | None = None,
+          on_data: Callable[[data.DatasetSummary], None] | None = None) -> Path:
     """Train an adapter as ``config`` says; returns the path of the written adapter file.
 
     ``base``: an already loaded base (e.g. the web UI's) to train on instead of loading ``config.run.base``; its
@@ -68,6 +69,7 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
     checkpoint and raises ``TrainingCancelled`` (resume it later with ``resume="latest"``).
     ``on_step``: called with a ``StepInfo`` at the end of every optimizer step, after that step's logging and
     checkpoint (on every process; see ``StepInfo``). Exceptions it raises end the run.
+    ``on_data``: called once with the ``data.DatasetSummary`` of the scanned images, before the base is loaded.
     """
     from accelerate import Accelerator
 
@@ -96,9 +98,13 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
     # ---- data first: bad input fails before a model is loaded or anything is written
     items = data.scan_folder(cfg.data.folder, trigger=cfg.data.trigger, caption_template=cfg.data.caption_template,
                              repeats=cfg.data.repeats, default_repeats=cfg.data.default_repeats,
-                             skip_bad_images=cfg.data.skip_bad_images)
+                             skip_bad_images=cfg.data.skip_bad_images, report=(report := {}))
     if cfg.data.reg_folder:
-        items += regularization_items(cfg.data.reg_folder, skip_bad_images=cfg.data.skip_bad_images)
+        items += regularization_items(cfg.data.reg_folder, skip_bad_images=cfg.data.skip_bad_images,
+                                      report=report)
+    if on_data is not None and accelerator.is_main_process:
+        on_data(data.summarize(items, resolution=cfg.data.resolution, bucket_step=cfg.data.bucket_step,
+                               upscale=cfg.data.upscale, **report))
 
     # ---- base model: a caller's base is given back as it was found, whatever happens in the run
     borrowed = base is not None
@@ -119,10 +125,12 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
             base.pipe.scheduler = scheduler
 
 
-def regularization_items(folder: str, *, skip_bad_images: bool = False) -> list[data.ImageItem]:
+def regularization_items(folder: str, *, skip_bad_images: bool = False, report: dict | None = None
+                         ) -> list[data.ImageItem]:
     """Prior-preservation images: captions exactly as written (no trigger added; uncaptioned ones train the empty
     prompt), folder repeats as usual, and their own ``reg/...`` subset in the adapter's metadata."""
-    items = data.scan_folder(folder, trigger=None, caption_template="", skip_bad_images=skip_bad_images)
+    items = data.scan_folder(folder, trigger=None, caption_template="", skip_bad_images=skip_bad_images,
+                             report=report)
     name = Path(folder).expanduser().absolute().name
     return [dataclasses.replace(it, subset=f"reg/{name if it.subset in ('', '.') else it.subset}") for it in items]
 
@@ -219,6 +227,7 @@ def _train_on(base: Base, cfg: TrainConfig, accelerator, items, output: Path, st
         if is_ckpt:
             meter.last_good = (_save_checkpoint(ckpt_root, done, run_state, accelerator, p, run.keep_checkpoints)
                                or meter.last_good)
+        _save_every(base, cfg, items, output, done, started_at, accelerator, p, stream)
         if hooks.on_step:
             hooks.on_step(StepInfo(step=done, steps=run.steps, rank=accelerator.process_index,
                                    world=accelerator.num_processes, indices=indices, loss=loss, lrs=lrs,
@@ -412,25 +421,52 @@ def _save_checkpoint(ckpt_root: Path, step: int, run_state: dict, accelerator, p
     return path
 
 
+def intermediate_path(output: Path, step: int) -> Path:
+    """Where ``--save-every`` writes the adapter of step ``step``: beside the output, ``NAME-step-N.safetensors``."""
+    return output.parent / f"{output.stem}-step-{step}{output.suffix}"
+
+
+def _save_every(base: Base, cfg: TrainConfig, items, output: Path, done: int, started_at: float, accelerator,
+                p: _Parts, stream: EpochStream) -> None:
+    """``--save-every N``: a loadable adapter of the current state every N steps (not at the last step: that one
+    is the output itself), written like the final adapter. The other processes wait, as for a checkpoint."""
+    every = cfg.run.save_every
+    if not every or done % every or done >= cfg.run.steps:
+        return
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        path = intermediate_path(output, done)
+        _save_adapter(base, cfg, items, path, done, started_at, accelerator, p, stream, samples=[])
+        accelerator.print(f"step {done}: wrote {path}")
+    accelerator.wait_for_everyone()
+
+
+def _save_adapter(base: Base, cfg: TrainConfig, items, path: Path, step: int, started_at: float, accelerator,
+                  p: _Parts, stream: EpochStream, samples: list) -> None:
+    """The adapter file of the live LoRA state (and learnt tokens) at ``step``, with its metadata (main process)."""
+    from . import formats
+
+    run = cfg.run
+    adapter = lora.extract(base.pipe, ADAPTER_NAME)
+    adapter.name = path.stem
+    adapter.family = base.family.key
+    if p.learnt.active:
+        adapter.embeddings[p.learnt.word] = p.learnt.embedding()
+    epoch = math.ceil(step * run.grad_accum * accelerator.num_processes / stream.per_epoch)
+    meta = formats.training_metadata(cfg, base.family, items=items, base_name=base.name, steps=step,
+                                     epoch=epoch, started_at=started_at, finished_at=time.time(),
+                                     thumbnail=samples[thumbnail_index(cfg)] if samples else None)
+    formats.save_adapter(adapter, path, format=run.format, family=base.family, metadata=meta, pipe=base.pipe)
+
+
 def _write_adapter(base: Base, cfg: TrainConfig, items, output: Path, started_at: float, accelerator, p: _Parts,
                    stream: EpochStream, ckpt_root: Path, run_state: dict) -> None:
     """Final samples, the adapter file with its metadata, and a last checkpoint (main process)."""
     run = cfg.run
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        from . import formats
-
         samples = write_samples(base.pipe, cfg, output, run.steps, accelerator)
-        adapter = lora.extract(base.pipe, ADAPTER_NAME)
-        adapter.name = output.stem
-        adapter.family = base.family.key
-        if p.learnt.active:
-            adapter.embeddings[p.learnt.word] = p.learnt.embedding()
-        epoch = math.ceil(run.steps * run.grad_accum * accelerator.num_processes / stream.per_epoch)
-        meta = formats.training_metadata(cfg, base.family, items=items, base_name=base.name, steps=run.steps,
-                                         epoch=epoch, started_at=started_at, finished_at=time.time(),
-                                         thumbnail=samples[thumbnail_index(cfg)] if samples else None)
-        formats.save_adapter(adapter, output, format=run.format, family=base.family, metadata=meta, pipe=base.pipe)
+        _save_adapter(base, cfg, items, output, run.steps, started_at, accelerator, p, stream, samples)
         # the final state is also a checkpoint, so a later `--steps N --resume latest` can continue training
         checkpoint.save(ckpt_root, run.steps, params=trainable_state(accelerator, p.trained),
                         optimizer=p.optimizer, lr_scheduler=p.lr_scheduler, scaler=accelerator.scaler,

@@ -107,9 +107,12 @@ def run(args) -> int:
 
     from accelerate import PartialState
 
+    if PartialState().is_main_process:  # one block, before the dataset summary and the progress bar
+        print(cfg.summary(getattr(args, "recipe", None) or "default"), flush=True)
     with _StopOnSignal() as stop:
         try:
-            path = training.train(cfg, should_stop=stop.requested)
+            path = training.train(cfg, should_stop=stop.requested,
+                                  on_data=lambda summary: print(summary.format(), flush=True))
         except TrainingCancelled as e:
             if stop.signum is None:
                 raise

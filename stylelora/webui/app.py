@@ -26,8 +26,10 @@ from stylelora.presets import WEBUI_DEFAULT  # noqa: E402
 
 from .handlers import GenerateRequest, GridRequest, Studio, insert_triggers, parse_values  # noqa: E402
 from .library import TABLE_HEADERS  # noqa: E402
-from .training import MAX_RANK, MAX_SAMPLE_STEPS, MAX_STEPS, PRESETS, TrainRequest, format_status  # noqa: E402
-from .training import max_resolution  # noqa: E402
+from stylelora.config import SCHEDULERS  # noqa: E402
+
+from .training import MAX_BATCH, MAX_RANK, MAX_SAMPLE_STEPS, MAX_STEPS, PRESETS, TrainRequest  # noqa: E402
+from .training import format_status, loss_frame, max_resolution, sample_caption  # noqa: E402
 
 log = logging.getLogger(__name__)
 SOURCES = ("Folder on the server", "Upload images")
@@ -249,12 +251,35 @@ def _train_tab(studio: Studio, c: SimpleNamespace) -> None:
                                                  maximum=MAX_SAMPLE_STEPS, elem_id="train-sample-steps")
                     c.t_tokens = gr.Number(-1, label="Learnt trigger tokens (-1 = the preset's, 0 = off)",
                                            precision=0, minimum=-1, maximum=64, elem_id="train-tokens")
+                with gr.Row():
+                    c.t_te = gr.Checkbox(False, label="Train the text encoder too", elem_id="train-te")
+                    c.t_te_lr = gr.Number(0, label="Text-encoder learning rate (0 = the UNet's)", minimum=0,
+                                          elem_id="train-te-lr")
+                    c.t_batch = gr.Number(0, label="Batch size", precision=0, minimum=0, maximum=MAX_BATCH,
+                                          elem_id="train-batch")
+                    c.t_alpha = gr.Number(0, label="Alpha (0 = rank)", minimum=0, elem_id="train-alpha")
+                with gr.Row():
+                    c.t_dropout = gr.Slider(0, 0.5, value=0, step=0.01, label="Caption dropout",
+                                            elem_id="train-caption-dropout")
+                    c.t_sched = gr.Dropdown(["(preset)", *SCHEDULERS], value="(preset)", label="Scheduler",
+                                            elem_id="train-scheduler")
+                    c.t_reg = gr.Dropdown(["", *folders], value="", allow_custom_value=True,
+                                          label="Regularization folder (inside the training roots; optional)",
+                                          elem_id="train-reg", visible=bool(studio.train_roots))
+                    c.t_skip = gr.Checkbox(False, label="Skip unreadable images (listed in the status)",
+                                           elem_id="train-skip-bad")
+                c.t_prompts = gr.Textbox("", lines=3, label="Sample prompts (one per line; empty = the trigger)",
+                                         elem_id="train-sample-prompts")
             with gr.Row():
                 c.start = gr.Button("Start training", variant="primary", elem_id="train-start")
                 c.stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                c.save_partial = gr.Button("Save what was learnt so far", elem_id="train-save-partial")
+                c.resume = gr.Button("Resume", elem_id="train-resume")
         with gr.Column(scale=6):
             c.status = gr.Markdown(format_status(studio.training_status()), elem_id="train-status")
             c.bar = gr.HTML(_bar(studio.training_status()), elem_id="train-bar")
+            c.loss_plot = gr.LinePlot(loss_frame(studio.training_status()), x="step", y="loss", title="Loss",
+                                      height=220, elem_id="train-loss")
             c.samples = gr.Gallery(label="Samples", columns=4, height=360, elem_id="train-samples",
                                    interactive=False)
     c.timer = gr.Timer(1.0, active=False)
@@ -275,7 +300,7 @@ def _wire_train(studio: Studio, c: SimpleNamespace, lib_outputs: list, lib_refre
 
     @_ui
     def start(source, folder, uploads, name, trigger, preset, steps, rank, lr, res, sample_every, sample_steps,
-              tokens):
+              tokens, te, te_lr, batch, alpha, dropout, sched, reg, skip, prompts):
         upload = source == SOURCES[1]
         if upload and not uploads:
             raise gr.Error("choose images (or a .zip) to upload first")
@@ -285,28 +310,46 @@ def _wire_train(studio: Studio, c: SimpleNamespace, lib_outputs: list, lib_refre
                            lr=float(lr or 0) or None, resolution=res or None,
                            sample_every=None if sample_every is None or sample_every < 0 else sample_every,
                            sample_steps=20 if sample_steps is None else sample_steps,
-                           train_tokens=None if tokens is None or tokens < 0 else int(tokens))
+                           train_tokens=None if tokens is None or tokens < 0 else int(tokens),
+                           train_text_encoder=True if te else None, te_lr=te_lr or None, batch_size=batch or None,
+                           alpha=alpha or None, caption_dropout=dropout or None,
+                           lr_scheduler=None if sched in (None, "", "(preset)") else sched,
+                           reg_folder=reg or None, skip_bad_images=bool(skip), sample_prompts=prompts or "")
         studio.start_training(req)
         s = studio.training_status()
         return format_status(s), _bar(s), [], gr.Timer(active=True)
 
     c.start.click(start, inputs=[c.source, c.folder, c.uploads, c.name, c.trigger, c.preset, c.t_steps, c.t_rank,
-                                 c.t_lr, c.t_res, c.t_sample_every, c.t_sample_steps, c.t_tokens],
+                                 c.t_lr, c.t_res, c.t_sample_every, c.t_sample_steps, c.t_tokens, c.t_te,
+                                 c.t_te_lr, c.t_batch, c.t_alpha, c.t_dropout, c.t_sched, c.t_reg, c.t_skip,
+                                 c.t_prompts],
                   outputs=[c.status, c.bar, c.samples, c.timer], concurrency_id="train-start",
                   show_progress_on=[c.status])
     c.stop.click(_ui(lambda: (studio.stop_training(), format_status(studio.training_status()))[1]),
                  outputs=c.status)
 
+    def relaunch(action):
+        @_ui
+        def go():
+            action()
+            s = studio.training_status()
+            return format_status(s), _bar(s), gr.Timer(active=True)
+        return go
+
+    c.save_partial.click(relaunch(studio.save_stopped), outputs=[c.status, c.bar, c.timer])
+    c.resume.click(relaunch(studio.resume_stopped), outputs=[c.status, c.bar, c.timer])
+
     def poll(version):
         s = studio.training_status()
         active = bool(s and s["status"] in ("starting", "running"))
-        samples = [(p, os.path.basename(p)) for p in (s or {}).get("samples", [])]
+        samples = [(p, sample_caption(p)) for p in (s or {}).get("samples", [])]
         if s and s["status"] == "failed":
             gr.Warning(s["message"])
         lib = lib_refresh(version)
-        return (format_status(s), _bar(s), samples, gr.Timer(active=active), *lib)
+        return (format_status(s), _bar(s), samples, loss_frame(s), gr.Timer(active=active), *lib)
 
-    c.timer.tick(poll, inputs=[c.lib_version], outputs=[c.status, c.bar, c.samples, c.timer, *lib_outputs],
+    c.timer.tick(poll, inputs=[c.lib_version],
+                 outputs=[c.status, c.bar, c.samples, c.loss_plot, c.timer, *lib_outputs],
                  show_progress="hidden", concurrency_limit=None)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from stylelora.errors import AdapterError, ConfigError, StyleloraError
+from stylelora.errors import AdapterError, ConfigError, DataError, StyleloraError
 
 from . import paths
 from .library import Library
@@ -416,18 +416,69 @@ class Studio:
                     raise paths.UnsafePathError(f"{req.folder!r} is not a folder")
             else:
                 raise ConfigError("choose an image folder on the server or upload images")
+            reg = None
+            if req.reg_folder and req.reg_folder.strip():
+                reg = paths.within_any(self.train_roots, req.reg_folder, what="regularization folder")
+                if not reg.is_dir():
+                    raise paths.UnsafePathError(f"{req.reg_folder!r} is not a folder")
             config = build_config(req, folder, run_dir / f"{name}.safetensors", base=self.base,
-                                  native=self.native_size)
-            scan_folder(folder, trigger=config.data.trigger, caption_template=config.data.caption_template,
-                        roots=self._scan_roots(folder))
+                                  native=self.native_size, reg_folder=reg)
+            try:
+                scan_folder(folder, trigger=config.data.trigger, caption_template=config.data.caption_template,
+                            roots=self._scan_roots(folder), skip_bad_images=config.data.skip_bad_images)
+            except DataError as e:  # name the files as the user knows them, never the server's upload folder
+                raise DataError(_hide_folder(str(e), folder)) from None
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
+        return self._launch(name, config, recipe=req.preset, overwrite=req.overwrite)
+
+    def _launch(self, name: str, config, *, recipe: str, overwrite: bool) -> TrainJob:
+        """Start ``config`` in the background; the adapter it writes joins the library as ``name``."""
         self.library.reserve(name)  # until the run ends: the library's own actions cannot take the name
+        # the page shows the recipe without the server's work folder (uploads and the working adapter live there)
+        work = str(self.work_dir)
+        shown = config.replace(output=f"{name}.safetensors", **(
+            {"folder": "(uploaded images)"} if config.data.folder.startswith(work) else {}))
         self.job = TrainJob(name, config, run=self._train_locked, samples_dir=self.work_dir / "samples",
-                            on_done=lambda out: self._keep_trained(out, name, req.overwrite),
+                            recipe=recipe, shown_config=shown, on_done=lambda out: self._keep_trained(out, name, overwrite),
                             on_end=lambda: self.library.release(name)).start()
+        self.job.overwrite = overwrite
         return self.job
+
+    def _stopped_job(self) -> TrainJob:
+        if self.job is None or self.job.running or self.job.status()["status"] != "stopped":
+            raise ConfigError("there is no stopped training run (Stop a run first)")
+        return self.job
+
+    def save_stopped(self) -> TrainJob:
+        """Write what the stopped run learnt into the library as ``NAME-step-N``: the run resumes from its stop
+        checkpoint with ``steps = N``, so no step is taken and the adapter is written by training's own save path
+        (metadata, learnt tokens, final samples). The stopped run can still be resumed afterwards."""
+        from stylelora import checkpoint
+
+        job = self._stopped_job()
+        saved = checkpoint.list_checkpoints(checkpoint.checkpoint_root(Path(job.config.run.output)))
+        if not saved:
+            raise ConfigError(f"the stopped run {job.name!r} left no checkpoint to save from")
+        step = int(checkpoint.NAME.match(saved[-1].name).group(1))
+        config = job.config.replace(steps=step, resume="latest", sample_every=0, save_every=0)
+        self._resumable = job  # "Resume" continues the original run, not this save
+        return self._launch(f"{job.name}-step-{step}", config, recipe=job.recipe, overwrite=False)
+
+    def resume_stopped(self) -> TrainJob:
+        """Continue the last stopped run (or the run a save was made from) from its newest checkpoint."""
+        job = self.job
+        if job is not None and not job.running and job.status()["status"] == "done" \
+                and getattr(self, "_resumable", None) is not None:
+            job = self._resumable  # the save finished: resume the run it was saved from
+        elif job is not None and not job.running and job.status()["status"] == "stopped":
+            pass
+        else:
+            raise ConfigError("there is no stopped training run to resume")
+        self._resumable = None
+        return self._launch(job.name, job.config.replace(resume="latest"), recipe=job.recipe,
+                            overwrite=getattr(job, "overwrite", False))
 
     def _scan_roots(self, folder) -> list[Path]:
         """Where a training folder's files may resolve to: the training roots, or the upload folder itself."""
@@ -442,7 +493,8 @@ class Studio:
             pipe = self.base.pipe
             placement = {n: (m.device, m.dtype) for n, m in _parts(pipe).items()}
             try:
-                return stylelora.train(config, base=self.base, progress=progress, should_stop=should_stop)
+                return stylelora.train(config, base=self.base, progress=progress, should_stop=should_stop,
+                                       on_data=lambda summary: progress({"dataset": summary}))
             except BaseException:
                 _give_back(pipe, placement)  # whatever went wrong, the next generation gets the plain base
                 raise
@@ -458,6 +510,13 @@ class Studio:
 
     def training_status(self) -> dict | None:
         return self.job.status() if self.job else None
+
+
+def _hide_folder(message: str, folder: Path) -> str:
+    """``message`` with the dataset folder's server path taken out of the file names it mentions."""
+    for f in {str(folder), str(Path(folder).resolve())}:
+        message = message.replace(f + "/", "").replace(f, "the image folder")
+    return message
 
 
 def _parts(pipe) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from stylelora.atomic import copy_file
 from stylelora.errors import AdapterError, StyleloraError
+from stylelora.prompt import is_run_folder
 
 from . import paths
 
@@ -92,7 +93,8 @@ class Library:
         out: dict[str, Path] = {}
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
             here = Path(dirpath)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            # hidden folders, and a run's checkpoint and sample folders (their files are not adapters)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not is_run_folder(d))
             for f in sorted(filenames):
                 if f.startswith(".") or not f.lower().endswith(paths.ADAPTER_SUFFIX):
                     continue

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stylelora.config import SCHEDULERS
 from stylelora.errors import ConfigError, StyleloraError, TrainingCancelled
 from stylelora.presets import WEBUI, WEBUI_DEFAULT
 
@@ -45,6 +46,16 @@ class TrainRequest:
     seed: int = 0
     overwrite: bool = False
     train_tokens: int | None = None  # learnt trigger tokens (pivotal tuning); None: the preset's value, 0: off
+    # more overrides of the preset; None: the preset's value
+    train_text_encoder: bool | None = None
+    te_lr: float | None = None  # None or 0: the UNet's learning rate
+    batch_size: int | None = None
+    alpha: float | None = None  # None or 0: alpha = rank
+    caption_dropout: float | None = None
+    lr_scheduler: str | None = None
+    reg_folder: str | None = None  # a server folder inside a training root (checked by the Studio)
+    sample_prompts: str = ""  # one per line; empty: the trigger word
+    skip_bad_images: bool = False
 
 
 def prepare_uploads(files: list[str], dest: Path, *, max_bytes: int) -> Path:
@@ -93,6 +104,7 @@ def _prepare_uploads(files: list[str], dest: Path, max_bytes: int) -> Path:
 MAX_STEPS = 100_000
 MAX_RANK = 256
 MAX_SAMPLE_STEPS = 150
+MAX_BATCH = 64
 
 
 def max_resolution(native: int) -> int:
@@ -121,13 +133,25 @@ def check_request(req: TrainRequest, *, native: int) -> None:
     whole(req.sample_steps, "sample denoising steps", 1, MAX_SAMPLE_STEPS)
     whole(req.train_tokens, "learnt trigger tokens (0 = off)", 0, 64)
     whole(req.seed, "seed", 0, 2**32 - 1)
+    whole(req.batch_size or None, "batch size", 1, MAX_BATCH)
+    for value, what, top in ((req.te_lr, "text-encoder learning rate", 1), (req.alpha, "alpha", 4 * MAX_RANK)):
+        if value not in (None, 0) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                       or not math.isfinite(value) or not 0 < value <= top):
+            raise ConfigError(f"{what} must be a number above 0 and at most {top}, got {value!r}")
+    if req.caption_dropout is not None and (not isinstance(req.caption_dropout, (int, float))
+                                            or not 0 <= req.caption_dropout < 1):
+        raise ConfigError(f"caption dropout must be from 0 to below 1, got {req.caption_dropout!r}")
+    if req.lr_scheduler not in (None, "", *SCHEDULERS):
+        raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {req.lr_scheduler!r}")
     if req.lr not in (None, 0) and (not isinstance(req.lr, (int, float)) or not math.isfinite(req.lr)
                                or not 0 < req.lr <= 1):
         raise ConfigError(f"learning rate must be a number above 0 and at most 1, got {req.lr!r}")
 
 
-def build_config(req: TrainRequest, folder: Path, output: Path, *, base, native: int):
-    """The ``TrainConfig`` for a request: the preset's recipe, then the request's overrides."""
+def build_config(req: TrainRequest, folder: Path, output: Path, *, base, native: int,
+                 reg_folder: Path | None = None):
+    """The ``TrainConfig`` for a request: the preset's recipe, then the request's overrides. ``reg_folder``: the
+    checked server path of ``req.reg_folder``."""
     if req.preset not in PRESETS:
         raise ConfigError(f"unknown preset {req.preset!r}; choose one of {', '.join(PRESETS)}")
     check_request(req, native=native)
@@ -144,15 +168,38 @@ def build_config(req: TrainRequest, folder: Path, output: Path, *, base, native:
         sample_steps=int(req.sample_steps), mixed_precision=precision, log_every=max(1, min(10, steps // 50)),
         checkpoint_every=0,
         train_tokens=int(recipe["train_tokens"] if req.train_tokens is None else req.train_tokens),
+        **_extras(req, recipe, reg_folder),
     )
+
+
+def _extras(req: TrainRequest, recipe, reg_folder: Path | None) -> dict:
+    """The request's optional overrides (text encoder, batch, alpha, dropout, scheduler, reg images, samples)."""
+    te = recipe["train_text_encoder"] if req.train_text_encoder is None else bool(req.train_text_encoder)
+    out = {"train_text_encoder": te, "skip_bad_images": bool(req.skip_bad_images),
+           "sample_prompts": [x.strip() for x in (req.sample_prompts or "").splitlines() if x.strip()]}
+    if req.te_lr:
+        out["te_lr"] = float(req.te_lr)
+    if req.batch_size:
+        out["batch_size"] = int(req.batch_size)
+    if req.alpha:
+        out["alpha"] = float(req.alpha)
+    if req.caption_dropout is not None:
+        out["caption_dropout"] = float(req.caption_dropout)
+    if req.lr_scheduler:
+        out["lr_scheduler"] = req.lr_scheduler
+    if reg_folder is not None:
+        out["reg_folder"] = str(reg_folder)
+    return out
 
 
 class TrainJob:
     """One training run in a background thread; ``status()`` is what the page shows."""
 
-    def __init__(self, name: str, config, *, run, on_done, on_end=None, samples_dir: Path | None = None):
+    def __init__(self, name: str, config, *, run, on_done, on_end=None, samples_dir: Path | None = None,
+                 recipe: str = "default", shown_config=None):
         self.name = name
         self.config = config
+        self.recipe = recipe
         self._run = run  # callable(config, progress, should_stop) -> Path of the written adapter
         self._on_done = on_done  # callable(Path) -> library name, called when training finished
         self._on_end = on_end  # callable(), called however the run ends (e.g. to release the reserved name)
@@ -164,7 +211,7 @@ class TrainJob:
         self._lock = threading.Lock()
         self._state = {"name": name, "status": "starting", "step": 0, "steps": config.run.steps, "loss": None,
                        "lr": None, "elapsed": 0.0, "eta": None, "samples": [], "message": "waiting for the model",
-                       "adapter": None}
+                       "adapter": None, "recipe": (shown_config or config).summary(recipe), "dataset": None, "losses": []}
         self._started = time.time()
         self.thread = threading.Thread(target=self._main, name=f"train-{name}", daemon=True)
 
@@ -188,6 +235,7 @@ class TrainJob:
         with self._lock:
             s = dict(self._state)
             s["samples"] = list(s["samples"])
+            s["losses"] = list(s["losses"])
         if s["status"] in ("starting", "running"):
             s["elapsed"] = time.time() - self._started
         return s
@@ -204,9 +252,19 @@ class TrainJob:
             for k in ("loss", "lr", "eta"):
                 if k in p:  # sample-only reports carry no loss
                     st[k] = p[k]
+            if isinstance(p.get("loss"), (int, float)):  # the loss plot's points
+                st["losses"] = st["losses"] + [(st["step"], float(p["loss"]))]
             if p.get("sample"):
                 st["samples"] = st["samples"] + [str(self._publish(Path(x))) for x in p["sample"]]
             st["message"] = f"step {st['step']}/{st['steps']}"
+
+    def _report(self, p: dict) -> None:
+        """What ``run`` reports: ``{"dataset": DatasetSummary}`` once, after the scan and before the base is
+        prepared; then training's own progress events."""
+        if "dataset" in p:
+            self._update(dataset=p["dataset"].format())
+        else:
+            self._progress(p)
 
     def _publish(self, sample: Path) -> Path:
         """The copy of a sample image the page may show (the sample itself without a samples folder)."""
@@ -221,7 +279,7 @@ class TrainJob:
     def _main(self) -> None:
         try:
             self._update(status="running", message="preparing images and caches…")
-            output = self._run(self.config, self._progress, self._stop.is_set)
+            output = self._run(self.config, self._report, self._stop.is_set)
             output = Path(output)
             finals = sorted(output.parent.glob(f"{output.stem}-samples/step-{self.config.run.steps:06d}-*.png"))
             name = self._on_done(Path(output))
@@ -234,8 +292,9 @@ class TrainJob:
             self._update(status="done", adapter=name, step=self.config.run.steps, eta=0.0,
                          elapsed=time.time() - self._started, message=message)
         except TrainingCancelled:
-            self._update(status="stopped", message="stopped; nothing was added to the library",
-                         elapsed=time.time() - self._started)
+            self._update(status="stopped", elapsed=time.time() - self._started,
+                         message=f"stopped at step {self.status()['step']}; nothing was added to the library yet: "
+                                 "'Save what was learnt so far' adds it as an adapter, 'Resume' continues the run")
         except StyleloraError as e:
             self._update(status="failed", message=str(e), elapsed=time.time() - self._started)
         except Exception as e:  # noqa: BLE001 - the page shows a message; the log keeps the traceback
@@ -255,8 +314,32 @@ def format_status(s: dict | None) -> str:
     eta = _duration(s["eta"]) if isinstance(s.get("eta"), (int, float)) else "-"
     head = {"starting": "Starting", "running": "Training", "done": "Finished", "stopped": "Stopped",
             "failed": "Failed"}.get(s["status"], s["status"])
-    return (f"**{head}** `{s['name']}` · step {s['step']}/{s['steps']} · loss {loss} · elapsed "
+    text = (f"**{head}** `{s['name']}` · step {s['step']}/{s['steps']} · loss {loss} · elapsed "
             f"{_duration(s.get('elapsed') or 0)} · ETA {eta}\n\n{s.get('message') or ''}")
+    blocks = [b for b in (s.get("recipe"), s.get("dataset")) if b]
+    if blocks:  # the effective recipe and the dataset summary, as the CLI prints them
+        text += "\n\n```\n" + "\n".join(blocks) + "\n```"
+    return text
+
+
+def loss_frame(s: dict | None):
+    """The loss plot's data: one row per logged step (the progress events' average loss since the last log)."""
+    import pandas as pd  # gradio's own dependency; imported here so that importing this module stays light
+
+    return pd.DataFrame((s or {}).get("losses") or [], columns=["step", "loss"])
+
+
+def sample_caption(path: str) -> str:
+    """The caption shown beside a sample image: its prompt, read from the PNG's A1111 ``parameters`` chunk."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            text = str(img.info.get("parameters") or "")
+    except OSError:
+        text = ""
+    prompt = text.split("\n", 1)[0].strip()
+    return prompt or Path(path).name
 
 
 def _duration(seconds: float) -> str:
