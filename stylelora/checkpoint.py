@@ -49,13 +49,15 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def save(root: Path, step: int, *, params: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler,
-         state: dict, keep: int) -> Path:
-    """Write ``root/step-NNNNNN`` atomically, then delete all but the newest ``keep``."""
+         state: dict, keep: int, extra: dict | None = None) -> Path:
+    """Write ``root/step-NNNNNN`` atomically, then delete all but the newest ``keep``. ``extra``: more tensors
+    and plain values for ``train_state.pt`` (e.g. AdaLoRA's allocator state)."""
     final = root / f"step-{step:06d}"
     with atomic_folder(final, fsync=True) as tmp:  # durable: resuming relies on the newest checkpoint
         save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / "lora.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "train_state.pt")
+                    "scaler": scaler.state_dict() if scaler is not None else None, **(extra or {})},
+                   tmp / "train_state.pt")
         files = manifest.record(tmp, FILES)
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "files": files}, indent=1, sort_keys=True))
     for old in list_checkpoints(root)[:-keep]:

@@ -154,6 +154,15 @@ class NetworkConfig(_Validated):
                                "whose embeddings train with the LoRA and ship in the adapter (0 = off)")
     token_init: str | None = opt(None, "start the learnt tokens from this word's embedding (default: random vectors "
                                        "of the vocabulary's mean norm)")
+    network: str = opt("lora", "lora: one fixed rank; adalora: per-module ranks chosen while training (AdaLoRA), "
+                               "--rank is then the target average rank (--rank auto is the same as --network adalora)")
+    init_rank: int | None = opt(None, "adalora: every module's starting rank, pruned down to --rank on average "
+                                      "(default: 2 x --rank)")
+    adalora_tinit: int | None = opt(None, "adalora: steps before ranks are pruned (default: a tenth of --steps)")
+    adalora_tfinal: int | None = opt(None, "adalora: last steps that train the final ranks without pruning "
+                                           "(default: a fifth of --steps)")
+    adalora_delta_t: int = opt(10, "adalora: steps between two rank allocations")
+    orth_reg_weight: float = opt(0.5, "adalora: weight of the orthogonality regulariser on P and Q")
 
     def _validate(self) -> None:
         _check(1 <= self.rank <= 1024, f"rank must be in 1..1024, got {self.rank}")
@@ -161,6 +170,13 @@ class NetworkConfig(_Validated):
         _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
         _check(bool(self.unet_targets) or self.train_text_encoder, "nothing to train: unet_targets is empty")
         _check(0 <= self.train_tokens <= 64, f"train_tokens must be in 0..64, got {self.train_tokens}")
+        _check(self.network in ("lora", "adalora"), f"network must be lora or adalora, got {self.network!r}")
+        _check(self.init_rank is None or 2 <= self.init_rank <= 1024,
+               f"init_rank must be in 2..1024, got {self.init_rank}")
+        _check(all(v is None or v >= 0 for v in (self.adalora_tinit, self.adalora_tfinal)),
+               "adalora_tinit and adalora_tfinal must be >= 0")
+        _check(self.adalora_delta_t >= 1, f"adalora_delta_t must be >= 1, got {self.adalora_delta_t}")
+        _check(self.orth_reg_weight >= 0, f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
 
     @property
     def lora_alpha(self) -> float:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, lora, tokens
+from . import adalora, checkpoint, data, lora, tokens
 from .config import TrainConfig
 from .dataset import TrainingSet
 from .errors import ConfigError, TrainingCancelled, TrainingError
@@ -158,6 +158,7 @@ class _Parts:
     lr_scheduler: Any
     learnt: tokens.TriggerTokens  # learnt trigger tokens (inactive without --train-tokens)
     token_stop: int = 0           # the first step (0-based) in which the learnt tokens no longer change
+    adalora: adalora.AdaLora | None = None  # --network adalora: its allocator, regulariser and export
 
 
 @dataclass
@@ -279,7 +280,7 @@ def _setup(base: Base, cfg: TrainConfig, accelerator, items, learnt: tokens.Trig
     if tset.cache_latents:
         pipe.vae.to("cpu")  # not needed in the step any more
 
-    trained = _inject_lora(pipe, cfg, te_names)
+    trained, ada = _inject_lora(pipe, cfg, te_names)
     groups = [{"params": lora.trainable_parameters(getattr(pipe, n)),
                "lr": cfg.optim.lr if n == "unet" else (cfg.optim.te_lr if cfg.optim.te_lr is not None else cfg.optim.lr)}
               for n in trained]
@@ -303,7 +304,7 @@ def _setup(base: Base, cfg: TrainConfig, accelerator, items, learnt: tokens.Trig
                   trained={n: models[n] for n in trained}, unet=models["unet"], unet_forward=unet_forward,
                   encoders=[models[n] for n in te_names], params=[q for g in groups for q in g["params"]],
                   optimizer=optimizer, lr_scheduler=lr_scheduler, learnt=learnt,
-                  token_stop=tokens.stop_step(run.steps, cfg.optim.token_stop))
+                  token_stop=tokens.stop_step(run.steps, cfg.optim.token_stop), adalora=ada)
 
 
 def _freeze(pipe, te_names: list[str], device, weight_dtype) -> None:
@@ -315,16 +316,17 @@ def _freeze(pipe, te_names: list[str], device, weight_dtype) -> None:
     pipe.vae.to(device, torch.float32)
 
 
-def _inject_lora(pipe, cfg: TrainConfig, te_names: list[str]) -> list[str]:
-    """PEFT LoRA layers, initialised from ``run.seed``; trainable weights in fp32 whatever the base dtype.
-    Returns the names of the components that got layers."""
+def _inject_lora(pipe, cfg: TrainConfig, te_names: list[str]) -> tuple[list[str], adalora.AdaLora | None]:
+    """PEFT LoRA (or AdaLoRA) layers, initialised from ``run.seed``; trainable weights in fp32 whatever the base
+    dtype. Returns the names of the components that got layers, and the AdaLoRA driver (None for plain LoRA)."""
     from diffusers.training_utils import cast_training_params
 
     net, run = cfg.network, cfg.run
     train_te = net.train_text_encoder
     torch.manual_seed(run.seed)
     trained = (["unet"] if net.unet_targets else []) + (te_names if train_te else [])
-    for n in trained:
+    ada = adalora.AdaLora(pipe, cfg, trained, ADAPTER_NAME) if net.network == "adalora" else None
+    for n in trained if ada is None else []:
         lora.inject(getattr(pipe, n), rank=net.rank, alpha=net.lora_alpha, dropout=net.dropout,
                     targets=net.unet_targets if n == "unet" else net.te_targets, adapter_name=ADAPTER_NAME)
     cast_training_params([getattr(pipe, n) for n in trained], dtype=torch.float32)
@@ -334,7 +336,7 @@ def _inject_lora(pipe, cfg: TrainConfig, te_names: list[str]) -> list[str]:
         pipe.unet.enable_gradient_checkpointing()
         for n in te_names if train_te else []:
             getattr(pipe, n).gradient_checkpointing_enable()
-    return trained
+    return trained, ada
 
 
 def _resume(resume: str | None, ckpt_root: Path, run_state: dict, accelerator, p: _Parts) -> int:
@@ -346,6 +348,8 @@ def _resume(resume: str | None, ckpt_root: Path, run_state: dict, accelerator, p
         accelerator.print(f"--resume {resume}: no checkpoint in {ckpt_root}, starting from step 0")
         return 0
     step = restore(found, run_state, accelerator, p.trained, p.optimizer, p.lr_scheduler)
+    if p.adalora is not None:
+        p.adalora.load_checkpoint(found)
     accelerator.print(f"resumed from {found} at step {step}")
     return step
 
@@ -371,6 +375,8 @@ def _step(p: _Parts, cfg: TrainConfig, accelerator, stream: EpochStream, step: i
                                     # several processes: each runs the text encoders in every micro-batch, as
                                     # DDP all-reduces the learnt rows' gradients in each backward
                                     p.learnt.active and world > 1)
+            if p.adalora is not None:  # AdaLoRA's orthogonal regulariser (a UNet output has no .loss for PEFT)
+                loss = loss + p.adalora.regulariser()
             accelerator.backward(loss / run.grad_accum)
         total += loss.detach().float() / run.grad_accum
     if p.learnt.active and step >= p.token_stop:
@@ -381,6 +387,8 @@ def _step(p: _Parts, cfg: TrainConfig, accelerator, stream: EpochStream, step: i
     lrs = [g["lr"] for g in p.optimizer.param_groups]
     p.optimizer.step()
     p.lr_scheduler.step()
+    if p.adalora is not None:  # AdaLoRA's rank allocation reads the gradients: before zero_grad
+        p.adalora.after_step(step + 1)
     p.optimizer.zero_grad(set_to_none=True)
     return seen, total, lrs
 
@@ -416,7 +424,7 @@ def _save_checkpoint(ckpt_root: Path, step: int, run_state: dict, accelerator, p
     if accelerator.is_main_process:
         path = checkpoint.save(ckpt_root, step, params=trainable_state(accelerator, p.trained),
                                optimizer=p.optimizer, lr_scheduler=p.lr_scheduler, scaler=accelerator.scaler,
-                               state=run_state, keep=keep)
+                               state=run_state, keep=keep, extra=_extra_state(p))
     accelerator.wait_for_everyone()
     return path
 
@@ -447,7 +455,7 @@ def _save_adapter(base: Base, cfg: TrainConfig, items, path: Path, step: int, st
     from . import formats
 
     run = cfg.run
-    adapter = lora.extract(base.pipe, ADAPTER_NAME)
+    adapter = p.adalora.extract(base.pipe) if p.adalora else lora.extract(base.pipe, ADAPTER_NAME)
     adapter.name = path.stem
     adapter.family = base.family.key
     if p.learnt.active:
@@ -456,7 +464,14 @@ def _save_adapter(base: Base, cfg: TrainConfig, items, path: Path, step: int, st
     meta = formats.training_metadata(cfg, base.family, items=items, base_name=base.name, steps=step,
                                      epoch=epoch, started_at=started_at, finished_at=time.time(),
                                      thumbnail=samples[thumbnail_index(cfg)] if samples else None)
+    if p.adalora is not None:
+        meta.update(p.adalora.metadata(adapter))
     formats.save_adapter(adapter, path, format=run.format, family=base.family, metadata=meta, pipe=base.pipe)
+
+
+def _extra_state(p: _Parts) -> dict | None:
+    """State beyond parameters/optimizer that a bit-exact resume needs (AdaLoRA's allocator)."""
+    return {adalora.STATE_KEY: p.adalora.state_dict()} if p.adalora is not None else None
 
 
 def _write_adapter(base: Base, cfg: TrainConfig, items, output: Path, started_at: float, accelerator, p: _Parts,
@@ -470,7 +485,7 @@ def _write_adapter(base: Base, cfg: TrainConfig, items, output: Path, started_at
         # the final state is also a checkpoint, so a later `--steps N --resume latest` can continue training
         checkpoint.save(ckpt_root, run.steps, params=trainable_state(accelerator, p.trained),
                         optimizer=p.optimizer, lr_scheduler=p.lr_scheduler, scaler=accelerator.scaler,
-                        state=run_state, keep=run.keep_checkpoints)
+                        state=run_state, keep=run.keep_checkpoints, extra=_extra_state(p))
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

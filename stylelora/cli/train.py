@@ -41,8 +41,13 @@ def register(sub) -> None:
                 kw["action"] = argparse.BooleanOptionalAction
             elif isinstance(default, list):
                 kw["type"] = _comma_list
+            elif f.name == "rank":
+                kw["type"] = _rank
+                kw["help"] += "; auto = AdaLoRA (--network adalora) with the default target rank"
             elif f.type in ("int", int) or isinstance(default, int):
                 kw["type"] = int
+            elif f.type == "int | None":
+                kw["type"] = _int_or_none
             elif isinstance(default, float) or "float" in str(f.type):
                 kw["type"] = _float_or_none
             kw["help"] += f" (default: {default!r})"
@@ -63,6 +68,14 @@ def _float_or_none(s: str):
     return None if s.lower() in ("none", "off") else float(s)
 
 
+def _int_or_none(s: str):
+    return None if s.lower() in ("none", "off") else int(s)
+
+
+def _rank(s: str):
+    return "auto" if s.strip().lower() == "auto" else int(s)
+
+
 def config_from_args(args) -> TrainConfig:
     cfg = RECIPES[args.recipe].config() if getattr(args, "recipe", None) else TrainConfig()
     if args.config:
@@ -71,6 +84,9 @@ def config_from_args(args) -> TrainConfig:
     overrides = {k: v for k, v in vars(args).items() if k not in reserved}
     if args.folder:
         overrides["folder"] = args.folder
+    if overrides.get("rank") == "auto":  # --rank auto: AdaLoRA, the target rank left at its default
+        del overrides["rank"]
+        overrides["network"] = "adalora"
     return cfg.replace(**overrides)
 
 
