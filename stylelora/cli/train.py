@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 import threading
@@ -123,12 +124,16 @@ def run(args) -> int:
 
     from accelerate import PartialState
 
-    if PartialState().is_main_process:  # one block, before the dataset summary and the progress bar
+    # one block, before the dataset summary and the progress bar, from the first process only. Read from the
+    # launcher's environment: creating accelerate's PartialState here, before train() builds its Accelerator,
+    # left every process of `accelerate launch` alone in a world of 1.
+    first = os.environ.get("RANK", "0") == "0"
+    if first:
         print(cfg.summary(getattr(args, "recipe", None) or "default"), flush=True)
     with _StopOnSignal() as stop:
         try:
             path = training.train(cfg, should_stop=stop.requested,
-                                  on_data=lambda summary: print(summary.format(), flush=True))
+                                  on_data=lambda summary: first and print(summary.format(), flush=True))
         except TrainingCancelled as e:
             if stop.signum is None:
                 raise
