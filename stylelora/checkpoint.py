@@ -150,3 +150,42 @@ def config_differences(saved: dict, current: dict) -> list[str]:
             if dotted not in RESUMABLE_CHANGES and a.get(key) != b.get(key):
                 diffs.append(f"{dotted}: {a.get(key)!r} -> {b.get(key)!r}")
     return diffs
+
+
+# ------------------------------------------------------------------------------ into and out of a live run
+def trainable_state(accelerator, models: dict) -> dict[str, torch.Tensor]:
+    """Trainable (LoRA) parameters by ``component.name``, from the unwrapped models."""
+    return {f"{comp}.{name}": p for comp, model in models.items()
+            for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+
+def restore(path: Path, run_state: dict, accelerator, models, optimizer, lr_scheduler) -> int:
+    """Load a checkpoint into the live run after checking it belongs to the same run; returns its step."""
+    state, params, train_state = load(path)
+    # a setting added since the checkpoint was written (e.g. train_tokens) counts as its default, which is how
+    # that older run trained
+    from .config import TrainConfig
+
+    defaults = TrainConfig().to_dict()
+    saved_config = {sec: {**defaults.get(sec, {}), **values} for sec, values in state["config"].items()}
+    diffs = config_differences(saved_config, run_state["config"])
+    if diffs:
+        raise TrainingError(f"cannot resume from {path}: the run's settings changed: {'; '.join(diffs)}. "
+                            "Use the original settings (or start a new run with a different output).")
+    if state["data"] != run_state["data"]:
+        raise TrainingError(f"cannot resume from {path}: the training images or captions changed since it was "
+                            "written. Restore them, or start a new run.")
+    if state["world"] != run_state["world"]:
+        raise TrainingError(f"cannot resume from {path}: it was written by {state['world']} process(es), this run "
+                            f"has {run_state['world']}. Launch with the same number of processes.")
+    live = trainable_state(accelerator, models)
+    if set(live) != set(params):
+        raise TrainingError(f"cannot resume from {path}: its LoRA parameters do not match this run's")
+    with torch.no_grad():
+        for k, p in live.items():
+            p.copy_(params[k])
+    optimizer.load_state_dict(train_state["optimizer"])
+    lr_scheduler.load_state_dict(train_state["lr_scheduler"])
+    if accelerator.scaler is not None and train_state.get("scaler"):
+        accelerator.scaler.load_state_dict(train_state["scaler"])
+    return int(state["step"])

@@ -8,7 +8,6 @@ seeded by (seed, s, process), so a run resumed from a checkpoint ends exactly wh
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 import time
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import adalora, checkpoint, data, lora, tokens
+from .samples import thumbnail_index, write_samples
 from .config import TrainConfig
 from .dataset import TrainingSet
 from .errors import ConfigError, TrainingCancelled, TrainingError
@@ -347,7 +347,7 @@ def _resume(resume: str | None, ckpt_root: Path, run_state: dict, accelerator, p
     if found is None:
         accelerator.print(f"--resume {resume}: no checkpoint in {ckpt_root}, starting from step 0")
         return 0
-    step = restore(found, run_state, accelerator, p.trained, p.optimizer, p.lr_scheduler)
+    step = checkpoint.restore(found, run_state, accelerator, p.trained, p.optimizer, p.lr_scheduler)
     if p.adalora is not None:
         p.adalora.load_checkpoint(found)
     accelerator.print(f"resumed from {found} at step {step}")
@@ -422,7 +422,7 @@ def _save_checkpoint(ckpt_root: Path, step: int, run_state: dict, accelerator, p
     accelerator.wait_for_everyone()
     path = None
     if accelerator.is_main_process:
-        path = checkpoint.save(ckpt_root, step, params=trainable_state(accelerator, p.trained),
+        path = checkpoint.save(ckpt_root, step, params=checkpoint.trainable_state(accelerator, p.trained),
                                optimizer=p.optimizer, lr_scheduler=p.lr_scheduler, scaler=accelerator.scaler,
                                state=run_state, keep=keep, extra=_extra_state(p))
     accelerator.wait_for_everyone()
@@ -483,7 +483,7 @@ def _write_adapter(base: Base, cfg: TrainConfig, items, output: Path, started_at
         samples = write_samples(base.pipe, cfg, output, run.steps, accelerator)
         _save_adapter(base, cfg, items, output, run.steps, started_at, accelerator, p, stream, samples)
         # the final state is also a checkpoint, so a later `--steps N --resume latest` can continue training
-        checkpoint.save(ckpt_root, run.steps, params=trainable_state(accelerator, p.trained),
+        checkpoint.save(ckpt_root, run.steps, params=checkpoint.trainable_state(accelerator, p.trained),
                         optimizer=p.optimizer, lr_scheduler=p.lr_scheduler, scaler=accelerator.scaler,
                         state=run_state, keep=run.keep_checkpoints, extra=_extra_state(p))
     accelerator.wait_for_everyone()
@@ -566,99 +566,3 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device):
         return bnb.optim.AdamW8bit(groups, weight_decay=o.weight_decay)
     # fused AdamW: one kernel for all LoRA tensors on CUDA (no per-parameter launches)
     return torch.optim.AdamW(groups, weight_decay=o.weight_decay, fused=device.type == "cuda")
-
-
-def trainable_state(accelerator, models: dict) -> dict[str, torch.Tensor]:
-    """Trainable (LoRA) parameters by ``component.name``, from the unwrapped models."""
-    return {f"{comp}.{name}": p for comp, model in models.items()
-            for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-
-
-def restore(path: Path, run_state: dict, accelerator, models, optimizer, lr_scheduler) -> int:
-    """Load a checkpoint into the live run after checking it belongs to the same run; returns its step."""
-    state, params, train_state = checkpoint.load(path)
-    # a setting added since the checkpoint was written (e.g. train_tokens) counts as its default, which is how
-    # that older run trained
-    defaults = TrainConfig().to_dict()
-    saved_config = {sec: {**defaults.get(sec, {}), **values} for sec, values in state["config"].items()}
-    diffs = checkpoint.config_differences(saved_config, run_state["config"])
-    if diffs:
-        raise TrainingError(f"cannot resume from {path}: the run's settings changed: {'; '.join(diffs)}. "
-                            "Use the original settings (or start a new run with a different output).")
-    if state["data"] != run_state["data"]:
-        raise TrainingError(f"cannot resume from {path}: the training images or captions changed since it was "
-                            "written. Restore them, or start a new run.")
-    if state["world"] != run_state["world"]:
-        raise TrainingError(f"cannot resume from {path}: it was written by {state['world']} process(es), this run "
-                            f"has {run_state['world']}. Launch with the same number of processes.")
-    live = trainable_state(accelerator, models)
-    if set(live) != set(params):
-        raise TrainingError(f"cannot resume from {path}: its LoRA parameters do not match this run's")
-    with torch.no_grad():
-        for k, p in live.items():
-            p.copy_(params[k])
-    optimizer.load_state_dict(train_state["optimizer"])
-    lr_scheduler.load_state_dict(train_state["lr_scheduler"])
-    if accelerator.scaler is not None and train_state.get("scaler"):
-        accelerator.scaler.load_state_dict(train_state["scaler"])
-    return int(state["step"])
-
-
-def sample_prompts(cfg: TrainConfig) -> list[str]:
-    """The prompts sample images are made from: --sample-prompts, else the trigger word alone."""
-    return list(cfg.run.sample_prompts) or ([cfg.data.trigger] if cfg.data.trigger else [])
-
-
-def thumbnail_index(cfg: TrainConfig) -> int:
-    """Which sample becomes the adapter's thumbnail: the first whose prompt says more than the trigger word (a
-    picture of the trigger alone is mostly noise on a small base), else the first."""
-    trigger = (cfg.data.trigger or "").strip().lower()
-    for i, prompt in enumerate(sample_prompts(cfg)):
-        words = [w.strip().lower() for w in prompt.replace(",", " ").split()]
-        if any(w and w != trigger for w in words):
-            return i
-    return 0
-
-
-@torch.no_grad()
-def write_samples(pipe, cfg: TrainConfig, output: Path, step: int, accelerator, return_paths: bool = False) -> list:
-    """Sample images with fixed seeds at the current LoRA state, written as PNG; returns the images (or paths)."""
-    prompts = sample_prompts(cfg)
-    if not prompts:
-        return []
-    folder = output.parent / f"{output.stem}-samples"
-    folder.mkdir(parents=True, exist_ok=True)
-    unet_mode = pipe.unet.training
-    pipe.unet.eval()
-    vae_device = pipe.vae.device
-    pipe.vae.to(accelerator.device)
-    pipe.set_progress_bar_config(disable=True)
-    images, paths = [], []
-    te_modes = {n: getattr(pipe, n).training for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None)}
-    for n in te_modes:
-        getattr(pipe, n).eval()
-    res = cfg.data.resolution
-    from . import __version__
-    from .generate import _num, infotext, sampler_label, save_png
-
-    # the pipeline's own default guidance (7.5 for SD 1/2, 5 for SDXL) is used and so recorded
-    guidance = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
-    sampler, schedule = sampler_label(pipe.scheduler)
-    for i, prompt in enumerate(prompts):
-        g = torch.Generator().manual_seed(cfg.run.sample_seed + i)
-        with accelerator.autocast():
-            img = pipe(prompt, num_inference_steps=cfg.run.sample_steps, height=res, width=res, generator=g,
-                       output_type="pil").images[0]
-        # A1111's `parameters` chunk: the sample's prompt and settings travel with the PNG (PNG Info, our UI)
-        img.info["parameters"] = infotext(prompt, "", {
-            "Steps": cfg.run.sample_steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": _num(guidance),
-            "Seed": cfg.run.sample_seed + i, "Size": f"{res}x{res}", "Model": cfg.run.base,
-            "Training step": step, "Version": f"stylelora {__version__}"})
-        path = save_png(img, folder / f"step-{step:06d}-{i}.png")  # atomic: a full disk never leaves half a PNG
-        images.append(img)
-        paths.append(path)
-    pipe.vae.to(vae_device)
-    pipe.unet.train(unet_mode)
-    for n, mode in te_modes.items():
-        getattr(pipe, n).train(mode)
-    return paths if return_paths else images

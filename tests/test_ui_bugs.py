@@ -43,7 +43,7 @@ def test_sample_pngs_carry_a_parameters_chunk(tiny_base, tmp_path):
 
     from stylelora.config import TrainConfig
     from stylelora.generate import parse_infotext
-    from stylelora.training import write_samples
+    from stylelora.samples import write_samples
 
     cfg = TrainConfig().replace(folder="x", trigger="zzstyle", resolution=64, base="tiny-random",
                                 sample_prompts=["zzstyle, a tree"], sample_steps=2, sample_seed=5)
@@ -229,7 +229,7 @@ def test_webui_removes_its_temp_folder_on_sigterm(tmp_path):
 
 def test_thumbnail_is_the_first_sample_with_content():
     from stylelora.config import TrainConfig
-    from stylelora.training import thumbnail_index
+    from stylelora.samples import thumbnail_index
 
     def index(prompts, trigger="zzstyle"):
         return thumbnail_index(TrainConfig().replace(trigger=trigger, sample_prompts=prompts))
