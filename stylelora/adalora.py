@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from pathlib import Path
 
 import torch
 
 from . import lora
-from .adapter import Adapter, LoraModule
+from .adapter import Adapter, LoraModule, common_alpha
 from .errors import AdapterError, ConfigError
 
 STATE_KEY = "adalora"  # the allocator's state inside a checkpoint's train_state.pt
@@ -135,10 +134,10 @@ class AdaLora:
                     # scaling / (ranknum + 1e-5), evaluated as PEFT's forward does (ranknum in its own dtype)
                     scale = float(layer.scaling[name]) / float(layer.ranknum[name] + 1e-5)
                     kept.setdefault(comp, {})[path] = (layer, idx, scale)
-        ranks = Counter(len(idx) for mods in kept.values() for _, idx, _ in mods.values())
+        ranks = [len(idx) for mods in kept.values() for _, idx, _ in mods.values()]
         if not ranks:
             raise AdapterError("AdaLoRA pruned every rank of every module: nothing to write (raise --rank)")
-        alpha = float(max(ranks, key=lambda r: (ranks[r], r)))  # one alpha: the most common rank (see resize.py)
+        alpha = common_alpha(ranks)  # one alpha for the file, scales folded in (see adapter.common_alpha)
         adapter = Adapter(name=self.adapter_name)
         for comp, mods in kept.items():
             adapter.modules[comp] = {path: _module(layer, self.adapter_name, idx, scale, alpha)

@@ -8,6 +8,7 @@ Module paths are the live diffusers/transformers module names (``named_modules()
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,16 @@ class LoraModule:
         # conv: up is [out, r, 1, 1]; down is [r, in, kh, kw]
         d = torch.einsum("or,rikl->oikl", up.flatten(1), down)
         return self.scale * d
+
+
+def common_alpha(ranks) -> float:
+    """The one alpha a file we write gives every module: the most common rank (ties: the larger), so alpha = rank
+    (scale 1) wherever the ranks agree; each module's own scale is folded into its factors instead. Why one value:
+    diffusers' kohya reader applies one alpha per part to SD1 UNet modules, so a file whose alphas differ loads
+    there with the wrong scale on some modules (A1111 and ComfyUI read either). Used by merge, resize and the
+    AdaLoRA export, whose modules end with different ranks."""
+    counts = Counter(int(r) for r in ranks)
+    return float(max(counts, key=lambda r: (counts[r], r)))
 
 
 @dataclass

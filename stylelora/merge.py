@@ -13,14 +13,13 @@ with both weights 0 is left out entirely). Two sources with the same word are an
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .adapter import Adapter, LoraModule, TokenEmbedding
+from .adapter import Adapter, LoraModule, TokenEmbedding, common_alpha
 from .blend import as_pair, compatible, file_digests, read_adapter
 from .errors import AdapterError, ConfigError
 from .prompt import LoraRef
@@ -183,15 +182,12 @@ def merge(items, *, rank: int | None = None, name: str = "merged", rename=()) ->
 
 
 def _one_alpha(adapter: Adapter) -> None:
-    """Give every module the same alpha (the most common rank), folding each module's own scale into its factors:
-    ΔW is unchanged, and the file reads the same everywhere. Merged modules have different ranks (sums of the
-    sources'), and diffusers' kohya reader applies one alpha per part to SD1 UNet modules, so a file whose alphas
-    differ loaded there with the wrong scale on some modules (A1111 and ComfyUI read either)."""
+    """Give every module the same alpha (``common_alpha``: merged modules have different ranks, the sums of the
+    sources'), folding each module's own scale into its factors: ΔW is unchanged."""
     mods = [m for comp in adapter.modules.values() for m in comp.values()]
     if not mods:
         return
-    counts = Counter(m.rank for m in mods)
-    alpha = float(max(counts, key=lambda r: (counts[r], r)))
+    alpha = common_alpha(m.rank for m in mods)
     for comp in adapter.modules.values():
         for path, m in comp.items():
             if m.alpha == alpha:

@@ -25,13 +25,12 @@ import json
 import math
 import re
 import statistics
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, LoraModule, TokenEmbedding
+from .adapter import Adapter, LoraModule, TokenEmbedding, common_alpha
 from .errors import ConfigError
 
 PARTS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder"}
@@ -207,11 +206,7 @@ def build(adapter: Adapter, spectra: dict, ranks: dict, method: dict) -> ResizeR
     total: dict[str, float] = {}
     before_b: dict[str, int] = {}
     after_b: dict[str, int] = {}
-    # One alpha for every module, the most common new rank (alpha = rank, scale 1, wherever ranks agree): diffusers'
-    # kohya reader (0.3x) files per-module alphas of SD1 UNet modules under names PEFT never matches, so a file
-    # whose alphas differ loads there with the wrong scale on some modules; A1111/ComfyUI read either.
-    counts = Counter(ranks.values())
-    alpha = float(max(counts, key=lambda r: (counts[r], r)))
+    alpha = common_alpha(ranks.values())  # one alpha for every module, scales folded in (see common_alpha)
     for (comp, path), sp in spectra.items():
         k = ranks[(comp, path)]
         module = sp.module(k, alpha)
