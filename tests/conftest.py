@@ -61,3 +61,27 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")
     for item in gpu:
         item.add_marker(skip)
+
+
+def render(pipe):
+    """One small fixed picture (2 steps, 64 px, seed 0) as a float array: what parity tests compare."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a lighthouse at dusk", num_inference_steps=2, height=64, width=64, guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+
+def ours_and_diffusers(path, base, spec: str = "tiny-random"):
+    """``render`` with the adapter file at ``path`` fused by our Blender at weight 1 into ``base`` (given back
+    restored), and with the same file loaded by diffusers' own ``load_lora_weights`` into a fresh ``spec`` base."""
+    from stylelora.blend import Blender
+    from stylelora.models import load_base
+
+    blender = Blender(base)
+    blender.load(path, weight=1.0)
+    ours = render(base.pipe)
+    blender.reset()
+    theirs = load_base(spec).pipe
+    theirs.load_lora_weights(str(path))
+    return ours, render(theirs)

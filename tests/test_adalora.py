@@ -12,11 +12,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import ours_and_diffusers, render
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_train import quick_config, straight_and_resumed
 
-from stylelora.blend import Blender
 from stylelora.config import TrainConfig
 from stylelora.cli.train import config_from_args
 from stylelora.errors import ConfigError
@@ -95,14 +95,8 @@ def generate(pipe) -> np.ndarray:
 def test_file_loads_in_blender_and_diffusers(trained):
     out, _ = trained
     base = load_base("tiny-random")
-    plain = generate(base.pipe)
-    blender = Blender(base)
-    blender.load(out, weight=1.0)
-    ours = generate(base.pipe)
-    blender.reset()
-    theirs_pipe = load_base("tiny-random").pipe
-    theirs_pipe.load_lora_weights(str(out))
-    theirs = generate(theirs_pipe)
+    plain = render(base.pipe)
+    ours, theirs = ours_and_diffusers(out, base)
     assert np.abs(theirs - ours).max() <= 2.5 / 255
     assert np.abs(theirs - plain).max() > 1e-3  # it really applied (5 steps on a tiny base: a small change)
 

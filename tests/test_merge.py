@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from test_blend import one_thread  # noqa: F401 - autouse fixture: one torch thread
+from conftest import ours_and_diffusers
 from test_blend import random_adapter, three_adapters
 
 from stylelora.adapter import Adapter
@@ -231,15 +232,5 @@ def test_merged_kohya_file_has_one_alpha_and_loads_in_diffusers_with_our_images(
     assert len(ranks) > 1 and len({m.alpha for mods in merged.modules.values() for m in mods.values()}) == 1
     assert_same_deltas(blend_of(base, [(merged, 1.0)]), blend_of(base, items))
     path = save_adapter(merged, tmp_path / "merged.safetensors", pipe=base.pipe)
-
-    def render(pipe):
-        pipe.set_progress_bar_config(disable=True)
-        return pipe("a lighthouse", num_inference_steps=2, height=64, width=64, guidance_scale=5.0,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
-
-    ours = load_base("tiny-random")
-    blender = Blender(ours)
-    blender.set({blender.load(merged): 1.0})
-    theirs = load_base("tiny-random").pipe
-    theirs.load_lora_weights(str(path))
-    assert np.abs(render(ours.pipe) - render(theirs)).max() <= 2.5 / 255
+    ours, theirs = ours_and_diffusers(path, load_base("tiny-random"))
+    assert np.abs(ours - theirs).max() <= 2.5 / 255

@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import ours_and_diffusers, render
 from safetensors import safe_open
 
 from stylelora.adapter import Adapter, LoraModule, TokenEmbedding
-from stylelora.blend import Blender
 from stylelora.cli import main
 from stylelora.errors import ConfigError
 from stylelora.formats import load_adapter, save_adapter
@@ -150,11 +150,6 @@ def test_global_budget_is_never_exceeded_and_is_one_threshold(base, budget):
 
 
 # ---------------------------------------------------------------------------------------------- diffusers
-def generate(pipe) -> np.ndarray:
-    return pipe("a lighthouse at dusk", num_inference_steps=2, height=64, width=64, guidance_scale=5.0,
-                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
-
-
 @pytest.mark.parametrize("fmt", ["kohya", "peft"])
 def test_resized_file_loads_in_diffusers_with_our_images(base, tmp_path, fmt):
     a = random_adapter(base.pipe, seed=4)
@@ -164,14 +159,8 @@ def test_resized_file_loads_in_diffusers_with_our_images(base, tmp_path, fmt):
     with safe_open(out, "pt") as f:
         keys = list(f.keys())
     assert any(("lora_A" in k) == (fmt == "peft") for k in keys)  # the input's layout by default
-    blender = Blender(base)
-    blender.load(out, weight=1.0)
-    ours = generate(base.pipe)
-    blender.reset()
-    theirs_pipe = load_base("tiny-random").pipe
-    theirs_pipe.load_lora_weights(str(out))
-    theirs = generate(theirs_pipe)
-    plain = generate(load_base("tiny-random").pipe)
+    ours, theirs = ours_and_diffusers(out, base)
+    plain = render(load_base("tiny-random").pipe)
     assert np.abs(theirs - ours).max() <= 2.5 / 255
     assert np.abs(theirs - plain).max() > 10 / 255  # it really applied
 
