@@ -249,6 +249,7 @@ def check_output(output, inputs, *, overwrite: bool, flag: str = "--overwrite") 
     output = Path(output)
     for src in inputs:
         if src is not None and _same_or_inside(Path(src), output):
-            raise ConfigError(f"output {output} would replace the input {src}; choose another output path")
+            raise ConfigError(f"output {output} is the input {src}, or a path that would replace the input; choose "
+                              "another output path")
     if os.path.lexists(output) and not overwrite:
         raise ConfigError(f"output {output} already exists; pass {flag} to replace it")

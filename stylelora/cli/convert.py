@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from ..atomic import check_output
 from ..errors import AdapterError
 
 
@@ -30,24 +30,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def run(args) -> int:
     src, out = Path(args.file), Path(args.output)
     if out.suffix.lower() != ".safetensors":
         raise AdapterError(f"output {out} must be a .safetensors file")
     inputs = [src] + ([p for p in src.iterdir() if p.is_file()] if src.is_dir() else [])
-    if any(_same_file(p, out) for p in inputs if p.exists()):
-        raise AdapterError(f"output {out} is the input file; choose another output path")
-    if out.exists() and not args.force:
-        raise AdapterError(f"output {out} already exists; pass --force to overwrite it")
+    check_output(out, inputs, overwrite=args.force, flag="--force")  # never an input, even with --force
     from ..formats import load_adapter, save_adapter  # late: torch is imported only once a command runs
 
     pipe = None
@@ -59,9 +47,7 @@ def run(args) -> int:
     from ..formats import sidecar_paths
 
     for extra in sidecar_paths(out, adapter.embeddings).values():  # written beside OUT: never over an input
-        if any(_same_file(p, extra) for p in inputs if p.exists()):
-            raise AdapterError(f"the embedding file {extra} written beside {out} would replace the input; choose "
-                               "another output name")
+        check_output(extra, inputs, overwrite=True)
     save_adapter(adapter, out, format=args.to, pipe=pipe)
     print(f"wrote {out} ({args.to} layout, {adapter.num_modules()} modules, family {adapter.family or 'unknown'})")
     if adapter.embeddings:
