@@ -48,15 +48,25 @@ GOALS = {"fidelity": 0.90, "content_gap": 0.10, "leakage": 0.10, "blend_both": 0
 OUTPUT_FIELDS = (("run", "output"), ("run", "tensorboard_dir"), ("data", "cache_dir"))
 
 
-def train_adapters(styles, out: Path, no_reg: bool = False, **overrides) -> dict[str, Path]:
+def train_adapters(styles, out: Path, no_reg: bool = False, recipe: str | None = None, **overrides) -> dict[str, Path]:
+    """``recipe=None``: the toy recipe (toyworld.train_config: plain pictures as regularization images, trigger
+    tokens started from the style's family word). ``recipe=NAME``: what a user gets from ``stylelora train FOLDER
+    --trigger T`` with ``--recipe NAME`` (``default``: no --recipe) or from that web UI preset, on the ``tiny``
+    base: the recipe as ``presets.for_base`` scales it, the style folder alone, nothing else chosen."""
     import stylelora
     from make_style_images import PLAIN, ensure
+    from stylelora.presets import for_base
 
     folders = ensure(ROOT / "examples" / "styles", styles)
     paths = {}
     for style in styles:
-        config = toyworld.train_config(folders[style], toyworld.TRIGGERS[style], out / f"{style}.safetensors",
-                                       reg_folder=None if no_reg else PLAIN, style=style, **overrides)
+        if recipe:
+            config = for_base(recipe, "tiny").config(
+                folder=str(folders[style]), trigger=toyworld.TRIGGERS[style], base="tiny",
+                output=str(out / f"{style}.safetensors"), **overrides)
+        else:
+            config = toyworld.train_config(folders[style], toyworld.TRIGGERS[style], out / f"{style}.safetensors",
+                                           reg_folder=None if no_reg else PLAIN, style=style, **overrides)
         path = out / f"{style}-{recipe_key(config)}.safetensors"
         if path.exists():
             print(f"reusing {path.name} (same recipe, base and pictures)", flush=True)
@@ -129,6 +139,9 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, default=20, help="held-out prompts per measurement")
     p.add_argument("--train-steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--no-reg", action="store_true", help="train on the style set alone (no plain pictures)")
+    p.add_argument("--recipe", choices=["default", "quick", "standard", "thorough"],
+                   help="train as a new user would with this recipe on tiny (CLI defaults or a web UI preset, "
+                        "scaled by presets.for_base; style folder alone) instead of the toy recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the recipe (TrainConfig, flat: lr=2e-3, rank=16, ...); repeatable "
                         "(train_tokens=0: the plain-LoRA recipe without learnt trigger tokens)")
@@ -136,6 +149,10 @@ def main(argv=None) -> dict:
     p.add_argument("--cfg", type=float, default=5.0, help="guidance scale")
     p.add_argument("--blend", type=float, default=0.5, help="weight of each style in the two-style blends")
     p.add_argument("--seed", type=int, default=100)
+    p.add_argument("--resize", action="append", default=[], metavar="RULE=VALUE",
+                   help="score the trained adapters after `stylelora resize` by this rule instead (energy=0.9, "
+                        "budget=200K, rank=4, ratio=4, cumulative=0.9, max_rank=8; repeatable, combined like the CLI's "
+                        "options; max_error=EPS measures on the tiny base)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "out" / "style-quality"))
     args = p.parse_args(argv)
@@ -153,10 +170,13 @@ def main(argv=None) -> dict:
     overrides = dict(_parse_set(kv) for kv in args.set)
     if args.train_steps:
         overrides["steps"] = args.train_steps
-    adapters = train_adapters(styles, out, no_reg=args.no_reg, **overrides)
+    adapters = train_adapters(styles, out, no_reg=args.no_reg, recipe=args.recipe, **overrides)
     t_train = time.time() - t0
 
     base = load_base("tiny")
+    trained_sizes = {style: path.stat().st_size for style, path in adapters.items()}
+    if args.resize:
+        adapters = resize_adapters(adapters, dict(_parse_set(kv) for kv in args.resize), base)
     pipe = base.pipe
     pipe.set_progress_bar_config(disable=True)
     clf = classifiers.load_classifier()
@@ -186,7 +206,8 @@ def main(argv=None) -> dict:
         results["styles"][style] = {
             "fidelity": on_r["style"], "content": on_r["content"], "shape": on_r["shape"], "colour": on_r["colour"],
             "leakage": off_r["style"], "base_fp": sum(style in lab["styles"] for lab in base_lab) / len(base_lab),
-            "base_content": base_rates["content"], "base_word": family_word[style], "ceiling": ceiling[style]}
+            "base_content": base_rates["content"], "base_word": family_word[style], "ceiling": ceiling[style],
+            "size": adapters[style].stat().st_size, "trained_size": trained_sizes[style]}
         k = min(8, len(prompts))
         image_grid([base_imgs[:k], on[:k], off[:k]], row_labels=["base", f"+{style}, trigger", "no trigger"]
                    ).save(out / f"{style}.png")
@@ -206,6 +227,24 @@ def main(argv=None) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     return results
+
+
+def resize_adapters(adapters: dict[str, Path], rule: dict, base) -> dict[str, Path]:
+    """Each trained adapter resized by ``rule`` (the keyword arguments of ``stylelora.resize.resize``) into a file
+    beside it named by the rule; ranks, energy kept and sizes printed as ``stylelora resize`` prints them."""
+    from stylelora.cli.resize import format_table
+    from stylelora.resize import resize_file
+
+    tag = "-".join(f"{k}{v}" for k, v in sorted(rule.items()))
+    out = {}
+    for style, path in adapters.items():
+        target = path.with_name(f"{path.stem}-resize-{tag}.safetensors")
+        needs_base = "max_error" in rule
+        made, result = resize_file(path, target, pipe=base if needs_base else None, overwrite=True, **rule)
+        print(f"{style}: resized by {tag}\n{format_table(result, path.stat().st_size, made.stat().st_size)}",
+              flush=True)
+        out[style] = made
+    return out
 
 
 @torch.no_grad()
@@ -239,11 +278,12 @@ def print_table(r: dict) -> None:
     print(f"\nbase model on {r['args']['n']} held-out prompts: content {pct(base['content'])} "
           f"(shape {pct(base['shape'])}, colour {pct(base['colour'])})\n")
     print(f"{'style':<10} {'fidelity':>9} {'content':>9} {'vs base':>8} {'leakage':>9} {'base FP':>9} "
-          f"{'base+word':>10} {'ceiling':>9}")
+          f"{'base+word':>10} {'ceiling':>9} {'file':>9}")
     for style, m in r["styles"].items():
         gap = 100 * (m["content"] - m["base_content"])
+        size = f"{m['size'] / 1024:.0f} KiB" if "size" in m else "-"
         print(f"{style:<10} {pct(m['fidelity']):>9} {pct(m['content']):>9} {gap:+7.0f}  {pct(m['leakage']):>9} "
-              f"{pct(m['base_fp']):>9} {pct(m['base_word']):>10} {pct(m['ceiling']):>9}")
+              f"{pct(m['base_fp']):>9} {pct(m['base_word']):>10} {pct(m['ceiling']):>9} {size:>9}")
     if r["blends"]:
         w = r["args"]["blend"]
         print(f"\n{'blend (' + str(w) + ' each)':<22} {'both':>7} {'first':>7} {'second':>7} {'content':>8}")

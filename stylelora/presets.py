@@ -101,3 +101,31 @@ TOY_NO_REG = Recipe("toy-no-reg", base=TOY.base, note="a toy-world style on the 
                     overrides={**TOY.overrides, "steps": TOY.overrides["steps"] // 2})
 
 RECIPES = {r.name: r for r in (DEFAULT, *WEBUI.values(), TOY, TOY_NO_REG)}
+
+# The same recipes scaled for the 64 px toy ``tiny`` base (what a bare ``stylelora train`` uses, and the base a new
+# user tries first). The real-base numbers (lr 1e-4, text encoder off, random tokens off) teach it nothing in their
+# step counts: measured on benchmarks/style_quality.py, README "Style quality". So on ``tiny`` every recipe takes
+# the toy recipe's optimiser and pivotal tuning (learnt trigger tokens; without a token_init they start from random
+# vectors) and keeps its own place on the quick < standard < thorough scale through steps and rank.
+TOY_BASES = ("tiny",)  # the entries of models.TINY that are the toy base (models imports torch; the CLI must not)
+TINY_SCALE = {k: v for k, v in TOY.overrides.items() if k not in ("steps", "rank", "seed", "log_every")}
+TINY_STEPS_RANK = {"default": (300, 8), "quick": (150, 4), "standard": (300, 8), "thorough": (600, 16)}
+
+
+def is_toy_base(base: str | None) -> bool:
+    """Whether ``base`` names the built-in pretrained toy base (``tiny``), the one the tiny scale is for."""
+    return str(base) in TOY_BASES
+
+
+def for_base(recipe: "Recipe | str", base: str | None, *, trigger: bool = True) -> Recipe:
+    """``recipe`` as it trains on ``base``: on the toy ``tiny`` base, its tiny-scaled version (``TINY_SCALE``, the
+    steps and rank of ``TINY_STEPS_RANK``), named ``<name>@tiny``; on any other base (and for recipes with no tiny
+    scale, such as ``toy`` itself) the recipe unchanged. ``trigger=False`` (a run with no trigger word): the tiny
+    scale learns no trigger tokens, since there is no word for them to stand for."""
+    recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    if not is_toy_base(base) or recipe.name not in TINY_STEPS_RANK:
+        return recipe
+    steps, rank = TINY_STEPS_RANK[recipe.name]
+    scale = TINY_SCALE if trigger else {k: v for k, v in TINY_SCALE.items() if k not in ("train_tokens", "token_lr")}
+    return Recipe(f"{recipe.name}@tiny", base=TOY.base, note=f"{recipe.note}, scaled for the 64 px tiny base",
+                  overrides={**recipe.overrides, **scale, "steps": steps, "rank": rank})

@@ -83,3 +83,68 @@ def test_web_ui_presets_train_their_recipe(name, numbers):
 
 def test_describe_names_the_numbers():
     assert presets.WEBUI["quick"].describe().startswith("400 steps, rank 8, learning rate 0.0002:")
+
+
+def test_the_toy_base_names_match_the_model_table():
+    from stylelora.models import TINY
+
+    assert set(presets.TOY_BASES) == {spec for spec, kind in TINY.items() if kind == "toy"}
+
+
+@pytest.mark.parametrize("name", ["default", "quick", "standard", "thorough"])
+def test_on_the_tiny_base_every_recipe_takes_the_toy_optimiser_and_keeps_its_place_on_the_scale(name):
+    real = presets.RECIPES[name]
+    tiny = presets.for_base(name, "tiny")
+    assert tiny.name == f"{name}@tiny"
+    steps, rank = presets.TINY_STEPS_RANK[name]
+    cfg = tiny.config(folder="imgs", trigger="zz")
+    assert (cfg.run.steps, cfg.network.rank) == (steps, rank)
+    for key in ("resolution", "lr", "te_lr", "train_text_encoder", "train_tokens", "token_lr", "batch_size"):
+        assert cfg.get(key) == presets.TOY[key], key
+    # real bases: the recipe itself, untouched
+    for base in ("./sd15", "runwayml/stable-diffusion-v1-5", "tiny-random", "tiny-sdxl", None):
+        assert presets.for_base(name, base) is real
+    assert presets.for_base("toy", "tiny") is presets.TOY  # no second scaling of the toy recipe
+    quick, std, thorough = (presets.for_base(n, "tiny") for n in ("quick", "standard", "thorough"))
+    assert quick["steps"] < std["steps"] < thorough["steps"] and quick["rank"] < std["rank"] < thorough["rank"]
+
+
+def _cli_config(argv):
+    import argparse
+
+    from stylelora.cli import train as cli_train
+
+    parser = argparse.ArgumentParser()
+    cli_train.register(parser.add_subparsers())
+    args = parser.parse_args(["train", *argv])
+    return cli_train.recipe_of(args).name, cli_train.config_from_args(args)
+
+
+def test_cli_defaults_follow_the_base_and_flags_and_toml_still_win(tmp_path):
+    name, cfg = _cli_config(["imgs", "--trigger", "zz", "-o", "o.safetensors"])  # base defaults to tiny
+    assert name == "default@tiny" and cfg.run.base == "tiny"
+    assert (cfg.run.steps, cfg.network.rank, cfg.optim.lr, cfg.data.resolution) == (300, 8, 1e-3, 64)
+    name, cfg = _cli_config(["imgs", "-o", "o.safetensors"])  # no trigger: no learnt tokens, the rest the same
+    assert name == "default@tiny" and cfg.network.train_tokens == 0 and cfg.optim.lr == 1e-3
+    name, cfg = _cli_config(["imgs", "-o", "o.safetensors", "--base", "./sd15"])
+    assert name == "default" and cfg == TrainConfig().replace(folder="imgs", output="o.safetensors", base="./sd15")
+    name, cfg = _cli_config(["imgs", "-o", "o.safetensors", "--recipe", "quick", "--lr", "5e-4", "--steps", "7",
+                             "--trigger", "zz"])
+    assert name == "quick@tiny" and (cfg.optim.lr, cfg.run.steps, cfg.network.rank) == (5e-4, 7, 4)
+    toml = tmp_path / "t.toml"
+    toml.write_text('[run]\nbase = "./sd15"\n')
+    name, cfg = _cli_config(["imgs", "-o", "o.safetensors", "-c", str(toml), "--recipe", "quick"])
+    assert name == "quick" and (cfg.run.steps, cfg.optim.lr) == (400, 2e-4)
+    toml.write_text('[optim]\nlr = 3e-4\n')
+    name, cfg = _cli_config(["imgs", "-o", "o.safetensors", "-c", str(toml), "--trigger", "zz"])
+    assert name == "default@tiny" and cfg.optim.lr == 3e-4 and cfg.run.steps == 300 and cfg.network.train_tokens == 2
+
+
+@pytest.mark.parametrize("name", ["quick", "standard", "thorough"])
+def test_web_ui_presets_on_the_tiny_base_train_the_tiny_scale(name):
+    req = webtraining.TrainRequest(name="n", trigger="t", preset=name)
+    base = types.SimpleNamespace(spec="tiny", pipe=types.SimpleNamespace(unet=types.SimpleNamespace(dtype="float32")))
+    cfg = webtraining.build_config(req, Path("imgs"), Path("o.safetensors"), base=base, native=64)
+    steps, rank = presets.TINY_STEPS_RANK[name]
+    assert (cfg.run.steps, cfg.network.rank, cfg.optim.lr, cfg.data.resolution) == (steps, rank, 1e-3, 64)
+    assert cfg.network.train_text_encoder and cfg.network.train_tokens == 2 and cfg.run.batch_size == 4

@@ -10,7 +10,7 @@ import sys
 import threading
 
 from ..config import SECTIONS, TrainConfig
-from ..presets import RECIPES
+from ..presets import RECIPES, for_base
 from . import add_threads_arg
 
 SHORT = {"output": ["-o"], "config": ["-c"]}
@@ -77,8 +77,28 @@ def _rank(s: str):
     return "auto" if s.strip().lower() == "auto" else int(s)
 
 
+def recipe_of(args):
+    """The recipe a run starts from: ``--recipe`` (default: the TrainConfig defaults), scaled for the base the
+    flags or the TOML file name (``presets.for_base``: the toy ``tiny`` base, the default, gets its own numbers)."""
+    return _recipe_and_plain(args)[0]
+
+
+def _recipe_and_plain(args):
+    recipe = RECIPES[getattr(args, "recipe", None) or "default"]
+    plain = _layered(args, recipe)  # where the base and the trigger word come from: flags, TOML or the recipe
+    return for_base(recipe, plain.run.base, trigger=bool(plain.data.trigger)), plain
+
+
 def config_from_args(args) -> TrainConfig:
-    cfg = RECIPES[args.recipe].config() if getattr(args, "recipe", None) else TrainConfig()
+    recipe, plain = _recipe_and_plain(args)
+    # the final trigger goes in with the recipe: a scaled recipe's learnt tokens need it from the first layer on
+    return plain if recipe.name == RECIPES[getattr(args, "recipe", None) or "default"].name else \
+        _layered(args, recipe, trigger=plain.data.trigger)
+
+
+def _layered(args, recipe, **first) -> TrainConfig:
+    """recipe (with ``first``) < --config TOML < flags."""
+    cfg = recipe.config(**first)
     if args.config:
         cfg = TrainConfig.from_toml(args.config, base=cfg)
     reserved = {"command", "func", "precheck", "config", "recipe", "verbose", "folder", "threads"}
@@ -129,7 +149,7 @@ def run(args) -> int:
     # left every process of `accelerate launch` alone in a world of 1.
     first = os.environ.get("RANK", "0") == "0"
     if first:
-        print(cfg.summary(getattr(args, "recipe", None) or "default"), flush=True)
+        print(cfg.summary(recipe_of(args).name), flush=True)
     with _StopOnSignal() as stop:
         try:
             path = training.train(cfg, should_stop=stop.requested,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from stylelora.config import SCHEDULERS
 from stylelora.errors import ConfigError, StyleloraError, TrainingCancelled
-from stylelora.presets import WEBUI, WEBUI_DEFAULT
+from stylelora.presets import WEBUI, WEBUI_DEFAULT, for_base
 
 from . import paths
 
@@ -155,7 +155,8 @@ def build_config(req: TrainRequest, folder: Path, output: Path, *, base, native:
     if req.preset not in PRESETS:
         raise ConfigError(f"unknown preset {req.preset!r}; choose one of {', '.join(PRESETS)}")
     check_request(req, native=native)
-    recipe = PRESETS[req.preset]
+    # on the toy `tiny` base: the tiny-scaled numbers
+    recipe = for_base(PRESETS[req.preset], base.spec, trigger=bool(req.trigger.strip()))
     steps = int(req.steps or recipe["steps"])
     resolution = int(req.resolution or max(64, min(1024, native) // 64 * 64))
     sample_every = max(1, steps // 4) if req.sample_every is None else int(req.sample_every)
