@@ -235,6 +235,9 @@ class RunConfig(_Validated):
     checkpoint_every: int = opt(0, "write a resumable checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = opt(3, "how many checkpoints to keep")
     save_every: int = opt(0, "also write a loadable adapter NAME-step-N.safetensors beside the output every N steps "
+    quantize_base: str | None = opt(None, "store the frozen base quantized (QLoRA): fp8 (float8 weights with "
+                                          "per-channel scales, CPU and GPU) | int8 | nf4 (bitsandbytes, CUDA only); "
+                                          "the adapter stays fp32 and loads on any base")
                              "(kohya/peft layout and metadata like the final one; 0 = off)")
     resume: str | None = opt(None, "'latest' or a checkpoint folder to resume from")
     sample_every: int = opt(0, "write sample images every N steps (0 = off)")
@@ -261,6 +264,9 @@ class RunConfig(_Validated):
 
 SECTIONS = {"data": DataConfig, "network": NetworkConfig, "optim": OptimConfig, "run": RunConfig}
 
+        _check(self.quantize_base in (None, "fp8", "int8", "nf4"),
+               f"quantize_base must be fp8, int8 or nf4 (or left out for a full-precision base), "
+               f"got {self.quantize_base!r}")
 
 @dataclass
 class TrainConfig(_Validated):

@@ -150,6 +150,7 @@ class Base:
     family: Family
     spec: str  # what the user passed to --base
     name: str  # short display name (recorded as ss_sd_model_name)
+    quantize: str | None = None  # how the UNet/text encoders are stored: None (as loaded), fp8, int8, nf4
 
 
 # ----------------------------------------------------------------------------------------------- tiny base
@@ -520,12 +521,21 @@ def _sd_kwargs(cls) -> dict:
     return {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
 
 
-def load_base(spec: str, *, dtype: torch.dtype = torch.float32, base_config: str | None = None) -> Base:
-    """Load ``spec``: ``tiny``, a local diffusers folder, a single-file ``.safetensors`` checkpoint, or a hub id."""
+def load_base(spec: str, *, dtype: torch.dtype = torch.float32, base_config: str | None = None,
+              quantize: str | None = None) -> Base:
+    """Load ``spec``: ``tiny``, a local diffusers folder, a single-file ``.safetensors`` checkpoint, or a hub id.
+
+    ``quantize`` (stylelora/quantize.py): ``fp8`` stores the UNet's and text encoders' Linear/Conv2d weights as
+    float8 once loaded (``dtype`` becomes their compute dtype); ``nf4``/``int8`` load them through bitsandbytes
+    (CUDA only; diffusers/folder and hub bases)."""
+    from . import quantize as q
+
+    q.check_available(quantize)
     spec = str(spec)
     path = Path(spec).expanduser()
+    bnb = q.bnb_config(quantize, dtype) if quantize in ("nf4", "int8") else None
     if spec in TINY:
-        pipe = _load_folder(ensure_tiny(spec), dtype)
+        pipe = _load_folder(ensure_tiny(spec), dtype, bnb)
         name = spec
     elif path.is_dir():
         if not (path / "model_index.json").exists():
@@ -533,23 +543,33 @@ def load_base(spec: str, *, dtype: torch.dtype = torch.float32, base_config: str
                 f"{path} is a folder but not a diffusers pipeline (no model_index.json). Pass a diffusers folder "
                 "(as written by save_pretrained / `stylelora bake`), a .safetensors checkpoint, a hub id or 'tiny'."
             )
-        pipe = _load_folder(path, dtype)
+        pipe = _load_folder(path, dtype, bnb)
         name = path.name
     elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin") or path.exists():
         if not path.exists():
             raise ModelError(f"base model file {path} does not exist")
+        if bnb is not None:
+            raise q.QuantizationError(
+                f"--quantize-base {quantize} loads through diffusers' from_pretrained, which a single-file checkpoint "
+                f"({path}) does not go through: convert it to a diffusers folder first (stylelora bake), or use "
+                "--quantize-base fp8")
         pipe = _load_single_file(path, dtype, base_config)
         name = path.stem
     else:
-        pipe = _load_hub(spec, dtype)
+        pipe = _load_hub(spec, dtype, bnb)
         name = spec
-    return Base(pipe=pipe, family=detect_family(pipe), spec=spec, name=name)
+    if quantize == "fp8":
+        q.quantize_pipe_fp8(pipe)
+    elif quantize is not None:
+        pipe._stylelora_quantized = quantize
+    return Base(pipe=pipe, family=detect_family(pipe), spec=spec, name=name, quantize=quantize)
 
 
-def _load_folder(folder: Path, dtype: torch.dtype):
+def _load_folder(folder: Path, dtype: torch.dtype, quantization_config=None):
     cls = _pipeline_class(folder)
+    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
     try:
-        return cls.from_pretrained(folder, dtype=dtype, **_sd_kwargs(cls))
+        return cls.from_pretrained(folder, dtype=dtype, **_sd_kwargs(cls), **extra)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load the diffusers pipeline in {folder}: {e}") from e
 
@@ -580,11 +600,12 @@ def _load_single_file(path: Path, dtype: torch.dtype, base_config: str | None):
         ) from e
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype):
+def _load_hub(repo_id: str, dtype: torch.dtype, quantization_config=None):
     from diffusers import DiffusionPipeline
 
+    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
     try:
-        pipe = DiffusionPipeline.from_pretrained(repo_id, dtype=dtype, safety_checker=None)
+        pipe = DiffusionPipeline.from_pretrained(repo_id, dtype=dtype, safety_checker=None, **extra)
     except Exception as e:  # noqa: BLE001 - offline / unknown repo errors come in many types
         raise ModelError(
             f"cannot load base model '{repo_id}': it is not 'tiny', an existing folder or file, and loading it as a "

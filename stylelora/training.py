@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from . import adalora, checkpoint, data, lora, tokens
+from . import adalora, checkpoint, data, lora, quantize, tokens
 from .samples import thumbnail_index, write_samples
 from .config import TrainConfig
 from .dataset import TrainingSet
@@ -82,6 +82,15 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
     started_at = time.time()
     if cfg.network.train_tokens:
         tokens.check_trigger(cfg.data.trigger, cfg.network.train_tokens)
+    quantize.check_available(run.quantize_base)  # nf4/int8 without CUDA/bitsandbytes: before anything is loaded
+    if base is not None and quantize.quantization(base.pipe) != run.quantize_base:
+        stored = quantize.quantization(base.pipe)
+        if run.quantize_base is not None:
+            raise ConfigError(f"quantize_base is {run.quantize_base} but the given base is stored "
+                              f"{stored or 'in full precision'}: load the base with --quantize-base "
+                              f"{run.quantize_base} (load_base(..., quantize=...)), or leave quantize_base out")
+        config = cfg = cfg.replace(quantize_base=stored)  # a quantized base lent by the caller (web UI): recorded
+        run = cfg.run
     if base is None and run.base in TINY:
         ensure_tiny(run.base)  # before the process group exists (see ensure_tiny)
 
@@ -108,7 +117,9 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
 
     # ---- base model: a caller's base is given back as it was found, whatever happens in the run
     borrowed = base is not None
-    base = base or load_base(run.base, base_config=run.base_config)
+    # bitsandbytes quantizes while loading, in the compute dtype; fp8 is stored after an fp32 load (like no quantization)
+    base = base or load_base(run.base, base_config=run.base_config, quantize=run.quantize_base,
+                             **({"dtype": DTYPES[run.mixed_precision]} if run.quantize_base in ("nf4", "int8") else {}))
     parts = ["unet", "vae", *base.family.text_encoders]
     original = {n: (getattr(base.pipe, n).device, getattr(base.pipe, n).dtype) for n in parts}
     scheduler = base.pipe.scheduler
@@ -121,7 +132,7 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
             lora.remove(base.pipe, ADAPTER_NAME)
             learnt.remove(base.pipe)
             for n, (dev, dtype) in original.items():
-                getattr(base.pipe, n).to(dev, dtype)
+                quantize.place(getattr(base.pipe, n), dev, dtype)
             base.pipe.scheduler = scheduler
 
 
@@ -312,7 +323,7 @@ def _freeze(pipe, te_names: list[str], device, weight_dtype) -> None:
     for n in ["unet", "vae", *te_names]:
         getattr(pipe, n).requires_grad_(False)
     for n in ["unet", *te_names]:
-        getattr(pipe, n).to(device, weight_dtype)
+        quantize.place(getattr(pipe, n), device, weight_dtype)  # fp8 storage stays fp8: weight_dtype computes
     pipe.vae.to(device, torch.float32)
 
 

@@ -134,6 +134,8 @@ def training_metadata(config, family: Family, *, items: list, base_name: str, st
         "stylelora.format": run.format,
         "stylelora.config": config.to_json(),
     }
+    if run.quantize_base:  # trained on a quantized frozen base (QLoRA); read by quantize.check_adapter
+        md["stylelora.quantize_base"] = run.quantize_base
     if data.trigger:
         md["modelspec.trigger_phrase"] = data.trigger
     if thumbnail is not None:
