@@ -157,6 +157,23 @@ class _Target:
         if self.pristine is None:
             self.pristine = weight.detach().to(backup_device or weight.device, copy=True)
         with torch.no_grad():
+        from .quantize import delta_setter
+
+        set_delta = delta_setter(self.layer)
+        if set_delta is not None:  # a quantized layer (quantize.py): W₀ stays as stored, ΔW goes in as factors
+            names = tuple(n for n, _ in coeffs)
+            if any(n not in self.factors for n in names):
+                raise AdapterError(f"{', '.join(n for n in names if n not in self.factors)}: only plain LoRA modules "
+                                   "can be blended into a quantized base layer; load the base without "
+                                   "--quantize-base for LyCORIS/DoRA/full-difference modules")
+            if coeffs:
+                _, down, up, scales, rows = self._concat(names, torch.device("cpu"))
+                c = (torch.tensor([w for _, w in coeffs], dtype=torch.float64) * scales).repeat_interleave(rows)
+                set_delta((up * c.to(torch.float32), down))
+            else:
+                set_delta(None)
+            self.applied = coeffs
+            return True
             if not coeffs:
                 weight.copy_(self.pristine)  # exact restore: no arithmetic on the way back
             else:
@@ -382,6 +399,9 @@ class Blender:
                 down, up = m.down.detach(), m.up.detach()
                 if weight is None or up.shape[0] != weight.shape[0] or down[0].numel() != weight[0].numel() \
                         or down.shape[0] != up.shape[1]:
+        from .quantize import check_adapter
+
+        check_adapter(adapter, self.pipe, path)  # a warning: trained on a base quantized another way
                     raise AdapterError(f"{where}: {comp}.{mpath} has down {tuple(down.shape)} / up {tuple(up.shape)}, "
                                        f"which does not fit the layer weight "
                                        f"{tuple(weight.shape) if weight is not None else None}")
@@ -444,7 +464,8 @@ class Blender:
     def delta(self, component: str, path: str) -> torch.Tensor:
         """The fused ΔW of one layer right now (fp32): current weight minus pristine weight."""
         target = self._targets[(component, path)]
-        base = target.pristine if target.pristine is not None else target.layer.weight
+        base = target.pristine if target.pristine is not None else getattr(target.layer, "base_weight",
+                                                                           target.layer.weight)
         return target.layer.weight.detach().float() - base.to(target.layer.weight.device).float()
 
     def __repr__(self) -> str:
