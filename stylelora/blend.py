@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, TokenEmbedding
+from .adapter import Adapter, LycoModule, TokenEmbedding
 from .errors import AdapterError
 from .models import compatible  # which families' adapters fit which bases: read from the FAMILIES table
 
@@ -139,6 +139,10 @@ class _Target:
     pristine: torch.Tensor | None = None
     applied: tuple = ()  # ((name, weight), ...) fused into the weight right now
     _cat: tuple | None = None  # (names, down_cat, up_cat on the weight's device; scales, rows per name on CPU)
+    # adapter name -> a module that is not a plain LoRA pair (LoHa, LoKr, Tucker, full diff, DoRA)
+    extra: dict[str, LycoModule] = field(default_factory=dict)
+    _deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> its ΔW at weight 1 before DoRA (fp32)
+    pristine_bias: torch.Tensor | None = None  # taken when a module first changes the bias (diff_b)
 
     def _concat(self, names: tuple[str, ...], device: torch.device):
         if self._cat is None or self._cat[0] != names or self._cat[1].device != device:
@@ -153,10 +157,6 @@ class _Target:
         """Set W = W₀ + Σ wᵢ sᵢ BᵢAᵢ for the nonzero ``coeffs``; returns whether the weight was rewritten."""
         if coeffs == self.applied:
             return False
-        weight = self.layer.weight
-        if self.pristine is None:
-            self.pristine = weight.detach().to(backup_device or weight.device, copy=True)
-        with torch.no_grad():
         from .quantize import delta_setter
 
         set_delta = delta_setter(self.layer)
@@ -174,8 +174,15 @@ class _Target:
                 set_delta(None)
             self.applied = coeffs
             return True
+        weight = self.layer.weight
+        if self.pristine is None:
+            self.pristine = weight.detach().to(backup_device or weight.device, copy=True)
+        with torch.no_grad():
             if not coeffs:
                 weight.copy_(self.pristine)  # exact restore: no arithmetic on the way back
+            elif any(n in self.extra for n, _ in coeffs):
+                weight.copy_(self._lyco_weight(coeffs, weight.device, backup_device).view(weight.shape)
+                             .to(weight.dtype))
             else:
                 _, down, up, scales, rows = self._concat(tuple(n for n, _ in coeffs), weight.device)
                 per_name = torch.tensor([w for _, w in coeffs], dtype=torch.float64) * scales
@@ -184,8 +191,64 @@ class _Target:
                 delta = (up * c) @ down
                 base = self.pristine.to(weight.device, torch.float32)
                 weight.copy_((base + delta.view(weight.shape)).to(weight.dtype))
+            if self.extra:
+                self._apply_bias(coeffs, backup_device)
         self.applied = coeffs
         return True
+
+    def _delta(self, name: str, device: torch.device, backup_device: str | None) -> torch.Tensor:
+        """A non-LoRA module's ΔW at weight 1 (before DoRA), computed once and kept beside the pristine weight."""
+        if name not in self._deltas:
+            self._deltas[name] = self.extra[name].base_delta().to(backup_device or device)
+        return self._deltas[name].to(device, torch.float32)
+
+    def _lyco_weight(self, coeffs, device, backup_device) -> torch.Tensor:
+        """W for a blend with LyCORIS / full-diff / DoRA modules, always from the pristine weight (fp32).
+
+        Without DoRA it is a sum: W₀ + the concatenated-LoRA product + Σ wᵢ·ΔWᵢ. With DoRA it is not: DoRA rescales
+        the weight it is applied to. Then the adapters are applied one after the other in load order, each on the
+        weight the ones before it left, as A1111 (networks.py: every network's calc_updown gets the running
+        self.weight) and ComfyUI (calculate_weight: patches in order on the running weight) do; a DoRA module at
+        weight w gives W + w·(DoRA(W + ΔW) − W) (A1111 network.py finalize_updown, ComfyUI weight_decompose).
+        """
+        w_run = self.pristine.to(device, torch.float32, copy=True)
+        shape = w_run.shape
+        dora = any(n in self.extra and self.extra[n].dora for n, _ in coeffs)
+        loras = tuple((n, w) for n, w in coeffs if n not in self.extra)
+        if loras and not dora:
+            _, down, up, scales, rows = self._concat(tuple(n for n, _ in loras), device)
+            per_name = torch.tensor([w for _, w in loras], dtype=torch.float64) * scales
+            c = per_name.repeat_interleave(rows).to(device, torch.float32)
+            w_run += ((up * c) @ down).view(shape)
+        for n, w in coeffs:
+            if n in self.extra:
+                d = self._delta(n, device, backup_device)
+                if self.extra[n].dora:
+                    w_run += w * self.extra[n].dora_delta(w_run, d)
+                else:
+                    w_run += w * d
+            elif dora:
+                down, up, scale = self.factors[n]
+                w_run += (float(w) * scale * (up.to(device, torch.float32) @ down.to(device, torch.float32))
+                          ).view(shape)
+        return w_run
+
+    def _apply_bias(self, coeffs, backup_device) -> None:
+        """b = b₀ + Σ wᵢ·diff_bᵢ (A1111 network_full.py: the bias difference times the multiplier, no alpha)."""
+        parts = [(self.extra[n].bias_delta(), w) for n, w in coeffs
+                 if n in self.extra and self.extra[n].bias_delta() is not None]
+        bias = getattr(self.layer, "bias", None)
+        if bias is None or (self.pristine_bias is None and not parts):
+            return
+        if self.pristine_bias is None:
+            self.pristine_bias = bias.detach().to(backup_device or bias.device, copy=True)
+        if not parts:
+            bias.copy_(self.pristine_bias)
+            return
+        b = self.pristine_bias.to(bias.device, torch.float32)
+        for d, w in parts:
+            b = b + float(w) * d.to(bias.device, torch.float32)
+        bias.copy_(b.to(bias.dtype))
 
 
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # text encoder -> its tokenizer
@@ -336,11 +399,17 @@ class Blender:
             raise AdapterError(f"an adapter named {name!r} is already loaded from another file "
                                f"({self.loaded[name].path}); pass name=... or unload it first")
         self._check_family(adapter, path)
+        from .quantize import check_adapter
+
+        check_adapter(adapter, self.pipe, path)  # a warning: trained on a base quantized another way
         targets = self._resolve(adapter, path)
         check_embeddings(adapter, path, self.pipe, self.loaded)
         for key, (layer, factors) in targets.items():
             target = self._targets.setdefault(key, _Target(layer))
-            target.factors[name] = factors
+            if isinstance(factors, LycoModule):
+                target.extra[name] = factors
+            else:
+                target.factors[name] = factors
             target._cat = None
         self._index[name] = set(targets)
         self.loaded[name] = Loaded(adapter, path, model_hash)
@@ -367,7 +436,9 @@ class Blender:
         self.update({name: 0.0})
         for key in self._index.pop(name):
             target = self._targets[key]
-            del target.factors[name]
+            target.factors.pop(name, None)
+            target.extra.pop(name, None)
+            target._deltas.pop(name, None)
             target._cat = None
         del self.loaded[name], self._weights[name]
 
@@ -396,12 +467,12 @@ class Blender:
                     raise AdapterError(f"{where}: the base model has no module {comp}.{mpath}") from None
                 layer = getattr(layer, "base_layer", layer)  # a PEFT-wrapped layer: blend into its base weight
                 weight = getattr(layer, "weight", None)
+                if isinstance(m, LycoModule):
+                    out[(comp, mpath)] = (layer, self._check_lyco(where, comp, mpath, m, layer))
+                    continue
                 down, up = m.down.detach(), m.up.detach()
                 if weight is None or up.shape[0] != weight.shape[0] or down[0].numel() != weight[0].numel() \
                         or down.shape[0] != up.shape[1]:
-        from .quantize import check_adapter
-
-        check_adapter(adapter, self.pipe, path)  # a warning: trained on a base quantized another way
                     raise AdapterError(f"{where}: {comp}.{mpath} has down {tuple(down.shape)} / up {tuple(up.shape)}, "
                                        f"which does not fit the layer weight "
                                        f"{tuple(weight.shape) if weight is not None else None}")
@@ -409,6 +480,17 @@ class Blender:
                     raise AdapterError(f"{where}: {comp}.{mpath} contains NaN or inf")
                 out[(comp, mpath)] = (layer, (down.flatten(1), up.flatten(1), m.scale))
         return out
+
+    @staticmethod
+    def _check_lyco(where: str, comp: str, mpath: str, m: LycoModule, layer) -> LycoModule:
+        weight = getattr(layer, "weight", None)
+        if weight is None or tuple(weight.shape) != tuple(m.shape):
+            raise AdapterError(f"{where}: {comp}.{mpath} is a {m.kind} module for a weight of shape {tuple(m.shape)}, "
+                               f"which does not fit the layer weight "
+                               f"{tuple(weight.shape) if weight is not None else None}")
+        if m.bias_delta() is not None and getattr(layer, "bias", None) is None:
+            raise AdapterError(f"{where}: {comp}.{mpath} has a bias difference (diff_b) but the layer has no bias")
+        return m
 
     # ------------------------------------------------------------------------------------------ weights
     def set(self, weights: dict[str, Weight]) -> int:
@@ -458,7 +540,9 @@ class Blender:
     def _refresh(self, key: tuple[str, str]) -> bool:
         target = self._targets[key]
         idx = 1 if key[0].startswith("text_encoder") else 0
-        coeffs = tuple((n, self._weights[n][idx]) for n in target.factors if self._weights[n][idx] != 0.0)
+        names = target.factors if not target.extra else [n for n in self.loaded if n in target.factors or
+                                                           n in target.extra]  # load order: DoRA depends on it
+        coeffs = tuple((n, self._weights[n][idx]) for n in names if self._weights[n][idx] != 0.0)
         return target.apply(coeffs, self.backup_device)
 
     def delta(self, component: str, path: str) -> torch.Tensor:

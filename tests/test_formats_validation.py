@@ -136,7 +136,7 @@ def test_missing_up_weight(tiny, tmp_path):
 def test_sdxl_file_on_sd1_base_by_keys(tiny, tmp_path):
     t = {**good(), **good(name="lora_te1_text_model_encoder_layers_0_self_attn_q_proj"),
          **good(name="lora_te2_text_model_encoder_layers_0_self_attn_q_proj")}
-    msg = refused(write(tmp_path, t), "SDXL", "lora_te1_", pipe=tiny.pipe)
+    msg = refused(write(tmp_path, t), "SDXL", "lora_te2_", pipe=tiny.pipe)  # a second text encoder: SDXL
     assert "SD1.x" in msg
 
 
@@ -160,17 +160,26 @@ def test_unused_keys_error_or_warning(tiny, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("extra", [
-    {Q + ".hada_w1_a": torch.zeros(2, 2), Q + ".hada_w1_b": torch.zeros(2, 2)},
-    {Q + ".lokr_w1": torch.zeros(2, 2)},
-    {"lora_unet_down_blocks_0_resnets_0_conv1.lora_mid.weight": torch.zeros(2, 2, 3, 3)},
-    {Q + ".dora_scale": torch.zeros(1, 32)},
+    {Q + ".oft_blocks": torch.zeros(4, 8, 8)},
+    {"lora_unet_down_blocks_0_attentions_0_norm.w_norm": torch.zeros(32),
+     "lora_unet_down_blocks_0_attentions_0_norm.b_norm": torch.zeros(32)},
+    {Q + ".lora_up.bias": torch.zeros(32)},
 ])
-def test_lycoris_and_dora_refused_as_a_whole(tiny, tmp_path, extra):
+def test_unsupported_adapter_types_refused_as_a_whole(tiny, tmp_path, extra):
     f = write(tmp_path, {**good(), **extra})
     msg = refused(f, "not supported", next(iter(extra)), pipe=tiny.pipe)
-    assert "LoHa" in msg
+    assert "OFT" in msg and "LoHa" in msg  # what is refused, and what is read
     info = describe(f, hashes=False)
     assert info["supported"] is False and info["unsupported_keys"] == sorted(extra)
+
+
+@pytest.mark.parametrize("extra", [
+    {Q + ".hada_w1_a": torch.zeros(2, 2), Q + ".hada_w1_b": torch.zeros(2, 2)},
+    {Q + ".lokr_w1": torch.zeros(2, 2)},
+])
+def test_lycoris_keys_mixed_into_a_lora_module_are_refused(tiny, tmp_path, extra):
+    """LyCORIS files load (tests/test_lycoris.py); half a LyCORIS module beside a LoRA pair is an error naming it."""
+    refused(write(tmp_path, {**good(), **extra}), next(iter(sorted(extra))), pipe=tiny.pipe)
 
 
 def test_family_unknown_without_base(tmp_path):

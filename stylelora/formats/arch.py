@@ -14,6 +14,7 @@ never by repairing underscores. The names a module gets are:
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass, field, replace
 
@@ -214,8 +215,9 @@ def _fitting(table: ArchTable, modules) -> int:
             continue
         target = comp.shapes[live]
         kernels = {tuple(down[2:]), tuple(target[2:])}
-        count += len(down) >= 2 and target[0] == up[0] and target[1] == down[1] and (
-            len(kernels) == 1 or kernels == {(), (1, 1)})
+        flat_conv = len(down) == 2 and len(target) == 4 and down[1] == math.prod(target[1:])  # LoHa/LoKr convs
+        count += len(down) >= 2 and target[0] == up[0] and (flat_conv or target[1] == down[1] and (
+            len(kernels) == 1 or kernels == {(), (1, 1)}))
     return count
 
 

@@ -16,9 +16,22 @@ FAMILY_NAMES = {key: spec.name for key, spec in FAMILIES.items()}
 
 # kohya key prefix -> component, over every family's prefixes (lora_te is SD1/SD2's, lora_te1/lora_te2 SDXL's)
 KOHYA_COMPONENTS = {prefix: comp for spec in FAMILIES.values() for comp, prefix in spec.kohya_prefixes}
-_KOHYA = re.compile(r"^(%s)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$"
-                    % "|".join(sorted(KOHYA_COMPONENTS, key=len, reverse=True)))  # lora_te1 before lora_te
-_KOHYA_ROLE = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+# LyCORIS / DoRA / full-difference tensors a module may hold besides (or instead of) a LoRA pair; the role is the
+# suffix itself (docs/formats.md, "LyCORIS files", says which tool writes and reads each)
+LYCO_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+              "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+              "mid", "diff", "diff_b", "dora_scale")
+_LYCO_SUFFIX = {"mid": "lora_mid.weight"}  # role -> key suffix where they differ
+_KOHYA_ROLE = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha",
+               **{_LYCO_SUFFIX.get(r, r): r for r in LYCO_ROLES}}
+_KOHYA = re.compile(r"^(%s)_(.+)\.(%s)$"
+                    % ("|".join(sorted(KOHYA_COMPONENTS, key=len, reverse=True)),  # lora_te1 before lora_te
+                       "|".join(re.escape(s) for s in sorted(_KOHYA_ROLE, key=len, reverse=True))))
+
+
+def role_suffix(role: str) -> str:
+    """The key suffix (after the module name) a kohya-layout file uses for ``role``."""
+    return {v: k for k, v in _KOHYA_ROLE.items()}[role]
 
 # dotted suffix -> (role, style); the last two only after an old attention-processor name (``to_q_lora``)
 _DOTTED = (
@@ -26,6 +39,8 @@ _DOTTED = (
     (".lora.down.weight", "down", "diffusers"), (".lora.up.weight", "up", "diffusers"),
     (".lora_linear_layer.down.weight", "down", "diffusers"), (".lora_linear_layer.up.weight", "up", "diffusers"),
     (".alpha", "alpha", None),
+    # PEFT's DoRA magnitude (one value per output row; save_pretrained drops the ".weight")
+    (".lora_magnitude_vector.weight", "dora_scale", None), (".lora_magnitude_vector", "dora_scale", None),
     (".down.weight", "down", "diffusers-old"), (".up.weight", "up", "diffusers-old"),
 )
 # old diffusers attention processors: name -> (UNet module, CLIP module)
@@ -33,8 +48,9 @@ _OLD_PROC = {"to_q_lora": ("to_q", "q_proj"), "to_k_lora": ("to_k", "k_proj"), "
              "to_out_lora": ("to_out.0", "out_proj")}
 _DOTTED_COMPONENTS = ("unet", "text_encoder_2", "text_encoder")
 
-# LyCORIS (LoHa, LoKr, LoCon-Tucker), DoRA and full-difference keys: refused as a whole, never loaded in part
-_UNSUPPORTED = re.compile(r"hada_|lokr_|lora_mid|dora_scale|lora_magnitude_vector|\.diff(_b)?$|"
+# Adapter types we know and do not read (OFT/BOFT, GLoRA, (IA)^3, norm-layer diffs, LoRA biases): a file holding
+# them is refused as a whole, never loaded in part
+_UNSUPPORTED = re.compile(r"oft_blocks|oft_diag|\.oft_R|\.w_norm$|\.b_norm$|\.on_input$|\.(a1|a2|b1|b2)\.weight$|"
                           r"\.(lora_B|lora_up)\.bias$")
 
 
@@ -127,9 +143,11 @@ _MODELSPEC = sorted(((spec.modelspec_match, key) for key, spec in FAMILIES.items
 _CROSS_DIM: dict[int, str] = {}
 for _key, _spec in FAMILIES.items():  # sd2 and sd2-v share a width: the first row (epsilon) answers
     _CROSS_DIM.setdefault(_spec.cross_attention_dim, _key)
-# a kohya prefix only families with several text encoders use -> that family (lora_te1/lora_te2 -> sdxl)
-_MULTI_TE = {prefix: key for key, spec in FAMILIES.items() if len(spec.text_encoders) > 1
-             for comp, prefix in spec.kohya_prefixes if comp != "unet"}
+# the kohya prefix of a text encoder beyond the first, which only families with several have (lora_te2 -> sdxl).
+# lora_te1 is no evidence: diffusers' convert_state_dict_to_kohya writes lora_te1_ for the (first) text encoder of
+# every family, SD1 and SD2 included, and diffusers loads those files on SD1/SD2.
+_SECOND_TE = {prefix: key for key, spec in FAMILIES.items() if len(spec.text_encoders) > 1
+              for comp, prefix in spec.kohya_prefixes if comp not in ("unet", "text_encoder")}
 
 
 def family_from_metadata(md: dict[str, str]) -> tuple[str | None, str]:
@@ -149,11 +167,34 @@ def family_from_metadata(md: dict[str, str]) -> tuple[str | None, str]:
     return None, ""
 
 
+def input_width(group: Group, shape_of) -> int | None:
+    """The input width of the layer a module's tensors are for (any adapter type), or None if they do not say."""
+    k = group.keys
+    if "down" in k:
+        return _dim(shape_of(k["down"]), 1)
+    if "diff" in k:
+        return _dim(shape_of(k["diff"]), 1)
+    if "hada_w1_b" in k:
+        return _dim(shape_of(k["hada_w1_b"]), 1)
+    w1 = _dim(shape_of(k["lokr_w1"]), 1) if "lokr_w1" in k else (
+        _dim(shape_of(k["lokr_w1_b"]), 1) if "lokr_w1_b" in k else None)
+    w2 = _dim(shape_of(k["lokr_w2"]), 1) if "lokr_w2" in k else (
+        _dim(shape_of(k["lokr_w2_b"]), 1) if "lokr_w2_b" in k else None)
+    return w1 * w2 if w1 and w2 else None
+
+
+def _dim(shape, i: int) -> int | None:
+    return int(shape[i]) if len(shape) > i else None
+
+
 def family_from_keys(keys, parsed: ParsedKeys, shape_of) -> tuple[str | None, str]:
-    """(family key, evidence) from key prefixes (two text encoders = SDXL), else the cross-attention width."""
-    multi = sorted({p for k in keys for p in _MULTI_TE if k.startswith(p + "_")})
-    if multi:
-        return _MULTI_TE[multi[0]], f"{'/'.join(p + '_' for p in sorted(_MULTI_TE))} keys (two text encoders)"
+    """(family key, evidence) from a second text encoder's keys (SDXL), else the UNet's cross-attention width.
+
+    The text-encoder prefix alone never says SDXL: ``lora_te1_`` is what diffusers' kohya converter writes for SD1
+    and SD2 too, so only a second encoder (``lora_te2_``, ``text_encoder_2.``, clip_g embeddings) does."""
+    second_te = sorted({p for k in keys for p in _SECOND_TE if k.startswith(p + "_")})
+    if second_te:
+        return _SECOND_TE[second_te[0]], f"{second_te[0]}_ keys (a second text encoder)"
     second = family_with_component("text_encoder_2")
     if second and any(k.startswith("text_encoder_2.") for k in keys):
         return second.key, "text_encoder_2 keys"
@@ -162,10 +203,10 @@ def family_from_keys(keys, parsed: ParsedKeys, shape_of) -> tuple[str | None, st
         return second.key, "embedding vectors for a second text encoder (clip_g)"
     for slot, group in parsed.groups.items():
         sep = "_" if slot.flat else "."
-        if slot.component == "unet" and "down" in group.keys and f"attn2{sep}to_k" in slot.name:
-            shape = shape_of(group.keys["down"])
-            if len(shape) >= 2 and shape[1] in _CROSS_DIM:
-                return _CROSS_DIM[shape[1]], f"cross-attention width {shape[1]}"
+        if slot.component == "unet" and f"attn2{sep}to_k" in slot.name:
+            width = input_width(group, shape_of)
+            if width in _CROSS_DIM:
+                return _CROSS_DIM[width], f"cross-attention width {width}"
     return None, ""
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..adapter import Adapter, LoraModule
+from ..adapter import Adapter, LoraModule, LycoModule
 from ..errors import AdapterError
 from ..models import Family, detect_family
-from . import embeddings, peft, validate
+from . import embeddings, lyco, peft, validate
 from .arch import ArchTable, table_for_file, table_from_pipe
 from .io import read_tensors, weights_file
 from .keys import Group, ParsedKeys, family_from_keys, family_from_metadata, parse_keys, tiny_spec
@@ -29,7 +29,7 @@ def file_family(metadata: dict[str, str], parsed: ParsedKeys, tensors: dict) -> 
     return found, why
 
 
-def _table(file, pipe, family, found, why, metadata, parsed: ParsedKeys, tensors) -> ArchTable | None:
+def _table(file, pipe, family, found, why, metadata, parsed: ParsedKeys, tensors, raws) -> ArchTable | None:
     if pipe is not None:
         target = detect_family(pipe)
         validate.check_family(file, found, why, target, "the base model")
@@ -37,7 +37,9 @@ def _table(file, pipe, family, found, why, metadata, parsed: ParsedKeys, tensors
     if family is not None:
         validate.check_family(file, found, why, family, "the requested family")
     modules = [(slot, tuple(tensors[g.keys["down"]].shape), tuple(tensors[g.keys["up"]].shape))
-               for slot, g in parsed.groups.items() if "down" in g.keys and "up" in g.keys]
+               for slot, g in parsed.groups.items() if "down" in g.keys and "up" in g.keys and slot not in raws]
+    # other adapter types: the shape of their product, as a rank-1 (down, up) pair would give it
+    modules += [(slot, (1, *raw[1:]), (raw[0], 1)) for slot, raw in raws.items()]
     return table_for_file(family or family_for_key(found), modules, tiny_spec(metadata))
 
 
@@ -79,9 +81,9 @@ def load_adapter(path, *, pipe=None, family: Family | None = None, allow_unused_
     emb_tensors, tensors = embeddings.split(everything)
     parsed = parse_keys(tensors)
     if parsed.unsupported:
-        raise AdapterError(f"{file}: not supported: {validate.short_list(parsed.unsupported)} (LyCORIS LoHa/LoKr, "
-                           "LoCon-Tucker lora_mid, DoRA or full-difference keys); only plain LoRA and conv LoRA "
-                           "(LoCon) files can be loaded")
+        raise AdapterError(f"{file}: not supported: {validate.short_list(parsed.unsupported)} (OFT/BOFT, GLoRA, "
+                           "(IA)^3, norm-layer or LoRA-bias keys); stylelora reads LoRA, LoCon, LoHa, LoKr, full "
+                           "difference and DoRA modules")
     if parsed.duplicates:
         a, b = parsed.duplicates[0]
         raise AdapterError(f"{file}: keys {a} and {b} hold the same weight of one module")
@@ -89,14 +91,15 @@ def load_adapter(path, *, pipe=None, family: Family | None = None, allow_unused_
         hint = "; it holds only token embeddings: read it with load_embedding" if emb_tensors and not tensors else ""
         raise AdapterError(f"{file}: no LoRA weights found (keys: {validate.short_list(sorted(everything))}){hint}")
     found, why = file_family(metadata, parsed, everything)
-    table = _table(file, pipe, family, found, why, metadata, parsed, tensors)
+    raws = {slot: lyco.raw_shape(file, g, tensors) for slot, g in parsed.groups.items() if lyco.is_lyco(g)}
+    table = _table(file, pipe, family, found, why, metadata, parsed, tensors, raws)
     if table is None:
         raise AdapterError(f"{file}: cannot tell which model family this adapter is for (no stylelora, kohya or "
                            "ModelSpec metadata, and its keys and shapes do not say). Pass --base (pipe=...) or "
                            "family=...")
     configs = peft.read_configs(file, metadata)
     hint = "" if pipe is not None else f" (checked against {table.source}; pass --base to check against yours)"
-    modules: dict[str, dict[str, LoraModule]] = {}
+    modules: dict[str, dict[str, LoraModule | LycoModule]] = {}
     unused = list(parsed.unrecognized)
     for slot, group in parsed.groups.items():
         comp = table.components.get(slot.component)
@@ -104,15 +107,21 @@ def load_adapter(path, *, pipe=None, family: Family | None = None, allow_unused_
         if live is None:
             unused.extend(group.keys.values())
             continue
+        first = group.keys.get("down") or sorted(group.keys.values())[0]
         if slot.flat and slot.name in comp.ambiguous:
-            raise AdapterError(f"{file}: {group.keys.get('down')} could name more than one module of {table.source}")
+            raise AdapterError(f"{file}: {first} could name more than one module of {table.source}")
         names = [slot.name, live, comp.peft_out.get(live, live)]
-        m = _module(file, group, tensors, configs.get(slot.component), names)
-        m = validate.fit_shape(file, group.keys["down"], live, m, comp.shapes[live], hint)
+        if slot in raws:
+            m = lyco.build(file, group, tensors, raws[slot], comp.shapes[live], live, hint)
+            if m.alpha is None and m.kind in ("lora", "tucker") and configs.get(slot.component):
+                m.alpha = validate.check_alpha(file, f"{peft.METADATA_KEY} ({first})", peft.alpha_from_config(
+                    file, configs[slot.component], names, m.rank))
+        else:
+            m = _module(file, group, tensors, configs.get(slot.component), names)
+            m = validate.fit_shape(file, group.keys["down"], live, m, comp.shapes[live], hint)
         target = modules.setdefault(slot.component, {})
         if live in target:
-            raise AdapterError(f"{file}: {group.keys['down']} and another key both target {slot.component} "
-                               f"module {live}")
+            raise AdapterError(f"{file}: {first} and another key both target {slot.component} module {live}")
         target[live] = m
     if unused:
         message = _unused_message(file, sorted(unused), table, pipe)

@@ -1,0 +1,261 @@
+"""LyCORIS (LoHa, LoKr, LoCon-Tucker), full-difference and DoRA files: load, blend fused, reset, convert; and the
+model family of diffusers-converted kohya files read from the tensors (issue #21, loading side).
+
+Every expected ΔW below is written here from the documented math (docs/formats.md, "LyCORIS files"), with explicit
+loops or other contractions than the library's, and compared with what the Blender fused into the live weights.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from stylelora.adapter import LoraModule, LycoModule
+from stylelora.blend import Blender
+from stylelora.errors import AdapterError
+from stylelora.formats import describe, load_adapter
+
+Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # Linear 32 -> 32, no bias
+FF = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"  # Linear 128 -> 32, with bias
+CONV = "down_blocks.0.resnets.0.conv1"  # Conv2d 32 -> 32, 3x3, with bias
+
+
+def kohya(path: str) -> str:
+    return "lora_unet_" + path.replace(".", "_")
+
+
+@pytest.fixture
+def base(tiny_base):
+    """The session's tiny SD1 base; every test leaves its weights as it found them (blender.reset())."""
+    return tiny_base
+
+
+def rand(*shape, seed=0, std=0.3):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * std
+
+
+def write(tmp_path, tensors, name="lyco.safetensors"):
+    f = tmp_path / name
+    save_file({k: v.contiguous() for k, v in tensors.items()}, f)
+    return f
+
+
+def fused(base, f, weight=1.0):
+    """{(comp, path): ΔW} the Blender fused at ``weight``, then the base restored."""
+    blender = Blender(base)
+    name = blender.load(f, weight=weight)
+    out = {key: blender.delta(*key).clone() for key in blender._index[name]}
+    blender.reset()
+    return out
+
+
+def close(a, b, rel=1e-5):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = float((a - b).norm() / b.norm().clamp_min(1e-30))
+    assert err <= rel, err
+
+
+def layer(base, path):
+    return base.pipe.unet.get_submodule(path)
+
+
+# ------------------------------------------------------------------------------------------- references
+def ref_matmul(a, b):
+    """a @ b by explicit sums over the rank (independent of torch's matmul path)."""
+    return sum(a[:, r:r + 1] * b[r:r + 1, :] for r in range(a.shape[1]))
+
+
+def ref_kron(a, b):
+    """Block matrix [a[i, j] · b] (b may be a conv kernel [o, i, kh, kw]: blocks over the channel axes)."""
+    rows = [torch.cat([a[i, j] * b for j in range(a.shape[1])], dim=1) for i in range(a.shape[0])]
+    return torch.cat(rows, dim=0)
+
+
+def ref_tucker(core, a, b):
+    """W[p, q, k, l] = Σ_ij core[i, j, k, l] a[i, p] b[j, q], as two mode products with tensordot."""
+    t = torch.tensordot(a.T, core, dims=([1], [0]))  # [p, j, k, l]
+    return torch.tensordot(t, b, dims=([1], [0])).permute(0, 3, 1, 2)  # [p, k, l, q] -> [p, q, k, l]
+
+
+# ------------------------------------------------------------------------------------------- per type
+def test_loha_linear_and_tucker_conv(base, tmp_path):
+    r = 4
+    t = {f"{kohya(Q)}.hada_w1_a": rand(32, r, seed=1), f"{kohya(Q)}.hada_w1_b": rand(r, 32, seed=2),
+         f"{kohya(Q)}.hada_w2_a": rand(32, r, seed=3), f"{kohya(Q)}.hada_w2_b": rand(r, 32, seed=4),
+         f"{kohya(Q)}.alpha": torch.tensor(2.0)}
+    c = kohya(CONV)  # Tucker: w_a [r, out], w_b [r, in], t [r, r, kh, kw]
+    t.update({f"{c}.hada_w1_a": rand(r, 32, seed=5), f"{c}.hada_w1_b": rand(r, 32, seed=6),
+              f"{c}.hada_t1": rand(r, r, 3, 3, seed=7), f"{c}.hada_w2_a": rand(r, 32, seed=8),
+              f"{c}.hada_w2_b": rand(r, 32, seed=9), f"{c}.hada_t2": rand(r, r, 3, 3, seed=10),
+              f"{c}.alpha": torch.tensor(1.0)})
+    d = fused(base, write(tmp_path, t), weight=0.7)
+    want_q = 0.7 * (2.0 / r) * ref_matmul(t[f"{kohya(Q)}.hada_w1_a"], t[f"{kohya(Q)}.hada_w1_b"]) * \
+        ref_matmul(t[f"{kohya(Q)}.hada_w2_a"], t[f"{kohya(Q)}.hada_w2_b"])
+    close(d[("unet", Q)], want_q)
+    want_c = 0.7 * (1.0 / r) * ref_tucker(t[f"{c}.hada_t1"], t[f"{c}.hada_w1_a"], t[f"{c}.hada_w1_b"]) * \
+        ref_tucker(t[f"{c}.hada_t2"], t[f"{c}.hada_w2_a"], t[f"{c}.hada_w2_b"])
+    close(d[("unet", CONV)], want_c)
+
+
+def test_lokr_full_factors_ignore_alpha_and_decomposed_w2_uses_its_rank(base, tmp_path):
+    q, c, ff = kohya(Q), kohya(CONV), kohya(FF)
+    t = {f"{q}.lokr_w1": rand(4, 4, seed=1), f"{q}.lokr_w2": rand(8, 8, seed=2), f"{q}.alpha": torch.tensor(3.0),
+         # FF: w1 from factors, w2 from factors of rank 2 (its rank is the one alpha divides)
+         f"{ff}.lokr_w1_a": rand(4, 1, seed=3), f"{ff}.lokr_w1_b": rand(1, 8, seed=4),
+         f"{ff}.lokr_w2_a": rand(8, 2, seed=5), f"{ff}.lokr_w2_b": rand(2, 16, seed=6),
+         f"{ff}.alpha": torch.tensor(3.0),
+         # conv: Tucker w2 [8, 8, 3, 3] from t2 [r, r, 3, 3], a [r, out2], b [r, in2]
+         f"{c}.lokr_w1": rand(4, 4, seed=7), f"{c}.lokr_t2": rand(2, 2, 3, 3, seed=8),
+         f"{c}.lokr_w2_a": rand(2, 8, seed=9), f"{c}.lokr_w2_b": rand(2, 8, seed=10), f"{c}.alpha": torch.tensor(1.0)}
+    d = fused(base, write(tmp_path, t))
+    close(d[("unet", Q)], ref_kron(t[f"{q}.lokr_w1"], t[f"{q}.lokr_w2"]))  # no factor ranks: scale 1
+    w1 = ref_matmul(t[f"{ff}.lokr_w1_a"], t[f"{ff}.lokr_w1_b"])
+    w2 = ref_matmul(t[f"{ff}.lokr_w2_a"], t[f"{ff}.lokr_w2_b"])
+    close(d[("unet", FF)], (3.0 / 2) * ref_kron(w1, w2))
+    w2c = ref_tucker(t[f"{c}.lokr_t2"], t[f"{c}.lokr_w2_a"], t[f"{c}.lokr_w2_b"])
+    close(d[("unet", CONV)], (1.0 / 2) * ref_kron(t[f"{c}.lokr_w1"], w2c))
+
+
+def test_lokr_flat_conv_factors(base, tmp_path):
+    """LyCORIS' non-Tucker conv LoKr: w2_b is [r, in2·kh·kw]; ΔW is the Kronecker product reshaped to the layer."""
+    c = kohya(CONV)
+    t = {f"{c}.lokr_w1": rand(2, 2, seed=1), f"{c}.lokr_w2_a": rand(16, 3, seed=2),
+         f"{c}.lokr_w2_b": rand(3, 16 * 9, seed=3), f"{c}.alpha": torch.tensor(6.0)}
+    d = fused(base, write(tmp_path, t))
+    w2 = ref_matmul(t[f"{c}.lokr_w2_a"], t[f"{c}.lokr_w2_b"]).reshape(16, 16, 3, 3)
+    close(d[("unet", CONV)], 2.0 * ref_kron(t[f"{c}.lokr_w1"], w2))
+
+
+def test_locon_tucker_mid(base, tmp_path):
+    c, r = kohya(CONV), 3
+    t = {f"{c}.lora_down.weight": rand(r, 32, 1, 1, seed=1), f"{c}.lora_mid.weight": rand(r, r, 3, 3, seed=2),
+         f"{c}.lora_up.weight": rand(32, r, 1, 1, seed=3), f"{c}.alpha": torch.tensor(1.5)}
+    d = fused(base, write(tmp_path, t), weight=-0.5)
+    up, down, mid = t[f"{c}.lora_up.weight"].flatten(1), t[f"{c}.lora_down.weight"].flatten(1), t[f"{c}.lora_mid.weight"]
+    want = torch.zeros(32, 32, 3, 3)
+    for n in range(r):
+        for m in range(r):
+            want += up[:, n, None, None, None] * mid[n, m][None, None] * down[m][None, :, None, None]
+    close(d[("unet", CONV)], -0.5 * (1.5 / r) * want)
+
+
+def test_full_diff_with_bias_and_exact_reset(base, tmp_path):
+    ff = layer(base, FF)
+    w0, b0 = ff.weight.detach().clone(), ff.bias.detach().clone()
+    t = {f"{kohya(FF)}.diff": rand(32, 128, seed=1), f"{kohya(FF)}.diff_b": rand(32, seed=2),
+         f"{kohya(FF)}.alpha": torch.tensor(8.0)}  # a full diff has no rank: alpha does not scale it
+    blender = Blender(base)
+    blender.load(write(tmp_path, t), weight=0.25)
+    close(ff.weight.detach() - w0, 0.25 * t[f"{kohya(FF)}.diff"])
+    close(ff.bias.detach() - b0, 0.25 * t[f"{kohya(FF)}.diff_b"])
+    blender.reset()
+    assert torch.equal(ff.weight, w0) and torch.equal(ff.bias, b0)
+
+
+def ref_dora(w0, delta, m, axis):
+    """m · (W0 + ΔW) / ‖W0 + ΔW‖, one norm per output row ("out") or per input column ("in"), by explicit loops."""
+    merged = w0 + delta
+    out = torch.empty_like(merged)
+    if axis == "out":
+        for o in range(merged.shape[0]):
+            out[o] = merged[o] * (m.flatten()[o] / merged[o].norm())
+    else:
+        for i in range(merged.shape[1]):
+            out[:, i] = merged[:, i] * (m.flatten()[i] / merged[:, i].norm())
+    return out - w0
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_dora_both_layouts_and_exact_reset(base, tmp_path, axis):
+    q = kohya(Q)
+    w0 = layer(base, Q).weight.detach().clone()
+    down, up = rand(4, 32, seed=1), rand(32, 4, seed=2)
+    lora = (2.0 / 4) * ref_matmul(up, down)
+    # a trained magnitude: the norms of W0 + ΔW, perturbed
+    norms = (w0 + lora).norm(dim=1 if axis == "out" else 0)
+    m = norms * (1 + rand(32, seed=3, std=0.1))
+    scale = m.reshape(32, 1) if axis == "out" else m.reshape(1, 32)
+    f = write(tmp_path, {f"{q}.lora_down.weight": down, f"{q}.lora_up.weight": up, f"{q}.alpha": torch.tensor(2.0),
+                         f"{q}.dora_scale": scale})
+    mod = load_adapter(f, pipe=base.pipe).modules["unet"][Q]
+    assert isinstance(mod, LycoModule) and mod.dora_axis == axis
+    blender = Blender(base)
+    blender.load(f, weight=0.6)
+    close(blender.delta("unet", Q), 0.6 * ref_dora(w0, lora, m, axis))
+    blender.reset()
+    assert torch.equal(layer(base, Q).weight, w0)
+
+
+def test_peft_magnitude_vector_is_output_axis(base, tmp_path):
+    w0 = layer(base, Q).weight.detach().clone()
+    down, up = rand(2, 32, seed=1), rand(32, 2, seed=2)
+    m = (w0 + ref_matmul(up, down)).norm(dim=1) * 1.1
+    f = write(tmp_path, {f"unet.{Q}.lora_A.weight": down, f"unet.{Q}.lora_B.weight": up,
+                         f"unet.{Q}.lora_magnitude_vector": m})
+    close(fused(base, f)[("unet", Q)], ref_dora(w0, ref_matmul(up, down), m, "out"))
+
+
+# ------------------------------------------------------------------------------------------- blends
+def test_loha_plus_lora_is_the_sum(base, tmp_path):
+    r = 2
+    loha = {f"{kohya(Q)}.hada_w1_a": rand(32, r, seed=1), f"{kohya(Q)}.hada_w1_b": rand(r, 32, seed=2),
+            f"{kohya(Q)}.hada_w2_a": rand(32, r, seed=3), f"{kohya(Q)}.hada_w2_b": rand(r, 32, seed=4)}
+    lora = {f"{kohya(Q)}.lora_down.weight": rand(3, 32, seed=5), f"{kohya(Q)}.lora_up.weight": rand(32, 3, seed=6),
+            f"{kohya(Q)}.alpha": torch.tensor(1.0)}
+    fa, fb = write(tmp_path, loha, "a.safetensors"), write(tmp_path, lora, "b.safetensors")
+    da, db = fused(base, fa)[("unet", Q)], fused(base, fb)[("unet", Q)]
+    blender = Blender(base)
+    blender.load(fa)
+    blender.load(fb)
+    blender.set({"a": 0.8, "b": -1.3})
+    close(blender.delta("unet", Q), 0.8 * da - 1.3 * db)
+    blender.reset()
+
+
+def test_dora_after_a_lora_applies_to_the_weight_the_lora_left(base, tmp_path):
+    """A1111/ComfyUI order: each adapter on the running weight, so DoRA normalises W0 + ΔW_lora + ΔW_dora-lora."""
+    q = kohya(Q)
+    w0 = layer(base, Q).weight.detach().clone()
+    lora = {f"{q}.lora_down.weight": rand(3, 32, seed=5), f"{q}.lora_up.weight": rand(32, 3, seed=6)}
+    down, up = rand(2, 32, seed=1), rand(32, 2, seed=2)
+    m = rand(1, 32, seed=3).abs() + 1
+    dora = {f"{q}.lora_down.weight": down, f"{q}.lora_up.weight": up, f"{q}.dora_scale": m}
+    blender = Blender(base)
+    blender.load(write(tmp_path, lora, "a.safetensors"))
+    blender.load(write(tmp_path, dora, "b.safetensors"))
+    blender.set({"a": 0.5, "b": 0.9})
+    w1 = w0 + 0.5 * ref_matmul(lora[f"{q}.lora_up.weight"], lora[f"{q}.lora_down.weight"])
+    want = w1 + 0.9 * ref_dora(w1, ref_matmul(up, down), m, "in") - w0
+    close(blender.delta("unet", Q), want)
+    blender.reset()
+    assert torch.equal(layer(base, Q).weight, w0)
+
+
+# ------------------------------------------------------------------------------------------- malformed files
+def loha_q(**drop_or_replace):
+    t = {f"{kohya(Q)}.hada_w1_a": rand(32, 2), f"{kohya(Q)}.hada_w1_b": rand(2, 32),
+         f"{kohya(Q)}.hada_w2_a": rand(32, 2), f"{kohya(Q)}.hada_w2_b": rand(2, 32)}
+    for role, value in drop_or_replace.items():
+        key = f"{kohya(Q)}.{role}"
+        if value is None:
+            del t[key]
+        else:
+            t[key] = value
+    return t
+
+
+@pytest.mark.parametrize("tensors, named", [
+    (loha_q(hada_w2_b=None), f"{kohya(Q)}.hada_w2_b"),
+    (loha_q(hada_w1_b=torch.zeros(3, 32)), f"{kohya(Q)}.hada_w1_b"),
+    (loha_q(hada_w2_a=torch.full((32, 2), float("nan"))), f"{kohya(Q)}.hada_w2_a"),
+    (loha_q(hada_w1_a=torch.zeros(16, 2), hada_w2_a=torch.zeros(16, 2)), f"{kohya(Q)}.hada_w1_a"),
+    ({f"{kohya(Q)}.lokr_w1": torch.zeros(4, 4)}, f"{kohya(Q)}.lokr_w1"),
+    ({f"{kohya(Q)}.lora_down.weight": rand(2, 32), f"{kohya(Q)}.lora_up.weight": rand(32, 2),
+      f"{kohya(Q)}.dora_scale": torch.ones(1, 16)}, f"{kohya(Q)}.dora_scale"),
+    ({f"{kohya(Q)}.dora_scale": torch.ones(1, 32)}, f"{kohya(Q)}.dora_scale"),
+])
+def test_malformed_files_name_the_key(base, tmp_path, tensors, named):
+    f = write(tmp_path, tensors, "bad.safetensors")
+    with pytest.raises(AdapterError) as e:
+        load_adapter(f, pipe=base.pipe)
+    assert str(f) in str(e.value) and named in str(e.value), str(e.value)
