@@ -196,3 +196,27 @@ def test_import_upload_and_refuse_junk(page, server, tmp_path):
     page.wait_for_timeout(500)  # let the message finish fading in
     shot(page, "import")
     assert "junk" not in studio.adapters()
+
+
+def test_resize_into_a_new_library_entry(page, server):
+    _, studio = server
+    page.get_by_role("tab", name="Library").click()
+    page.fill("#library-pick input", "")  # an earlier test may have picked another adapter
+    pick(page, "#library-pick", "ink")
+    page.keyboard.press("Escape")
+    page.locator("#resize-rule label").get_by_text("rank", exact=True).click()
+    page.wait_for_function("document.querySelector('#resize-value textarea, #resize-value input').value === '8'")
+    page.fill("#resize-value textarea", "2")
+    page.fill("#resize-name textarea", "ink-small")
+    page.click("#resize-btn")
+    wait_text(page, "#resize-table", "rank after", timeout=TIMEOUT_MS)
+    wait_text(page, "#library-table", "ink-small")
+    table = page.inner_text("#resize-table")
+    assert "4/4/4" in table and "2/2/2" in table, table  # ink has rank 4 everywhere
+    assert studio.library.info("ink-small").rank == 2 and studio.library.info("ink").rank == 4
+    shot(page, "resize")
+    page.fill("#resize-value textarea", "0")
+    page.click("#resize-btn")
+    page.get_by_text("rank must be a whole number >= 1").first.wait_for()
+    assert "Traceback" not in page.inner_text("body")
+    studio.delete_adapter("ink-small")

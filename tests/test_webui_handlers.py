@@ -316,6 +316,80 @@ def test_import_convert_merge_delete(studio, tmp_path):
         studio.generate(request(adapters={"blend": 1.0}))
 
 
+def _delta(m) -> torch.Tensor:
+    return m.scale * m.up.double().flatten(1) @ m.down.double().flatten(1)
+
+
+@pytest.mark.parametrize("rule, value, max_rank, expect", [
+    ("energy", "0.9", 3, {"energy": 0.9, "max_rank": 3}),
+    ("budget", "50K", None, {"budget": "50K"}),
+    ("cumulative", 0.5, 0, {"cumulative": 0.5}),
+])
+def test_library_resize_equals_stylelora_resize(studio, rule, value, max_rank, expect):
+    from stylelora.blend import file_digests
+    from stylelora.formats import describe, load_adapter
+    from stylelora.resize import resize
+
+    src = studio.library.root / "ink.safetensors"
+    sha = file_digests(src)[0]
+    made, table = studio.resize_adapter("ink", f"ink-{rule}", rule=rule, value=value, max_rank=max_rank)
+    try:
+        assert made == f"ink-{rule}" and file_digests(src)[0] == sha  # a new entry; the source untouched
+        want = resize(load_adapter(src, pipe=studio.base.pipe), **expect)
+        got = load_adapter(studio.library.path(made), pipe=studio.base.pipe)
+        assert want.after and len(set(want.after.values())) >= 1
+        for (comp, path), k in want.after.items():
+            m = got.modules[comp][path]
+            assert m.rank == k, (comp, path)
+            torch.testing.assert_close(_delta(m), _delta(want.adapter.modules[comp][path]), rtol=1e-5, atol=1e-7)
+        assert describe(studio.library.path(made), hashes=False)["format"] == "kohya"
+        md = got.metadata["stylelora.resize"]
+        assert sha in md and f'"{next(iter(expect))}' in md.replace("budget_bytes", "budget")
+        for row in want.rows():  # the table the CLI prints: ranks after (min/median/max) and energy kept per part
+            lo, mid, hi = row["after"]
+            assert f"{lo}/{mid:g}/{hi}" in table and f"{100 * row['energy']:.2f}%" in table, table
+        assert made in studio.adapters()
+    finally:
+        studio.delete_adapter(made)
+
+
+def test_library_resize_measures_on_the_plain_base_and_refuses_bad_parameters(studio):
+    from stylelora.formats import load_adapter
+    from stylelora.resize import resize, unet_error
+
+    before = studio.generate(request(adapters={"ink": 1.0}))  # ink is fused when the resize starts
+    made, table = studio.resize_adapter("ink", "ink-r2", rule="rank", value="2", measure=True)
+    try:
+        original = load_adapter(studio.library.root / "ink.safetensors", pipe=studio.base.pipe)
+        want = resize(original, rank=2)
+        error = unet_error(studio.base, original, [want.adapter])[0]  # on the plain base (nothing fused now)
+        assert f"relative error vs the original: {error:.4g}" in table, table
+        assert 0 < error < 1
+        after = studio.generate(request(adapters={"ink": 1.0}))  # the blend comes back as it was
+        assert (pixels(after.paths[0]) == pixels(before.paths[0])).all()
+    finally:
+        studio.delete_adapter(made)
+    names = sorted(studio.adapters())
+    for kw, message in (
+            ({"rule": "energy", "value": "1.5"}, r"energy must be in \(0, 1\]"),
+            ({"rule": "energy", "value": "abc"}, "energy 'abc' is not a number"),
+            ({"rule": "rank", "value": "2.5"}, "rank '2.5' is not a whole number"),
+            ({"rule": "rank", "value": "0"}, "rank must be a whole number >= 1"),
+            ({"rule": "ratio", "value": "0.5"}, "ratio must be >= 1"),
+            ({"rule": "budget", "value": "12 parsecs"}, "expected a size in bytes"),
+            ({"rule": "budget", "value": "1K"}, "too small: one rank per module"),
+            ({"rule": "energy", "value": ""}, "give the energy value"),
+            ({"rule": "energy", "value": "0.9", "max_rank": -1}, "max rank must be a whole number"),
+            ({"rule": "volume", "value": "1"}, "unknown resize rule"),
+            ({"rule": "max error", "value": "0.001", "max_rank": 1}, "no resize keeps the UNet output within max err")):
+        with pytest.raises(ConfigError, match=message) as caught:
+            studio.resize_adapter("ink", "ink-bad", **kw)
+        assert "--" not in str(caught.value), caught.value  # the page's field names, not the CLI's flags
+    with pytest.raises(AdapterError, match="already exists"):
+        studio.resize_adapter("ink", "pastel", rule="rank", value="1")
+    assert sorted(studio.adapters()) == names  # nothing was written
+
+
 def test_bad_uploads_are_refused_and_nothing_is_kept(studio, tmp_path):
     before = sorted(os.listdir(studio.library.root))
     junk = tmp_path / "junk.safetensors"

@@ -24,7 +24,7 @@ from stylelora.blend import MAX_WEIGHT  # noqa: E402
 from stylelora.generate import SAMPLERS  # noqa: E402
 from stylelora.presets import WEBUI_DEFAULT  # noqa: E402
 
-from .handlers import GenerateRequest, GridRequest, Studio, insert_triggers, parse_values  # noqa: E402
+from .handlers import RESIZE_RULES, GenerateRequest, GridRequest, Studio, insert_triggers, parse_values  # noqa: E402
 from .library import TABLE_HEADERS  # noqa: E402
 from stylelora.config import SCHEDULERS  # noqa: E402
 
@@ -33,6 +33,7 @@ from .training import format_status, loss_frame, max_resolution, sample_caption 
 
 log = logging.getLogger(__name__)
 SOURCES = ("Folder on the server", "Upload images")
+RESIZE_EXAMPLES = {"rank": "8", "energy": "0.9", "ratio": "4", "cumulative": "0.9", "budget": "1M", "max error": "0.05"}
 
 
 def _ui(fn):
@@ -378,6 +379,18 @@ def _library_tab(studio: Studio, c: SimpleNamespace) -> None:
                 c.conv_to = gr.Radio(["kohya", "peft"], value="peft", label="Convert to", elem_id="convert-to")
                 c.conv_name = gr.Textbox(label="New name (empty: NAME-layout)", elem_id="convert-name")
             c.conv_btn = gr.Button("Convert", elem_id="convert-btn")
+            with gr.Group(elem_id="resize-group"):
+                with gr.Row():
+                    c.rs_rule = gr.Radio(list(RESIZE_RULES), value="energy", label="Resize by",
+                                         info=RESIZE_RULES["energy"][2], elem_id="resize-rule", scale=3)
+                    c.rs_value = gr.Textbox("0.9", label="Value", elem_id="resize-value", scale=1)
+                with gr.Row():
+                    c.rs_max_rank = gr.Number(0, label="Max rank (0 = none)", precision=0, minimum=0,
+                                              elem_id="resize-max-rank")
+                    c.rs_name = gr.Textbox(label="New name (empty: NAME-resized)", elem_id="resize-name")
+                    c.rs_measure = gr.Checkbox(False, label="measure the UNet change (uses the model)",
+                                               elem_id="resize-measure")
+            c.rs_btn = gr.Button("Resize into a new adapter", elem_id="resize-btn")
             with gr.Row():
                 c.del_confirm = gr.Checkbox(False, label="yes, delete this file", elem_id="delete-confirm")
                 c.del_btn = gr.Button("Delete", variant="stop", elem_id="delete-btn")
@@ -394,6 +407,7 @@ def _library_tab(studio: Studio, c: SimpleNamespace) -> None:
                 c.merge_name = gr.Textbox(label="Merged name", elem_id="merge-name")
                 c.merge_rank = gr.Number(0, label="Rank (0 = exact)", precision=0, minimum=0, elem_id="merge-rank")
             c.merge_btn = gr.Button("Merge", elem_id="merge-btn")
+    c.rs_table = gr.Markdown("", elem_id="resize-table")  # the whole width: the table has seven columns
     c.lib_version = gr.State(studio.library.version)
 
 
@@ -452,6 +466,17 @@ def _wire_library(studio: Studio, c: SimpleNamespace) -> tuple[list, callable]:
         return after(f"wrote **{studio.convert_adapter(name, to, new or None)}** ({to} layout)")
 
     @_ui
+    def do_resize(name, rule, value, max_rank, new, measure):
+        if not name:
+            raise gr.Error("pick an adapter first")
+        made, table = studio.resize_adapter(name, new or None, rule=rule, value=value, max_rank=max_rank,
+                                            measure=bool(measure))
+        return (*after(f"resized **{name}** into **{made}**"), table)
+
+    c.rs_rule.change(lambda r: (gr.Radio(info=RESIZE_RULES[r][2]), RESIZE_EXAMPLES[r]), c.rs_rule,
+                     [c.rs_rule, c.rs_value], queue=False)
+
+    @_ui
     def do_merge(names, weights, new, rank):
         if not names:
             raise gr.Error("pick the adapters to merge")
@@ -470,6 +495,8 @@ def _wire_library(studio: Studio, c: SimpleNamespace) -> tuple[list, callable]:
     kw = {"show_progress_on": [c.lib_status]}
     c.imp_btn.click(do_import, [c.imp_file, c.imp_name], outs + [c.imp_file, c.imp_name], **kw)
     c.conv_btn.click(do_convert, [c.lib_pick, c.conv_to, c.conv_name], outs, **kw)
+    c.rs_btn.click(do_resize, [c.lib_pick, c.rs_rule, c.rs_value, c.rs_max_rank, c.rs_name, c.rs_measure],
+                   outs + [c.rs_table], concurrency_id="model", **kw)
     c.merge_btn.click(do_merge, [c.merge_pick, c.merge_weights, c.merge_name, c.merge_rank], outs, **kw)
     c.del_btn.click(do_delete, [c.lib_pick, c.del_confirm], outs, **kw).then(lambda: False, outputs=c.del_confirm)
     return outputs, refresh

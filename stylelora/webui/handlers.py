@@ -92,6 +92,77 @@ def insert_triggers(prompt: str, triggers) -> str:
     return ", ".join(missing + ([prompt.strip()] if (prompt or "").strip() else []))
 
 
+RESIZE_RULES = {  # the page's rule -> (resize keyword, how its value is read, what it means)
+    "rank": ("rank", int, "the same rank K for every module (at most its own)"),
+    "energy": ("energy", float, "keep the smallest k with Σσ²_kept ≥ E²·Σσ², E in (0, 1]"),
+    "ratio": ("ratio", float, "keep every σ > σ_max / R, R ≥ 1"),
+    "cumulative": ("cumulative", float, "keep the smallest k with Σσ_kept ≥ C·Σσ, C in (0, 1]"),
+    "budget": ("budget", str, "bytes of LoRA factors for the whole adapter (800K, 12M, 1.5G): one global "
+                              "threshold, ranks go where the energy is"),
+    "max error": ("max_error", float, "the smallest global budget whose UNet output stays within EPS of the "
+                                      "original's (measured on the base model)"),
+}
+
+
+def resize_rule(rule: str, value, max_rank=None) -> dict:
+    """The page's (rule, value, max rank; 0 or empty = none) as ``stylelora.resize.resize`` keywords, checked."""
+    from stylelora.resize import check_rule, parse_size
+
+    if rule not in RESIZE_RULES:
+        raise ConfigError(f"unknown resize rule {rule!r}; choose one of {', '.join(RESIZE_RULES)}")
+    key, kind, _ = RESIZE_RULES[rule]
+    text = str(value if value is not None else "").strip()
+    if not text:
+        raise ConfigError(f"give the {rule} value ({RESIZE_RULES[rule][2]})")
+    try:
+        number = float(text) if kind is not str else None
+        if kind is int and not number.is_integer():
+            raise ValueError
+        parsed = kind(number) if kind is not str else text
+    except (ValueError, OverflowError):
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{rule} {text!r} is not {what}: {RESIZE_RULES[rule][2]}") from None
+    kw = {key: parsed}
+    if max_rank not in (None, "", 0):
+        if isinstance(max_rank, float) and not max_rank.is_integer():
+            raise ConfigError(f"max rank must be a whole number >= 1 (0 = no limit), got {max_rank:g}")
+        kw["max_rank"] = int(max_rank)
+    try:
+        check_rule(**kw)
+        if key == "budget":
+            parse_size(parsed)
+    except ConfigError as e:
+        raise ConfigError(_page_words(str(e))) from None
+    return kw
+
+
+def resize_table(result, file_before: int, file_after: int) -> str:
+    """What ``stylelora resize`` prints (``cli.resize.format_table``), as a Markdown table that fits the page:
+    per part the modules, ranks before/after as min/median/max, energy kept, LoRA factor bytes before/after."""
+    def size(n: int) -> str:
+        return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+    def span(t) -> str:
+        return f"{t[0]}/{t[1]:g}/{t[2]}"
+
+    lines = ["| part | modules | rank before | rank after | energy kept | size before | size after |",
+             "|---|--:|--:|--:|--:|--:|--:|"]
+    for r in result.rows():
+        lines.append(f"| {r['part']} | {r['modules']} | {span(r['before'])} | {span(r['after'])} | "
+                     f"{100 * r['energy']:.2f}% | {size(r['bytes_before'])} | {size(r['bytes_after'])} |")
+    lines.append(f"\nRanks as min/median/max; sizes are the LoRA factors. File {size(file_before)} → "
+                 f"{size(file_after)}.")
+    if result.error is not None:
+        lines.append(f"UNet output relative error vs the original: {result.error:.4g}")
+    return "\n".join(lines)
+
+
+def _page_words(message: str) -> str:
+    """A resize message with its CLI flags (--energy, --max-rank) as the page names those fields."""
+    return re.sub(r"--(rank|energy|ratio|cumulative|budget|max-rank|max-error)\b",
+                  lambda m: m.group(1).replace("-", " "), message)
+
+
 def parse_values(text: str, *, integers: bool = False) -> list:
     """``"0, 0.25, 0.5"`` or ``"0:1:0.25"`` (start:stop:step, stop included) -> numbers."""
     text = (text or "").strip()
@@ -386,6 +457,30 @@ class Studio:
 
         pairs = {self.library.find(n): as_pair(w, f"weight of {n!r}") for n, w in weights.items()}
         return self.library.merge(pairs, new_name, rank=rank or None, pipe=self.base.pipe, overwrite=overwrite)
+
+    def resize_adapter(self, name: str, new_name: str | None = None, *, rule: str, value, max_rank=None,
+                       measure: bool = False) -> tuple[str, str]:
+        """Resize library adapter ``name`` into a new entry by one rule of ``stylelora resize`` (``RESIZE_RULES``:
+        rank, energy, ratio, cumulative, budget, max error) with an optional max rank. ``measure`` (always on for
+        max error) also reports how far the UNet output moves: it takes the model, so it waits for generation and
+        is refused during training. Returns (new name, the per-part table ``stylelora resize`` prints)."""
+        name = self.library.find(name)
+        kw = resize_rule(rule, value, max_rank)
+        try:
+            if measure or "max_error" in kw:
+                self._acquire()
+                try:
+                    self.blender.reset()  # measured on the plain base; the next generation re-blends its adapters
+                    new, result = self.library.resize(name, new_name or None, pipe=self.base.pipe, measure=self.base,
+                                                      **kw)
+                finally:
+                    self._lock.release()
+            else:
+                new, result = self.library.resize(name, new_name or None, pipe=self.base.pipe, **kw)
+        except ConfigError as e:  # the rule's messages name CLI flags; the page has fields of the same names
+            raise ConfigError(_page_words(str(e))) from None
+        return new, resize_table(result, self.library.path(name).stat().st_size,
+                                 self.library.path(new).stat().st_size)
 
     def delete_adapter(self, name: str) -> str:
         name = self.library.find(name)

@@ -298,6 +298,30 @@ class Library:
         self.version += 1
         return new
 
+    def resize(self, name: str, new_name: str | None = None, *, pipe=None, measure=None, **rule):
+        """Resize adapter ``name`` into a new library entry by ``stylelora.resize`` rules (``rule``: rank, energy,
+        ratio, cumulative, budget, max_rank, max_error); the source is never replaced. ``measure`` (a base with
+        no adapters fused) adds the UNet-output check and allows ``max_error``. Returns (new name, ResizeResult).
+
+        Not ``resize_file``: that one uses its ``pipe`` both to resolve module names and for the functional check,
+        and here the names always come from the running base while the check (which needs the model) is optional.
+        The steps are the same: check the rule, load, ``resize``, save with ``resize_metadata`` in the source's
+        layout (sidecar embedding files are written by ``save_adapter``)."""
+        from stylelora.formats import save_adapter
+        from stylelora.resize import check_rule, output_format, resize, resize_metadata
+
+        check_rule(**rule)
+        src = self.path(name)
+        new = paths.adapter_stem(new_name or f"{paths.adapter_stem(name)}-resized")
+        dest = self._target(new, overwrite=False)  # never an existing entry, so never the source or an alias of it
+        adapter, used_pipe = _load_checked(src, pipe)
+        result = resize(adapter, pipe=measure, **rule)
+        result.adapter.name = dest.stem
+        save_adapter(result.adapter, dest, format=output_format(src),
+                     metadata=resize_metadata(result, src, dest), pipe=used_pipe)
+        self.version += 1
+        return new, result
+
     def delete(self, name: str) -> Path:
         """Delete library entry ``name``. A symlinked alias loses the link, never the file it points to; a link
         out of the folder is refused (it is not listed, and its target is none of the library's business)."""
