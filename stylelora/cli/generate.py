@@ -8,8 +8,9 @@ import secrets
 from . import add_threads_arg
 
 
-def add_model_args(p: argparse.ArgumentParser, *, device: str = "auto") -> None:
-    """--base, --base-config, --device, --dtype, --lora, --adapters: shared by generate and bake."""
+def add_model_args(p: argparse.ArgumentParser, *, device: str = "auto", quantize: bool = False) -> None:
+    """--base, --base-config, --device, --dtype, --lora, --adapters: shared by generate and bake; --quantize-base
+    with ``quantize`` (generate, not bake: a baked checkpoint is written from the base's weights)."""
     # the same default as `stylelora train` (RunConfig.base), so an adapter trained without --base just works
     p.add_argument("--base", default="tiny", help="base model: 'tiny', a diffusers folder, a .safetensors checkpoint "
                                                   "or a hub id (default: tiny, as for train)")
@@ -23,6 +24,15 @@ def add_model_args(p: argparse.ArgumentParser, *, device: str = "auto") -> None:
                    + ("cuda when available)" if device == "auto" else f"{device})"))
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights dtype (default: fp16 on a GPU, fp32 on CPU)")
+    if quantize:
+        add_quantize_arg(p)
+
+
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize-base", choices=["fp8", "int8", "nf4"], default=None,
+                   help="keep the base's UNet and text encoders quantized in memory: fp8 (float8 weights, "
+                        "per-channel scales; CPU and GPU; --dtype is then the compute dtype) | int8 | nf4 "
+                        "(bitsandbytes, CUDA only). Adapters still load and blend (default: full precision)")
 
 
 def check_refs(args) -> None:
@@ -60,8 +70,22 @@ def load_model(args):
     from ..models import load_base
 
     device, dtype = device_dtype(args)
-    base = load_base(args.base, dtype=dtype, base_config=args.base_config)
-    base.pipe.to(device)
+    return place_base(load_base(args.base, dtype=dtype, base_config=args.base_config,
+                                quantize=getattr(args, "quantize_base", None)), device)
+
+
+def place_base(base, device):
+    """The loaded base onto ``device`` (a bitsandbytes-quantized component stays where it was loaded: on the GPU)."""
+    import torch
+
+    from ..quantize import place
+
+    if base.quantize not in ("nf4", "int8"):
+        base.pipe.to(device)  # fp8 layers move their fp8 storage (quantize._Fp8Layer._apply)
+        return base
+    for module in base.pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            place(module, device, None)
     return base
 
 
@@ -71,7 +95,7 @@ def register(sub) -> None:
                                    "<lora:name:w> / <lora:name:w_te:w_unet> (names looked up in --adapters). "
                                    "PNGs carry the parameters A1111-style.")
     p.add_argument("prompt")
-    add_model_args(p)
+    add_model_args(p, quantize=True)
     p.add_argument("-o", "--output", default="out.png", help="output .png (several images: out-0.png, out-1.png, …)")
     p.add_argument("-n", "--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=-1, help="-1 picks one at random (recorded in the PNG)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 
 from . import add_threads_arg
+from .generate import add_quantize_arg
 
 
 def register(sub) -> None:
@@ -33,13 +34,14 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps … (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights dtype (default: fp16 on a GPU, fp32 on CPU)")
+    add_quantize_arg(p)
     add_threads_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..errors import ConfigError
-    from .generate import device_dtype
+    from .generate import device_dtype, place_base
 
     if args.port < 0 or args.port > 65535:
         raise ConfigError(f"--port must be 0..65535, got {args.port}")
@@ -48,9 +50,8 @@ def run(args) -> int:
     def loader(spec: str):
         from ..models import load_base
 
-        base = load_base(spec, dtype=dtype, base_config=args.base_config)
-        base.pipe.to(device)
-        return base
+        return place_base(load_base(spec, dtype=dtype, base_config=args.base_config, quantize=args.quantize_base),
+                          device)
 
     from ..webui import Studio, launch
 
