@@ -163,6 +163,10 @@ class NetworkConfig(_Validated):
                                            "(default: a fifth of --steps)")
     adalora_delta_t: int = opt(10, "adalora: steps between two rank allocations")
     orth_reg_weight: float = opt(0.5, "adalora: weight of the orthogonality regulariser on P and Q")
+    slot: int | None = opt(None, "orthogonal slot for blending (0, 1, ...): lora_down is frozen to this slot's rows of "
+                                 "a fixed orthogonal basis per layer and only lora_up trains, so adapters trained in "
+                                 "different slots (same --rank) do not overlap when blended; the file stays a plain "
+                                 "kohya LoRA (default: off)")
 
     def _validate(self) -> None:
         _check(1 <= self.rank <= 1024, f"rank must be in 1..1024, got {self.rank}")
@@ -177,6 +181,10 @@ class NetworkConfig(_Validated):
                "adalora_tinit and adalora_tfinal must be >= 0")
         _check(self.adalora_delta_t >= 1, f"adalora_delta_t must be >= 1, got {self.adalora_delta_t}")
         _check(self.orth_reg_weight >= 0, f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
+        _check(self.slot is None or 0 <= self.slot <= 1023, f"slot must be in 0..1023, got {self.slot}")
+        _check(self.slot is None or self.network == "lora",
+               f"slot needs network lora: {self.network} trains and prunes the lora_down rows a slot freezes; "
+               "drop --slot or use --network lora")
 
     @property
     def lora_alpha(self) -> float:

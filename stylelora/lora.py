@@ -121,5 +121,19 @@ def remove(pipe, adapter_name: str) -> None:
             module.delete_adapter(adapter_name)
 
 
+def freeze_down(module: torch.nn.Module, adapter_name: str, rows) -> int:
+    """Set every ``adapter_name`` layer's ``lora_A`` weight to ``rows(path, shape)`` (a tensor of that shape) and
+    freeze it (only ``lora_B`` trains); returns the number of layers set. Orthogonal slots use it
+    (stylelora/orthogonal.py); the weights keep their dtype and device."""
+    count = 0
+    with torch.no_grad():
+        for path, layer in lora_layers(module, adapter_name):
+            weight = layer.lora_A[adapter_name].weight
+            weight.copy_(rows(path, tuple(weight.shape)).to(weight.dtype))
+            weight.requires_grad_(False)
+            count += 1
+    return count
+
+
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]

@@ -341,6 +341,11 @@ def _inject_lora(pipe, cfg: TrainConfig, te_names: list[str]) -> tuple[list[str]
         lora.inject(getattr(pipe, n), rank=net.rank, alpha=net.lora_alpha, dropout=net.dropout,
                     targets=net.unet_targets if n == "unet" else net.te_targets, adapter_name=ADAPTER_NAME)
     cast_training_params([getattr(pipe, n) for n in trained], dtype=torch.float32)
+    if net.slot is not None:  # orthogonal slots: A frozen to the slot's basis rows (recomputed on resume)
+        from . import orthogonal
+
+        for n in trained:
+            orthogonal.freeze_slot(getattr(pipe, n), n, ADAPTER_NAME, rank=net.rank, slot=net.slot)
     if run.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
     if run.gradient_checkpointing:
