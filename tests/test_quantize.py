@@ -1,0 +1,283 @@
+"""A quantized frozen base (issue #18): fp8 layers against reference math, training on it (only LoRA trains, resume
+bit-exact), its adapters on a full base and in diffusers, blending into it, and the bitsandbytes modes (GPU)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ours_and_diffusers, render
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_train import quick_config, straight_and_resumed
+
+from stylelora import quantize
+from stylelora.adapter import Adapter, LoraModule
+from stylelora.blend import Blender
+from stylelora.errors import ConfigError
+from stylelora.models import load_base
+from stylelora.training import train
+
+E4M3_MANTISSA_BITS = 3
+E4M3_MIN_SUBNORMAL = 2.0 ** -9  # of the values q (before the scale)
+
+
+def unet_inputs(unet, seed=0, n=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, unet.config.in_channels, 16, 16, generator=g)
+    t = torch.linspace(10, 990, n).long()
+    c = torch.randn(n, 77, unet.config.cross_attention_dim, generator=g)
+    return x, t, c
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ------------------------------------------------------------------------------------------------ the fp8 layers
+def test_quantize_fp8_rounds_each_weight_to_the_nearest_e4m3_step():
+    """|W - q·s| is at most half an e4m3 step of the value (3 mantissa bits), or half the smallest subnormal step."""
+    w = torch.randn(16, 40) * torch.logspace(-4, 0, 16)[:, None]  # channels of very different magnitudes
+    w[3] = 0.0
+    q, scale = quantize.quantize_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (16, 1) and scale[3] == 1.0
+    back = quantize.dequantize_fp8(q, scale, torch.float32)
+    # each channel's largest magnitude maps to e4m3's largest finite value (448)
+    assert torch.allclose((w.abs().amax(1) / scale[:, 0])[w.abs().amax(1) > 0], torch.tensor(448.0))
+    bound = torch.maximum(w.abs() / scale * 2.0 ** -(E4M3_MANTISSA_BITS + 1),
+                          torch.tensor(E4M3_MIN_SUBNORMAL / 2)) * scale
+    assert ((w - back).abs() <= bound * (1 + 1e-6)).all()
+    assert torch.equal(back[3], torch.zeros(40))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_fp8_layer_forward_and_input_gradient_equal_the_dequantized_reference(kind):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 7) if kind == "linear" else torch.nn.Conv2d(6, 5, 3, stride=2, padding=1)
+    x = torch.randn(3, 12) if kind == "linear" else torch.randn(2, 6, 9, 9)
+    q, scale = quantize.quantize_fp8(layer.weight)
+    w_ref, b_ref = quantize.dequantize_fp8(q, scale, torch.float32), layer.bias.detach().clone()
+    assert quantize.quantize_module_fp8(layer) == 1 and "weight" not in dict(layer.named_parameters())
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = layer(x1)
+    ref = F.linear(x2, w_ref, b_ref) if kind == "linear" else F.conv2d(x2, w_ref, b_ref, stride=2, padding=1)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.weight, w_ref, rtol=0, atol=0)  # what PEFT and the Blender read
+
+
+def test_to_dtype_keeps_fp8_storage_and_sets_the_compute_dtype():
+    layer = torch.nn.Linear(8, 4)
+    quantize.quantize_module_fp8(layer)
+    q = layer.weight_fp8.clone()
+    layer.to(torch.bfloat16)
+    assert layer.weight_fp8.dtype == torch.float8_e4m3fn and torch.equal(layer.weight_fp8.float(), q.float())
+    assert layer.weight_scale.dtype == torch.float32 and layer.bias.dtype == torch.bfloat16
+    assert layer(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert layer.weight.dtype == torch.bfloat16 and layer.compute_dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------ a quantized base
+@pytest.fixture(scope="module")
+def full_and_fp8():
+    return load_base("tiny"), load_base("tiny", quantize="fp8")
+
+
+# Measured 3.5% on the pretrained tiny base (fixed inputs, 4 timesteps); an fp8 weight alone is off by up to 6%.
+FP8_UNET_TOLERANCE = 0.06
+
+
+def test_fp8_base_unet_output_within_tolerance_of_the_full_base(full_and_fp8):
+    full, fp8 = full_and_fp8
+    assert full.quantize is None and fp8.quantize == "fp8" and quantize.quantization(fp8.pipe) == "fp8"
+    x, t, c = unet_inputs(full.pipe.unet)
+    with torch.no_grad():
+        ref, out = full.pipe.unet(x, t, c).sample, fp8.pipe.unet(x, t, c).sample
+    err = rel(out, ref)
+    assert 0 < err < FP8_UNET_TOLERANCE
+    # ...and the same for the text encoder
+    ids = torch.randint(0, 500, (2, 77), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel(fp8.pipe.text_encoder(ids)[0], full.pipe.text_encoder(ids)[0]) < FP8_UNET_TOLERANCE
+
+
+def test_fp8_base_parameter_bytes_are_exact(full_and_fp8):
+    """Each quantized layer: 1 byte per weight plus a 4-byte scale per output channel instead of 4 bytes a weight;
+    the UNet's conv_in/conv_out, norms, embeddings and every bias unchanged."""
+    full, fp8 = full_and_fp8
+    for comp in ("unet", "text_encoder"):
+        saved = 0
+        for name, layer in getattr(fp8.pipe, comp).named_modules():
+            if quantize.is_fp8(layer):
+                n = layer.weight_fp8.numel()
+                saved += 4 * n - (n + 4 * layer.weight_fp8.shape[0])
+        assert saved > 0
+        full_bytes = sum(p.numel() * 4 for p in getattr(full.pipe, comp).parameters()) + \
+            sum(b.numel() * b.element_size() for b in getattr(full.pipe, comp).buffers())
+        assert quantize.parameter_bytes(getattr(fp8.pipe, comp)) == full_bytes - saved
+    assert not quantize.is_fp8(fp8.pipe.unet.conv_in) and not quantize.is_fp8(fp8.pipe.unet.conv_out)
+    assert quantize.parameter_bytes(fp8.pipe.unet) < 0.3 * quantize.parameter_bytes(full.pipe.unet)
+
+
+def test_training_on_fp8_base_changes_only_lora_parameters(style_dir, tmp_path):
+    base = load_base("tiny-random", quantize="fp8")
+    before = {n: {k: v.clone() for k, v in getattr(base.pipe, n).state_dict().items()}
+              for n in ("unet", "text_encoder", "vae")}
+    cfg = quick_config(style_dir, tmp_path / "q.safetensors", quantize_base="fp8")
+    cfg.network.train_text_encoder = True
+    seen = set()
+
+    def on_step(info):
+        for m in info.models.values():
+            seen.update((p.dtype, p.requires_grad) for p in m.parameters())
+
+    out = train(cfg, base=base, on_step=on_step)
+    for n, sd in before.items():
+        after = getattr(base.pipe, n).state_dict()
+        assert after.keys() == sd.keys(), n
+        for k, v in sd.items():
+            assert torch.equal(after[k].float(), v.float()) and after[k].dtype == v.dtype, f"{n}.{k} changed"
+    assert (torch.float32, True) in seen and all(dt == torch.float32 for dt, trains in seen if trains)
+    tensors = load_file(str(out))
+    assert all(v.dtype == torch.float32 for v in tensors.values())
+    assert any("lora_up" in k and v.abs().sum() > 0 for k, v in tensors.items())
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["stylelora.quantize_base"] == "fp8"
+
+
+def test_resume_equals_uninterrupted_on_fp8_base(style_dir, tmp_path):
+    def config(name):
+        cfg = quick_config(style_dir, tmp_path / name / "x.safetensors", steps=4, quantize_base="fp8").replace(lr=1e-3)
+        cfg.data.cache_dir = str(tmp_path / "cache")
+        return cfg
+
+    straight, resumed = straight_and_resumed(config)
+    ta, tb = load_file(str(straight)), load_file(str(resumed))
+    assert ta.keys() == tb.keys() and len(ta) > 0
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def test_fp8_adapter_loads_on_full_base_and_in_diffusers_with_a_warning(style_dir, tmp_path, caplog):
+    cfg = quick_config(style_dir, tmp_path / "q.safetensors", steps=3, quantize_base="fp8").replace(lr=1e-2)
+    out = train(cfg)
+    base = load_base("tiny-random")
+    with caplog.at_level(logging.WARNING, logger="stylelora.quantize"):
+        ours, theirs = ours_and_diffusers(out, base)
+    assert any("fp8-quantized base" in r.getMessage() and "full-precision" in r.getMessage() for r in caplog.records)
+    assert np.abs(theirs - ours).max() <= 2.5 / 255
+    assert np.abs(ours - render(base.pipe)).max() > 1 / 255  # it really applied
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stylelora.quantize"):
+        Blender(load_base("tiny-random", quantize="fp8")).load(out)  # same precision: no warning
+    assert not caplog.records
+
+
+def test_blend_on_fp8_base_adds_the_lora_delta_exactly_and_restores_w0(full_and_fp8):
+    _, fp8 = full_and_fp8
+    unet = fp8.pipe.unet
+    paths = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.1.resnets.0.conv1"]
+    g = torch.Generator().manual_seed(0)
+    mods = {}
+    for p in paths:
+        w = unet.get_submodule(p).weight
+        down = torch.randn(4, *w.shape[1:], generator=g) * 0.1
+        mods[p] = LoraModule(down=down, up=torch.randn(w.shape[0], 4, *([1] * (w.dim() - 2)), generator=g) * 0.1,
+                             alpha=2.0)
+    adapter = Adapter(name="a", modules={"unet": mods}, family=fp8.family.key)
+    state0 = {k: v.clone() for k, v in unet.state_dict().items()}
+    x, t, c = unet_inputs(unet, n=2)
+    with torch.no_grad():
+        out0 = unet(x, t, c).sample
+    blender = Blender(fp8)
+    blender.load(adapter, weight=0.7)
+    for p, m in mods.items():
+        layer = unet.get_submodule(p)
+        expected = layer.base_weight + 0.7 * (2.0 / 4) * (m.up.flatten(1) @ m.down.flatten(1)).view(layer.weight.shape)
+        torch.testing.assert_close(layer.weight, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(blender.delta("unet", p), expected - layer.base_weight, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert rel(unet(x, t, c).sample, out0) > 1e-3
+    blender.reset()
+    after = unet.state_dict()
+    assert all(torch.equal(after[k].float(), v.float()) for k, v in state0.items())
+    assert all(unet.get_submodule(p).delta is None for p in paths)
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, c).sample, out0)
+
+
+# ------------------------------------------------------------------------------------------------ wrong combinations
+def test_unknown_quantize_mode_is_a_config_error():
+    with pytest.raises(ConfigError, match="quantize_base must be fp8, int8 or nf4"):
+        quick_config(".", "/tmp/x.safetensors", quantize_base="int4")
+    with pytest.raises(quantize.QuantizationError, match="expected one of fp8, int8, nf4"):
+        load_base("tiny-random", quantize="fp4")
+
+
+def test_given_base_stored_otherwise_is_refused_and_a_quantized_one_is_recorded(style_dir, tmp_path):
+    cfg = quick_config(style_dir, tmp_path / "a.safetensors", quantize_base="fp8")
+    with pytest.raises(ConfigError, match="given base is stored in full precision"):
+        train(cfg, base=load_base("tiny-random"))
+    out = train(quick_config(style_dir, tmp_path / "b.safetensors", steps=1),
+                base=load_base("tiny-random", quantize="fp8"))  # the web UI's case: the lent base decides
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["stylelora.quantize_base"] == "fp8"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_bitsandbytes_modes_without_cuda_name_what_is_missing(style_dir, tmp_path, mode):
+    with pytest.raises(quantize.QuantizationError, match=r"needs a CUDA GPU.*--quantize-base fp8"):
+        load_base("tiny-random", quantize=mode)
+    with pytest.raises(quantize.QuantizationError, match="needs a CUDA GPU"):
+        train(quick_config(style_dir, tmp_path / "a.safetensors", quantize_base=mode))
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ bitsandbytes (GPU)
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_bitsandbytes_base_trains_and_its_adapter_loads_on_a_full_base(style_dir, tmp_path, mode):
+    pytest.importorskip("bitsandbytes")
+    cfg = quick_config(style_dir, tmp_path / "q.safetensors", steps=3, quantize_base=mode,
+                       mixed_precision="bf16").replace(lr=1e-2)
+    out = train(cfg)
+    tensors = load_file(str(out))
+    assert tensors and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in tensors.values())
+    assert any("lora_up" in k and v.abs().sum() > 0 for k, v in tensors.items())
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["stylelora.quantize_base"] == mode
+    base = load_base("tiny-random")
+    Blender(base).load(out, weight=1.0)  # a normal file on a full base
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_bitsandbytes_base_blends_through_the_forward_hook_and_restores(mode):
+    pytest.importorskip("bitsandbytes")
+    base = load_base("tiny-random", quantize=mode, dtype=torch.float16)
+    unet = base.pipe.unet
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    layer = unet.get_submodule(path)
+    assert quantize.is_bnb_layer(layer)
+    x = torch.randn(2, 5, layer.in_features, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        out0 = layer(x)
+    g = torch.Generator().manual_seed(0)
+    m = LoraModule(down=torch.randn(4, layer.in_features, generator=g), up=torch.randn(layer.out_features, 4,
+                                                                                        generator=g), alpha=4.0)
+    blender = Blender(base)
+    blender.load(Adapter(name="a", modules={"unet": {path: m}}, family=base.family.key), weight=0.5)
+    with torch.no_grad():
+        out1 = layer(x)
+    expected = out0.float() + 0.5 * (x.float() @ m.down.T.cuda() @ m.up.T.cuda())
+    torch.testing.assert_close(out1.float(), expected, rtol=2e-2, atol=2e-2)
+    blender.reset()
+    with torch.no_grad():
+        assert torch.equal(layer(x), out0)
