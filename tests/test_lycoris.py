@@ -259,3 +259,75 @@ def test_malformed_files_name_the_key(base, tmp_path, tensors, named):
     with pytest.raises(AdapterError) as e:
         load_adapter(f, pipe=base.pipe)
     assert str(f) in str(e.value) and named in str(e.value), str(e.value)
+
+
+# ------------------------------------------------------------------------------------------- family from tensors
+def diffusers_kohya_file(spec: str, path):
+    """A LoRA on ``spec``'s UNet and text encoder(s), written the way diffusers' training scripts write their kohya
+    output: PEFT state dicts with component prefixes through ``convert_state_dict_to_kohya`` (lora_te1_/lora_te2_
+    for the text encoders whatever the family, diffusers UNet names)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from stylelora.models import load_base
+
+    pipe = load_base(spec).pipe
+    torch.manual_seed(0)
+    state = {}
+    te = ["q_proj", "k_proj", "v_proj", "out_proj"]  # diffusers' reader recognises these files by out_proj keys
+    for comp, targets in (("unet", ["to_q", "to_k", "to_v", "to_out.0"]), ("text_encoder", te),
+                          ("text_encoder_2", te)):
+        model = getattr(pipe, comp, None)
+        if model is None:
+            continue
+        model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights="gaussian"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # gaussian init leaves B at zero: give it values so ΔW is not 0
+                p.data = torch.randn_like(p) * 0.05
+        # text-encoder paths as transformers < 5 spells them (text_model.encoder...), which released files carry
+        # and diffusers' kohya reader expects; the installed transformers may drop the text_model level
+        state.update({f"{comp}.{k if comp == 'unet' or k.startswith('text_model.') else 'text_model.' + k}": v
+                      for k, v in get_peft_model_state_dict(model).items()})
+    save_file({k: v.contiguous() for k, v in convert_state_dict_to_kohya(state).items()}, path)
+    return path
+
+
+def test_sd1_file_with_lora_te1_keys_loads_on_sd1_like_diffusers(base, tmp_path):
+    import numpy as np
+    from conftest import ours_and_diffusers, render
+
+    f = diffusers_kohya_file("tiny-random", tmp_path / "sd1.safetensors")
+    assert sorted(load_adapter(f, pipe=base.pipe).modules) == ["text_encoder", "unet"]
+    assert describe(f, hashes=False)["family"] is None  # tiny widths: nothing says SDXL, nothing says SD1
+    ours, theirs = ours_and_diffusers(f, base)
+    assert np.abs(ours - theirs).max() <= 2.5 / 255
+    assert np.abs(ours - render(base.pipe)).max() > 10 / 255  # the adapter does change the picture
+
+
+@pytest.mark.parametrize("spec, family", [("tiny-sd2-v", None), ("tiny-sdxl", "sdxl")])
+def test_diffusers_kohya_files_of_other_families(tmp_path, spec, family):
+    from stylelora.models import load_base
+
+    f = diffusers_kohya_file(spec, tmp_path / f"{spec}.safetensors")
+    assert describe(f, hashes=False)["family"] == family
+    a = load_adapter(f, pipe=load_base(spec).pipe)
+    assert a.modules["text_encoder"] and a.modules["unet"]
+    if family == "sdxl":
+        assert a.modules["text_encoder_2"]
+
+
+def test_sdxl_file_refused_on_sd1_by_its_second_text_encoder(base, tmp_path):
+    f = diffusers_kohya_file("tiny-sdxl", tmp_path / "xl.safetensors")
+    with pytest.raises(AdapterError, match="lora_te2_"):
+        load_adapter(f, pipe=base.pipe)
+
+
+@pytest.mark.parametrize("width, family", [(768, "sd1"), (1024, "sd2"), (2048, "sdxl")])
+def test_family_from_cross_attention_width_with_lora_te1_keys(tmp_path, width, family):
+    """Released-size shapes, no metadata, lora_te1_ text-encoder keys: the UNet's attn2.to_k width decides."""
+    k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    te = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    f = write(tmp_path, {f"{k}.lora_down.weight": rand(2, width), f"{k}.lora_up.weight": rand(640, 2),
+                         f"{te}.lora_down.weight": rand(2, 768), f"{te}.lora_up.weight": rand(768, 2)})
+    assert describe(f, hashes=False)["family"] == family

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError
-from ..tensorfile import read_safetensors, read_safetensors_metadata
+from ..tensorfile import read_safetensors_metadata
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DIFFUSERS_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
@@ -35,7 +35,29 @@ def read_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return _read_pickle(path), {}
-    return read_safetensors(path)
+    from ..tensorfile import open_safetensors
+
+    with open_safetensors(path, floats_only=False) as f:
+        check_dtypes(path, {k: f.entry(k)[1] for k in f.keys()})
+        tensors, metadata = f.tensors(), f.metadata
+    # an integer alpha (diffusers' convert_state_dict_to_kohya writes torch.tensor(rank), an I64 scalar) as float
+    return {k: (v if v.is_floating_point() else v.to(torch.float32)) for k, v in tensors.items()}, metadata
+
+
+_INTEGER_DTYPES = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
+
+
+def check_dtypes(path, dtypes: dict[str, str]) -> None:
+    """Every tensor floating point (``tensorfile``'s rule), except a one-number integer ``.alpha``: diffusers'
+    ``convert_state_dict_to_kohya`` writes each alpha as ``torch.tensor(rank)``, an I64 scalar."""
+    from ..tensorfile import _FLOAT_DTYPES
+
+    for key, dtype in dtypes.items():
+        if dtype in _FLOAT_DTYPES or (key.endswith(".alpha") and dtype in _INTEGER_DTYPES):
+            continue
+        raise AdapterError(f"{path}: tensor {key!r} has dtype {dtype}; only floating-point tensors (F16, BF16, F32, "
+                           "F64, F8; an integer alpha) are accepted here. The file was not written for this use or "
+                           "is damaged; re-export it with floating-point weights.")
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import AdapterError
 from ..tensorfile import open_safetensors
 from . import embeddings, peft
-from .io import PICKLE_SUFFIXES, model_hashes, read_tensors, weights_file
+from .io import PICKLE_SUFFIXES, check_dtypes, model_hashes, read_tensors, weights_file
 from .keys import family_from_keys, family_from_metadata, parse_keys
 
 SCHEMA_VERSION = 1
@@ -74,8 +74,9 @@ def _read(file: Path):
         entries = {k: (list(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in tensors.items()}
         alphas = {k: float(t.float().reshape(-1)[0]) for k, t in tensors.items() if k.endswith(".alpha") and t.numel()}
         return entries, alphas, embeddings.split(tensors)[0], md
-    with open_safetensors(file) as f:
+    with open_safetensors(file, floats_only=False) as f:
         entries = {k: f.entry(k) for k in f.keys()}
+        check_dtypes(file, {k: e[1] for k, e in entries.items()})  # floats, and integer alphas (diffusers)
         alphas = {k: float(f.tensor(k).float().reshape(-1)[0]) for k in entries
                   if k.endswith(".alpha") and math.prod(entries[k][0])}
         emb = {k: f.tensor(k) for k in entries if embeddings.is_embedding_key(k)}  # small: a few vectors
