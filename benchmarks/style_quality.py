@@ -153,6 +153,9 @@ def main(argv=None) -> dict:
                    help="score the trained adapters after `stylelora resize` by this rule instead (energy=0.9, "
                         "budget=200K, rank=4, ratio=4, cumulative=0.9, max_rank=8; repeatable, combined like the CLI's "
                         "options; max_error=EPS measures on the tiny base)")
+    p.add_argument("--quantize-base", choices=["fp8", "int8", "nf4"],
+                   help="train and score on the tiny base quantized this way (QLoRA); the same adapters are also "
+                        "scored on the full base, and the quantized UNet's output error on fixed inputs is reported")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "out" / "style-quality"))
     args = p.parse_args(argv)
@@ -170,10 +173,12 @@ def main(argv=None) -> dict:
     overrides = dict(_parse_set(kv) for kv in args.set)
     if args.train_steps:
         overrides["steps"] = args.train_steps
+    if args.quantize_base:
+        overrides["quantize_base"] = args.quantize_base
     adapters = train_adapters(styles, out, no_reg=args.no_reg, recipe=args.recipe, **overrides)
     t_train = time.time() - t0
 
-    base = load_base("tiny")
+    base = load_base("tiny", quantize=args.quantize_base)
     trained_sizes = {style: path.stat().st_size for style, path in adapters.items()}
     if args.resize:
         adapters = resize_adapters(adapters, dict(_parse_set(kv) for kv in args.resize), base)
@@ -223,10 +228,44 @@ def main(argv=None) -> dict:
                                          "content": rates(labs, scenes)["content"]}
         image_grid([imgs[:8]], row_labels=[f"{a}+{b}"]).save(out / f"blend-{a}+{b}.png")
     blender.reset()
+    if args.quantize_base:
+        results["quantized"] = quantized_drift(args, adapters, styles, scenes, clf, base)
     results["seconds"] = {"training": round(t_train), "total": round(time.time() - t0)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     return results
+
+
+def quantized_drift(args, adapters: dict[str, Path], styles, scenes, clf, qbase) -> dict:
+    """With --quantize-base: the quantized tiny UNet's output error against the full one on fixed inputs, and each
+    adapter (trained on the quantized base) scored again on the full base: what moving it there changes."""
+    from stylelora.blend import Blender
+    from stylelora.models import load_base
+
+    full = load_base("tiny")
+    full.pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    unet = full.pipe.unet
+    x = torch.randn(8, unet.config.in_channels, 16, 16, generator=g)
+    t = torch.linspace(0, 999, 8).long()
+    c = torch.randn(8, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        ref, out = unet(x, t, c).sample, qbase.pipe.unet.to(x.device)(x, t, c).sample.float()
+    drift = {"unet_rel_error": float((out - ref).norm() / ref.norm()), "unet_max_abs_error": float((out - ref).abs().max()),
+             "full_base": {}}
+    blender = Blender(full)
+    prompts = [s.caption for s in scenes]
+    for style in styles:
+        blender.load(adapters[style], name=style)
+        blender.set({style: 1.0})
+        on = draw(full.pipe, [toyworld.captioned(s, toyworld.TRIGGERS[style]) for s in scenes], args.seed, args.steps,
+                  args.cfg)
+        off = draw(full.pipe, prompts, args.seed, args.steps, args.cfg)
+        on_r = rates(classifiers.classify(clf, on), scenes, style)
+        drift["full_base"][style] = {"fidelity": on_r["style"], "content": on_r["content"],
+                                     "leakage": rates(classifiers.classify(clf, off), scenes, style)["style"]}
+    blender.reset()
+    return drift
 
 
 def resize_adapters(adapters: dict[str, Path], rule: dict, base) -> dict[str, Path]:
@@ -297,6 +336,15 @@ def print_table(r: dict) -> None:
               "leakage <= 10 %": all(m["leakage"] <= GOALS["leakage"] for m in s),
               "both styles in >= 70 % of blends": all(m["both"] >= GOALS["blend_both"] for m in r["blends"].values())}
         print("\ngoals: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in ok.items()))
+    if "quantized" in r:
+        q = r["quantized"]
+        print(f"\n{r['args']['quantize_base']} base: UNet output {100 * q['unet_rel_error']:.2f} % off the full base "
+              f"(relative L2, fixed inputs; max abs {q['unet_max_abs_error']:.3f}). Same adapters on the full base:")
+        print(f"{'style':<10} {'fidelity':>9} {'content':>9} {'leakage':>9}   (on the {r['args']['quantize_base']} base)")
+        for style, m in q["full_base"].items():
+            mq = r["styles"][style]
+            print(f"{style:<10} {pct(m['fidelity']):>9} {pct(m['content']):>9} {pct(m['leakage']):>9}   "
+                  f"({pct(mq['fidelity']).strip()}, {pct(mq['content']).strip()}, {pct(mq['leakage']).strip()})")
     print(f"time: {r['seconds']['total']} s (adapter training {r['seconds']['training']} s)")
 
 

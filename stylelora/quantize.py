@@ -329,7 +329,7 @@ def check_adapter(adapter, pipe, path=None) -> str | None:
     if not trained or trained == here:
         return None
     where = f"adapter {adapter.name!r}" + (f" ({path})" if path else "")
-    msg = (f"{where} was trained on a {trained}-quantized base and is used on a "
+    msg = (f"{where} was trained on an {trained}-quantized base and is used on a "
            f"{here + '-quantized' if here else 'full-precision'} base: its style may come out slightly different "
            f"(load the base with --quantize-base {trained} to match the training)")
     log.warning(msg)
