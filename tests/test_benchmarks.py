@@ -35,6 +35,25 @@ def test_style_quality_runs_and_writes_its_table(tmp_path, capsys):
     assert "fidelity" in table and "ceiling" in table and "goals:" in table
 
 
+def test_style_quality_scores_a_user_recipe_and_resized_adapters(tmp_path, monkeypatch):
+    import stylelora
+
+    sq = _script("style_quality")
+    real_train, trained = stylelora.train, []
+    monkeypatch.setattr(stylelora, "train", lambda cfg: trained.append(cfg) or real_train(cfg))
+    results = sq.main(["--styles", "stripes", "--n", "2", "--train-steps", "2", "--steps", "2", "--recipe", "quick",
+                       "--resize", "rank=2", "--out", str(tmp_path), "--threads", "1"])
+    cfg = trained[0]  # the web UI's quick preset as scaled for tiny: style folder alone, no token_init
+    assert (cfg.network.rank, cfg.data.reg_folder, cfg.network.token_init, cfg.run.base) == (4, None, None, "tiny")
+    m = results["styles"]["stripes"]
+    name = results["adapters"]["stripes"]
+    assert name.endswith("-resize-rank2.safetensors") and (tmp_path / name).exists()
+    assert m["size"] == (tmp_path / name).stat().st_size < m["trained_size"]
+    from stylelora.formats import load_adapter
+
+    assert load_adapter(tmp_path / name).ranks() == {c: {2} for c in ("unet", "text_encoder")}
+
+
 def test_style_quality_reuses_an_adapter_only_for_the_same_recipe_and_base(tmp_path, monkeypatch):
     import stylelora
 
