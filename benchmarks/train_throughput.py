@@ -5,18 +5,24 @@
     python benchmarks/train_throughput.py --arch sdxl --device cuda --resolution 1024 --batch-sizes 1,4 \
         --gradient-checkpointing --optimizer adamw8bit
     python benchmarks/train_throughput.py ... --json
+    python benchmarks/train_throughput.py --arch sd15 --device cuda --mixed-precision bf16 --quantize-base nf4
 
 The step timed is the trainer's own (``training.compute_loss`` + backward + optimizer step) on PEFT LoRA layers.
 Mode ``cached`` feeds pre-computed latents and text embeddings (what ``stylelora train`` does); mode ``reencode``
 runs the VAE and text encoder on every step, as the diffusers example scripts do, so the gain of caching is
 measured in the same run. ``--arch`` builds a real architecture with random weights (times like trained ones).
+``--quantize-base fp8|int8|nf4`` trains on a quantized frozen base (stylelora/quantize.py) and reports the bytes
+of the base as stored (exact, per component) and the process's peak RSS; on CUDA each row's peak allocated memory
+counts the base too. Peak RSS is the whole process's, so compare modes with one run per mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stylelora import lora  # noqa: E402
+from stylelora import lora, quantize  # noqa: E402
 from stylelora.cli import quiet_libraries  # noqa: E402
 from stylelora.conditioning import TextConditioning  # noqa: E402
 from stylelora.config import DataConfig, NetworkConfig, OptimConfig, RunConfig, TrainConfig  # noqa: E402
@@ -79,12 +85,29 @@ class SyntheticSet:
 
 
 def build(args, dtype):
+    q = args.quantize_base
     if args.arch == "base":
-        base = load_base(args.base)
+        # bitsandbytes quantizes while loading, in the compute dtype (as training.train loads it)
+        base = load_base(args.base, quantize=q, **({"dtype": dtype} if q in ("nf4", "int8") else {}))
         return base.pipe, f"{args.base} (loaded)"
     from stylelora.toy.reference import reference_pipeline
 
-    return reference_pipeline(args.arch, dtype=dtype, device=args.device), f"{args.arch} architecture, random weights"
+    model = f"{args.arch} architecture, random weights"
+    if q in ("nf4", "int8"):  # bitsandbytes quantizes in from_pretrained: through a saved copy of the pipeline
+        quantize.check_available(q)
+        with tempfile.TemporaryDirectory(prefix="stylelora-bench-") as tmp:
+            reference_pipeline(args.arch, dtype=dtype, device="cpu").save_pretrained(tmp, safe_serialization=True)
+            return load_base(tmp, dtype=dtype, quantize=q).pipe, model
+    pipe = reference_pipeline(args.arch, dtype=dtype, device=args.device)
+    if q == "fp8":
+        quantize.quantize_pipe_fp8(pipe)
+    return pipe, model
+
+
+def base_bytes(pipe) -> dict[str, int]:
+    """Bytes of each model component's parameters and buffers as stored (fp8 values and scales, packed 4/8-bit)."""
+    return {n: quantize.parameter_bytes(getattr(pipe, n)) for n in ("unet", "text_encoder", "text_encoder_2", "vae")
+            if getattr(pipe, n, None) is not None}
 
 
 def sync(device: str) -> None:
@@ -100,7 +123,7 @@ def measure(args, pipe, batch: int, mode: str) -> dict:
         m = getattr(pipe, n, None)
         if m is not None:
             m.requires_grad_(False)
-            m.to(device, torch.float32 if n == "vae" and args.vae_fp32 else weight_dtype)
+            quantize.place(m, device, torch.float32 if n == "vae" and args.vae_fp32 else weight_dtype)
     cfg = TrainConfig(data=DataConfig(resolution=args.resolution),
                       network=NetworkConfig(rank=args.rank, train_text_encoder=args.train_text_encoder),
                       optim=OptimConfig(lr=1e-4, optimizer=args.optimizer),
@@ -178,6 +201,9 @@ def table(result: dict) -> str:
 
     lines = [f"# {result['model']} | {result['device']} | {result['resolution']}px | rank {result['rank']} | "
              f"{result['mixed_precision']} | options: {result['options'] or 'none'}",
+             f"base stored {result['quantize_base'] or 'unquantized'}: "
+             + ", ".join(f"{n} {b / 2**20:.2f} MiB ({b} B)" for n, b in result["base_bytes"].items())
+             + f"; peak RSS {result['peak_rss_gib']:.2f} GiB",
              "| mode | batch | images/s | step ms | peak mem GiB | TFLOP/step | MFU |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -212,6 +238,8 @@ def main(argv=None) -> int:
                    help="torch.compile backend; 'eager' traces with dynamo only (a quick CPU check of the path)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--vae-fp32", action="store_true", help="keep the VAE in fp32 in reencode mode")
+    p.add_argument("--quantize-base", choices=["fp8", "int8", "nf4"], default=None,
+                   help="train on a quantized frozen base: fp8 (CPU and GPU) | int8 | nf4 (bitsandbytes, CUDA)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -221,13 +249,18 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     pipe, model = build(args, DTYPES[args.mixed_precision])
+    stored = base_bytes(pipe)
     rows = [measure(args, pipe, int(b), mode) for b in args.batch_sizes.split(",") for mode in args.modes.split(",")]
     opts = [o for o in ("train_text_encoder", "gradient_checkpointing", "channels_last", "compile") if getattr(args, o)]
     if args.optimizer != "adamw":
         opts.append(args.optimizer)
+    if args.quantize_base:
+        opts.append(f"{args.quantize_base} base")
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
     result = {"model": model, "device": device, "resolution": args.resolution, "rank": args.rank,
-              "mixed_precision": args.mixed_precision, "options": ", ".join(opts), "rows": rows}
+              "mixed_precision": args.mixed_precision, "options": ", ".join(opts), "rows": rows,
+              "quantize_base": args.quantize_base, "base_bytes": stored,
+              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
     print(json.dumps(result, indent=1) if args.json else table(result))
     return 0
 

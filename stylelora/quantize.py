@@ -310,12 +310,18 @@ def place(module: nn.Module, device, dtype) -> None:
 
 
 def parameter_bytes(module: nn.Module) -> int:
-    """Bytes of the module's parameters and buffers as stored (fp8 values, scales, fp32/fp16 rest)."""
+    """Bytes of the module's parameters and buffers as stored (fp8 values, scales, fp32/fp16 rest), with the
+    quantization constants bitsandbytes keeps beside a packed weight (``quant_state`` block maxima, ``SCB``)."""
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)
+        extras = [getattr(t, "SCB", None), getattr(state, "absmax", None), getattr(state, "offset", None),
+                  getattr(getattr(state, "state2", None), "absmax", None)]
+        total += sum(e.numel() * e.element_size() for e in extras if isinstance(e, torch.Tensor))
     return total
 
 
