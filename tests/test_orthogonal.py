@@ -77,6 +77,16 @@ def test_slot_adapters_do_not_overlap(slotted, tiny_base):
     torch.testing.assert_close(b.modules["unet"][path].down.double().flatten(1), expected, rtol=0, atol=1e-6)
 
 
+def test_blend_report_sees_no_overlap_between_slots(slotted, tiny_base):
+    from stylelora.interference import compare
+
+    a, b = (load_adapter(slotted[k], pipe=tiny_base.pipe) for k in ("a", "b"))
+    between, itself = compare(a, b), compare(a, a)
+    for name, f in [*between["blocks"].items(), ("total", between["total"])]:
+        assert abs(f["cosine"]) < 1e-5 and f["input"] < 1e-5, name
+    assert itself["total"]["input"] == pytest.approx(1.0) and itself["total"]["cosine"] == pytest.approx(1.0)
+
+
 def test_slot_file_loads_in_diffusers(slotted):
     base = load_base("tiny-random")
     plain = render(base.pipe)

@@ -13,7 +13,7 @@ from ..errors import StyleloraError
 
 # Command modules, in the order `stylelora --help` lists them. Each defines `register(subparsers)` and the
 # parser it registers sets `func` to a function taking the parsed args and returning an exit code.
-COMMANDS = ["train", "generate", "inspect", "convert", "merge", "resize", "bake", "webui"]
+COMMANDS = ["train", "generate", "inspect", "convert", "merge", "blend_report", "resize", "bake", "webui"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,100 @@
+"""``stylelora blend-report A B [C…] [--base BASE [--classify]] [--json]``: how much adapters' updates overlap."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("blend-report", help="measure how much adapters interfere when blended",
+                       description="Per module, how much two adapters' weight updates overlap (cosine of the "
+                                   "updates; input/output overlap of the spaces they read and write, 0..1), "
+                                   "summarised by UNet block and text encoder, for every pair. With --base, a grid "
+                                   "of pictures of the first two adapters at every pair of --weights (rows: the "
+                                   "first, columns: the second); with --classify on the tiny base, the toy "
+                                   "classifier's detection rates in every cell.")
+    p.add_argument("adapters", nargs="+", metavar="FILE", help="two or more adapter files")
+    p.add_argument("--base", help="render the weight-sweep grid on this base (two adapters); also resolves module "
+                                  "names for files that do not say their model family")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables (the "
+                                                       "per-module figures included)")
+    p.add_argument("--grid", default="blend-report.png", metavar="PNG", help="where --base writes the sweep grid")
+    p.add_argument("--weights", default="0,0.5,1", help="comma-separated weights of the sweep, for both adapters")
+    p.add_argument("--prompt", help="the sweep's prompt after both trigger words (default: a house by a lake)")
+    p.add_argument("--classify", action="store_true",
+                   help="tiny base, toy-style adapters: score N held-out scenes per cell with the toy classifier")
+    p.add_argument("--n", type=int, default=8, help="pictures per cell with --classify")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps of the sweep")
+    p.add_argument("--cfg", type=float, default=5.0, help="guidance scale of the sweep")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the --grid file if it exists")
+    p.set_defaults(func=run, precheck=precheck)
+
+
+def _weights(text: str) -> list[float]:
+    from ..errors import ConfigError
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--weights {text!r}: expected comma-separated numbers, e.g. --weights 0,0.5,1") from None
+    if not values:
+        raise ConfigError("--weights is empty: give at least one weight, e.g. --weights 0,0.5,1")
+    return values
+
+
+def precheck(args) -> None:
+    """Argument mistakes answered before torch is imported."""
+    from pathlib import Path
+
+    from ..errors import ConfigError
+
+    if len(args.adapters) < 2:
+        raise ConfigError("blend-report needs at least two adapter files")
+    for f in args.adapters:
+        if not Path(f).is_file():
+            raise ConfigError(f"adapter file {f} does not exist")
+    _weights(args.weights)
+    if args.classify and not args.base:
+        raise ConfigError("--classify scores the weight sweep's pictures: it needs --base tiny")
+    if args.base and len(args.adapters) != 2:
+        raise ConfigError(f"the weight sweep (--base) takes two adapters, got {len(args.adapters)}: leave out "
+                          "--base for the overlap report of more")
+    if args.n < 1 or args.steps < 1:
+        raise ConfigError("--n and --steps must be 1 or more")
+    if args.base and not args.grid.lower().endswith(".png"):
+        raise ConfigError(f"--grid must name a .png file, got {args.grid}")
+
+
+def run(args) -> int:
+    from ..blend import read_adapter
+    from ..interference import format_cells, format_table, report, sweep
+
+    base = None
+    if args.base:
+        from ..atomic import check_output
+        from ..models import load_base
+
+        check_output(args.grid, args.adapters, overwrite=args.overwrite)
+        base = load_base(args.base)
+    adapters = [(f, read_adapter(f, pipe=base.pipe if base else None)) for f in args.adapters]
+    result = report(adapters)
+    if base is not None:
+        grid, cells = sweep(base, adapters, weights=_weights(args.weights), prompt=args.prompt,
+                            classify=args.classify, n=args.n, steps=args.steps, cfg=args.cfg, seed=args.seed)
+        from ..atomic import atomic_path
+
+        with atomic_path(args.grid, suffix=".png") as tmp:
+            grid.save(tmp)
+        result["sweep"] = {"grid": str(args.grid), "rows": args.adapters[0], "columns": args.adapters[1],
+                           "cells": cells}
+    if args.json:
+        print(json.dumps(result, indent=1, sort_keys=True))
+        return 0
+    print(format_table(result))
+    if base is not None:
+        table = format_cells(result["sweep"]["cells"], args.adapters)
+        if table:
+            print("\n" + table)
+        print(f"\nwrote {args.grid} (rows: {args.adapters[0]} weight, columns: {args.adapters[1]} weight)")
+    return 0
