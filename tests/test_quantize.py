@@ -164,6 +164,18 @@ def test_resume_equals_uninterrupted_on_fp8_base(style_dir, tmp_path):
         assert torch.equal(ta[k], tb[k]), k
 
 
+def test_gradient_checkpointing_on_fp8_base_gives_the_same_adapter(style_dir, tmp_path):
+    """Checkpointing runs each fp8 layer's forward again in the backward: the same adapter, bit for bit."""
+    outs = []
+    for gc in (False, True):
+        cfg = quick_config(style_dir, tmp_path / f"gc{gc}" / "a.safetensors", quantize_base="fp8",
+                           gradient_checkpointing=gc)
+        cfg.network.train_text_encoder = True
+        outs.append(load_file(str(train(cfg))))
+    assert outs[0].keys() == outs[1].keys() and outs[0]
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
 def test_fp8_adapter_loads_on_full_base_and_in_diffusers_with_a_warning(style_dir, tmp_path, caplog):
     cfg = quick_config(style_dir, tmp_path / "q.safetensors", steps=3, quantize_base="fp8").replace(lr=1e-2)
     out = train(cfg)
@@ -238,6 +250,38 @@ def test_bitsandbytes_modes_without_cuda_name_what_is_missing(style_dir, tmp_pat
     with pytest.raises(quantize.QuantizationError, match="needs a CUDA GPU"):
         train(quick_config(style_dir, tmp_path / "a.safetensors", quantize_base=mode))
     assert not (tmp_path / "a.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+@pytest.mark.gpu
+def test_fp8_base_trains_in_bf16_on_cuda_with_fp32_lora(style_dir, tmp_path):
+    cfg = quick_config(style_dir, tmp_path / "g.safetensors", steps=3, quantize_base="fp8", mixed_precision="bf16",
+                       log_every=1).replace(lr=1e-2)
+    seen = {"lora": set(), "fp8": set(), "loss": []}
+
+    def on_step(info):
+        for m in info.models.values():
+            seen["lora"].update((p.dtype, p.device.type) for p in m.parameters() if p.requires_grad)
+            seen["fp8"].update((layer.weight_fp8.dtype, layer.compute_dtype, layer.weight_fp8.device.type)
+                               for layer in m.modules() if quantize.is_fp8(layer))
+        seen["loss"].append(float(info.loss))
+
+    out = train(cfg, on_step=on_step)
+    assert seen["lora"] == {(torch.float32, "cuda")}
+    assert seen["fp8"] == {(torch.float8_e4m3fn, torch.bfloat16, "cuda")}
+    assert all(np.isfinite(seen["loss"]))
+    assert any("lora_up" in k and v.abs().sum() > 0 for k, v in load_file(str(out)).items())
+
+
+@pytest.mark.gpu
+def test_fp8_unet_on_cuda_matches_cpu():
+    cpu = load_base("tiny", quantize="fp8")
+    x, t, c = unet_inputs(cpu.pipe.unet)
+    with torch.no_grad():
+        ref = cpu.pipe.unet(x, t, c).sample
+        cpu.pipe.unet.to("cuda")
+        out = cpu.pipe.unet(x.cuda(), t.cuda(), c.cuda()).sample.cpu()
+    assert rel(out, ref) < 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ bitsandbytes (GPU)
