@@ -153,10 +153,22 @@ def merge_embeddings(sources: list[Source], rename=()) -> dict[str, TokenEmbeddi
     return out
 
 
-def merge(items, *, rank: int | None = None, name: str = "merged", rename=()) -> MergeResult:
+def _plain(sources: list[Source], pipe) -> list[Source]:
+    """Sources whose LyCORIS / full-diff / DoRA modules are made LoRA pairs of the same ΔW (``resize.as_lora``:
+    every nonzero singular value, so the merge stays exact). A DoRA module counts as its ΔW on the base weights
+    (needs ``pipe``): the merged file equals applying each source alone on W₀ and summing, which is A1111's and
+    ComfyUI's sequential result unless a DoRA source follows another source on the same layer."""
+    from .resize import as_lora
+
+    return [Source(as_lora(s.adapter, pipe), s.unet, s.te, s.model_hash, s.origin) if s.adapter.lyco() else s
+            for s in sources]
+
+
+def merge(items, *, rank: int | None = None, name: str = "merged", rename=(), pipe=None) -> MergeResult:
     """Merge weighted adapters: exact (rank = Σ ranks) or, with ``rank``, the best rank-``rank`` approximation.
-    Token embeddings are kept from every source (``rename``: ``[FILE:]OLD=NEW`` strings for clashing words)."""
-    sources = as_sources(items)
+    Token embeddings are kept from every source (``rename``: ``[FILE:]OLD=NEW`` strings for clashing words).
+    LyCORIS / DoRA sources are first made plain LoRA pairs (``_plain``; DoRA needs ``pipe``, the base)."""
+    sources = _plain(as_sources(items), pipe)
     family, dtype = _check(sources)
     if rank is not None and rank < 1:
         raise ConfigError(f"--rank must be >= 1, got {rank}")
@@ -279,7 +291,7 @@ def merge_files(refs: list[LoraRef], output: str | Path, *, rank: int | None = N
     output = Path(output)
     check_output(output, [resolve(ref, list(folders)) for ref in refs], overwrite=overwrite)
     sources = load_sources(refs, folders=folders, pipe=pipe)
-    result = merge(sources, rank=rank, name=output.stem, rename=rename)
+    result = merge(sources, rank=rank, name=output.stem, rename=rename, pipe=pipe)
     # the sidecar embedding files written beside the output must not replace a source either
     for extra in sidecar_paths(output, result.adapter.embeddings).values():
         check_output(extra, [s.origin for s in sources], overwrite=True)

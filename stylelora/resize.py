@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, LoraModule, TokenEmbedding, common_alpha
+from .adapter import Adapter, LoraModule, LycoModule, TokenEmbedding, common_alpha
 from .errors import ConfigError
 
 PARTS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder"}
@@ -77,6 +77,93 @@ def spectrum(m: LoraModule) -> Spectrum:
     u, s, vh = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
     dtype = m.down.dtype if m.down.dtype.is_floating_point else torch.float32
     return Spectrum(q_up @ u, s, vh @ q_down.T, tuple(m.down.shape[1:]), tuple(m.up.shape[2:]), dtype, m.rank)
+
+
+def module_spectrum(m: LoraModule | LycoModule, weight: torch.Tensor | None = None) -> Spectrum:
+    """The SVD of any module's ΔW: a LoRA pair through its factors (``spectrum``); a LyCORIS / full-diff / DoRA
+    module from its full ΔW (float64), DoRA's taken on ``weight`` (the base layer's W₀)."""
+    if isinstance(m, LoraModule):
+        return spectrum(m)
+    delta = m.delta(torch.float64, weight=weight)
+    u, s, vh = torch.linalg.svd(delta.flatten(1), full_matrices=False)
+    dtypes = {t.dtype for t in m.tensors.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    return Spectrum(u, s, vh, tuple(delta.shape[1:]), (1, 1) if delta.dim() == 4 else (), dtype,
+                    m.rank or int(s.numel()))
+
+
+def dora_bases(adapter: Adapter, pipe=None) -> dict[tuple[str, str], torch.Tensor]:
+    """W₀ (CPU float64) of every layer a DoRA module of ``adapter`` is on, from ``pipe`` (a pipeline or models.Base);
+    a ConfigError naming a module when there are DoRA modules and no base."""
+    need = [(c, p) for c, mods in adapter.modules.items() for p, m in mods.items()
+            if isinstance(m, LycoModule) and m.dora]
+    if not need:
+        return {}
+    if pipe is None:
+        c, p = need[0]
+        raise ConfigError(f"adapter {adapter.name!r} has {len(need)} DoRA module(s) (e.g. {c}.{p}): their weight "
+                          "update depends on the base model's weights; pass --base (pipe=...)")
+    from .lora import components
+
+    parts = components(getattr(pipe, "pipe", pipe))
+    out = {}
+    for c, p in need:
+        layer = parts[c].get_submodule(p)
+        out[(c, p)] = getattr(layer, "base_layer", layer).weight.detach().to("cpu", torch.float64)
+    return out
+
+
+def spectra_of(adapter: Adapter, pipe=None) -> dict:
+    """(component, path) -> Spectrum of every module (any type; DoRA needs ``pipe``)."""
+    bases = dora_bases(adapter, pipe)
+    return {(c, p): module_spectrum(m, bases.get((c, p))) for c in adapter.components()
+            for p, m in adapter.modules[c].items()}
+
+
+def numerical_rank(s: torch.Tensor) -> int:
+    """The count of singular values above σ_max·1e-12 (at least 1): every rank a lossless conversion needs."""
+    return max(1, int((s > s[0] * 1e-12).sum())) if s.numel() and float(s[0]) > 0 else 1
+
+
+def as_lora(adapter: Adapter, pipe=None) -> Adapter:
+    """The same adapter with every non-LoRA module (LoHa, LoKr, Tucker, full diff, DoRA) made a plain LoRA pair
+    of the same ΔW (all its nonzero singular values: exact up to rounding); LoRA modules are kept as they are.
+    A DoRA module's ΔW is taken on the base weight W₀ (``pipe``), what it adds when applied alone, at any weight
+    (A1111 and ComfyUI scale DoRA's whole W' − W₀ by the multiplier)."""
+    if not adapter.lyco():
+        return adapter
+    bases = dora_bases(adapter, pipe)
+    out = Adapter(family=adapter.family, name=adapter.name, metadata=dict(adapter.metadata),
+                  embeddings=dict(adapter.embeddings))
+    for comp in adapter.components():
+        for path, m in adapter.modules[comp].items():
+            if isinstance(m, LycoModule):
+                sp = module_spectrum(m, bases.get((comp, path)))
+                m = sp.module(numerical_rank(sp.s))
+            out.modules.setdefault(comp, {})[path] = m
+    return out
+
+
+def to_lora(adapter: Adapter, *, rank: int | None = None, energy: float | None = None, pipe=None) -> ResizeResult:
+    """Any adapter as a plain LoRA by the SVD of each module's ΔW: every nonzero singular value (exact), or at most
+    ``rank`` per module, or the fewest that keep ``energy`` of ‖ΔW‖ (``resize``'s --energy rule). The result's
+    ``energy`` per part gives the relative Frobenius error √(1 − energy)."""
+    if rank is not None or energy is not None:
+        check_rule(rank=rank, energy=energy)
+    spectra = spectra_of(adapter, pipe)
+    if not spectra:
+        raise ConfigError(f"adapter {adapter.name!r} has no modules to convert")
+    ranks = {}
+    for key, sp in spectra.items():
+        k = numerical_rank(sp.s)
+        if rank is not None or energy is not None:
+            k = min(k, module_rank(sp.s, rank=rank, energy=energy))
+        ranks[key] = k
+    method = {k: v for k, v in (("rank", rank), ("energy", energy)) if v is not None} or {"exact": True}
+    result = build(adapter, spectra, ranks, method)
+    for key in ("ss_network_module", "ss_network_args"):  # LyCORIS' "lycoris.kohya", {"algo": ...}: not any more
+        result.adapter.metadata.pop(key, None)
+    return result
 
 
 def parse_size(value) -> int:
@@ -194,7 +281,9 @@ class ResizeResult:
         return out
 
 
-def _bytes(m: LoraModule) -> int:
+def _bytes(m: LoraModule | LycoModule) -> int:
+    if isinstance(m, LycoModule):
+        return sum(t.numel() * t.element_size() for t in m.tensors.values())
     return m.down.numel() * m.down.element_size() + m.up.numel() * m.up.element_size()
 
 
@@ -231,7 +320,7 @@ def resize(adapter: Adapter, *, rank=None, energy=None, ratio=None, cumulative=N
     if max_error is not None and pipe is None:
         raise ConfigError("--max-error needs --base: the error is measured on the base model's UNet")
     budget_bytes = parse_size(budget) if budget is not None else None
-    spectra = {(c, p): spectrum(m) for c in adapter.components() for p, m in adapter.modules[c].items()}
+    spectra = spectra_of(adapter, pipe)  # LyCORIS modules from their full ΔW (DoRA on the base's weights)
     if not spectra:
         raise ConfigError(f"adapter {adapter.name!r} has no modules to resize")
     method = {k: v for k, v in (("rank", rank), ("energy", energy), ("ratio", ratio), ("cumulative", cumulative),

@@ -52,7 +52,7 @@ def test_inspect_json(trained, capsys):
     out = capsys.readouterr().out
     info = json.loads(out)
     assert out.strip() == json.dumps(info, sort_keys=True, indent=2)  # stable: sorted keys
-    assert info["schema_version"] == 1 and info["format"] == "kohya" and info["unet_naming"] == "diffusers"
+    assert info["schema_version"] == 2 and info["format"] == "kohya" and info["unet_naming"] == "diffusers"
     assert info["family"] == "sd1" and info["family_source"] == "metadata stylelora.family=sd1"
     assert info["num_modules"] == 64 and info["num_tensors"] == 192 and info["supported"] is True
     unet, te = info["components"]["unet"], info["components"]["text_encoder"]

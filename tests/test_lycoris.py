@@ -34,10 +34,17 @@ def rand(*shape, seed=0, std=0.3):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * std
 
 
-def write(tmp_path, tensors, name="lyco.safetensors"):
+def write(tmp_path, tensors, name="lyco.safetensors", metadata=None):
     f = tmp_path / name
-    save_file({k: v.contiguous() for k, v in tensors.items()}, f)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, f, metadata=metadata)
     return f
+
+
+def tiny_meta() -> dict:
+    """Metadata naming the tiny-random base (as a file trained on it has), so it resolves without a pipe."""
+    from stylelora.config import TrainConfig
+
+    return {"stylelora.config": TrainConfig().replace(base="tiny-random").to_json(), "stylelora.family": "sd1"}
 
 
 def fused(base, f, weight=1.0):
@@ -331,3 +338,98 @@ def test_family_from_cross_attention_width_with_lora_te1_keys(tmp_path, width, f
     f = write(tmp_path, {f"{k}.lora_down.weight": rand(2, width), f"{k}.lora_up.weight": rand(640, 2),
                          f"{te}.lora_down.weight": rand(2, 768), f"{te}.lora_up.weight": rand(768, 2)})
     assert describe(f, hashes=False)["family"] == family
+
+
+# ------------------------------------------------------------------------------------------- convert, merge, inspect, bake
+def mixed_file(tmp_path, base):
+    """UNet: a LoHa on to_q, a Tucker LoCon on conv1, a DoRA (input axis) LoRA on ff.net.2; text encoder: LoKr."""
+    r = 2
+    q, c, ff = kohya(Q), kohya(CONV), kohya(FF)
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    t = {f"{q}.hada_w1_a": rand(32, r, seed=1), f"{q}.hada_w1_b": rand(r, 32, seed=2),
+         f"{q}.hada_w2_a": rand(32, r, seed=3), f"{q}.hada_w2_b": rand(r, 32, seed=4), f"{q}.alpha": torch.tensor(1.0),
+         f"{c}.lora_down.weight": rand(r, 32, 1, 1, seed=5), f"{c}.lora_mid.weight": rand(r, r, 3, 3, seed=6),
+         f"{c}.lora_up.weight": rand(32, r, 1, 1, seed=7),
+         f"{ff}.lora_down.weight": rand(r, 128, seed=8), f"{ff}.lora_up.weight": rand(32, r, seed=9),
+         f"{ff}.dora_scale": layer(base, FF).weight.detach().norm(dim=0, keepdim=True) * 1.2,
+         f"{te}.lokr_w1": rand(4, 4, seed=10), f"{te}.lokr_w2_a": rand(8, r, seed=11),
+         f"{te}.lokr_w2_b": rand(r, 8, seed=12), f"{te}.alpha": torch.tensor(3.0)}
+    return write(tmp_path, t, "mixed.safetensors", metadata=tiny_meta())
+
+
+def test_convert_to_lora_is_exact_at_full_rank_and_reports_the_error(base, tmp_path, capsys):
+    from stylelora.cli import main
+
+    f = mixed_file(tmp_path, base)
+    want = fused(base, f)
+    assert main(["convert", str(f), "--to", "lora", "-o", str(tmp_path / "no-base.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "DoRA" in err and "--base" in err, err
+    out = tmp_path / "plain.safetensors"
+    assert main(["convert", str(f), "--to", "lora", "-o", str(out), "--base", "tiny-random"]) == 0
+    printed = capsys.readouterr().out
+    assert "unet" in printed and "text_encoder" in printed and "relative error" in printed
+    plain = load_adapter(out, pipe=base.pipe)
+    assert all(isinstance(m, LoraModule) for mods in plain.modules.values() for m in mods.values())
+    got = fused(base, out)
+    assert set(got) == set(want)
+    for key in want:
+        close(got[key], want[key])
+    # truncated: rank 1 per module; the printed error is the Frobenius share of ΔW it misses, per part
+    low = tmp_path / "low.safetensors"
+    assert main(["convert", str(f), "--to", "lora", "--rank", "1", "-o", str(low), "--base", "tiny-random"]) == 0
+    rows = {line.split()[0]: float(line.split()[-1]) for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("unet ", "text_encoder "))}
+    approx = fused(base, low)
+    for part, comps in (("unet", ["unet"]), ("text_encoder", ["text_encoder"])):
+        keys = [k for k in want if k[0] in comps]
+        miss = sum(float((approx[k] - want[k]).square().sum()) for k in keys) ** 0.5
+        total = sum(float(want[k].square().sum()) for k in keys) ** 0.5
+        assert rows[part] == pytest.approx(miss / total, rel=1e-2, abs=1e-4)
+        assert 0 < rows[part] < 1
+
+
+def test_convert_without_base_names_the_dora_module(base, tmp_path):
+    from stylelora.errors import ConfigError
+    from stylelora.resize import to_lora
+
+    with pytest.raises(ConfigError, match="DoRA.*unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"):
+        to_lora(load_adapter(mixed_file(tmp_path, base), pipe=base.pipe))
+
+
+def test_merge_of_a_loha_and_a_lora_is_exact(base, tmp_path):
+    from stylelora.merge import merge
+
+    loha = {f"{kohya(Q)}.hada_w1_a": rand(32, 2, seed=1), f"{kohya(Q)}.hada_w1_b": rand(2, 32, seed=2),
+            f"{kohya(Q)}.hada_w2_a": rand(32, 2, seed=3), f"{kohya(Q)}.hada_w2_b": rand(2, 32, seed=4)}
+    lora = {f"{kohya(Q)}.lora_down.weight": rand(3, 32, seed=5), f"{kohya(Q)}.lora_up.weight": rand(32, 3, seed=6)}
+    fa, fb = write(tmp_path, loha, "a.safetensors"), write(tmp_path, lora, "b.safetensors")
+    da, db = fused(base, fa)[("unet", Q)], fused(base, fb)[("unet", Q)]
+    merged = merge([(load_adapter(fa, pipe=base.pipe), 0.5), (load_adapter(fb, pipe=base.pipe), 2.0)]).adapter
+    close(merged.modules["unet"][Q].delta(), 0.5 * da + 2.0 * db)
+
+
+def test_inspect_counts_module_types(base, tmp_path):
+    info = describe(mixed_file(tmp_path, base), hashes=False)
+    assert info["supported"] is True and info["unsupported_keys"] == []
+    assert info["components"]["unet"]["types"] == {"loha": 1, "tucker": 1, "dora-lora": 1}
+    assert info["components"]["text_encoder"]["types"] == {"lokr": 1}
+    assert info["components"]["text_encoder"]["rank"] == 2  # LoKr: lokr_w2_b's rank, the one alpha divides
+
+
+def test_bake_a_loha_into_a_folder(base, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from stylelora.bake import bake
+    from stylelora.prompt import LoraRef
+
+    r = 2
+    t = {f"{kohya(Q)}.hada_w1_a": rand(32, r, seed=1), f"{kohya(Q)}.hada_w1_b": rand(r, 32, seed=2),
+         f"{kohya(Q)}.hada_w2_a": rand(32, r, seed=3), f"{kohya(Q)}.hada_w2_b": rand(r, 32, seed=4)}
+    f = write(tmp_path, t)
+    want = layer(base, Q).weight.detach() + 0.5 * fused(base, f)[("unet", Q)]
+    from stylelora.models import load_base
+
+    out = bake(load_base("tiny-random"), [LoraRef(str(f), 0.5, 0.5)], tmp_path / "baked")
+    got = UNet2DConditionModel.from_pretrained(out / "unet").get_submodule(Q).weight.detach()
+    close(got - layer(base, Q).weight.detach(), want - layer(base, Q).weight.detach())

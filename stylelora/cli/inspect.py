@@ -34,8 +34,10 @@ def _components(info: dict) -> list[str]:
         conv = f", {c['conv_modules']} conv" if c["conv_modules"] else ""
         uniform = c["scale"] is not None and len(c["alphas"]) == 1 and len(c["ranks"]) == 1
         scale = f" (scale {c['scale']:g})" if uniform else ""
-        rows.append(f"  {name:<15} rank {ranks}, alpha {alphas}{scale}; {c['modules']} modules{conv}; "
-                    f"{'/'.join(c['dtypes'])}")
+        types = c.get("types") or {}
+        kinds = "" if set(types) <= {"lora"} else " (" + ", ".join(f"{n} {k}" for k, n in sorted(types.items())) + ")"
+        shape = f"rank {ranks}, alpha {alphas}{scale}; " if c["ranks"] else ""
+        rows.append(f"  {name:<15} {shape}{c['modules']} modules{kinds}{conv}; {'/'.join(c['dtypes'])}")
     return rows
 
 
@@ -113,7 +115,7 @@ def format_text(info: dict) -> str:
     ]
     if info["unsupported_keys"]:
         lines.append(f"NOT SUPPORTED   {len(info['unsupported_keys'])} keys, e.g. {info['unsupported_keys'][0]} "
-                     "(LyCORIS/DoRA: stylelora cannot load this file)")
+                     "(OFT/BOFT, GLoRA, (IA)^3, norm or LoRA-bias keys: stylelora cannot load this file)")
     if info["unrecognized_keys"]:
         lines.append(f"unrecognized    {len(info['unrecognized_keys'])} keys, e.g. {info['unrecognized_keys'][0]}")
     return "\n".join(lines)

@@ -7,10 +7,11 @@ from collections import Counter
 
 import torch
 
-from ..adapter import Adapter
+from ..adapter import Adapter, LycoModule
 from ..errors import AdapterError
 from ..models import Family, family_with_component
 from .arch import ArchTable, kohya_name
+from .keys import role_suffix
 
 
 def prefixes(family: Family | None, adapter: Adapter) -> dict[str, str]:
@@ -35,6 +36,11 @@ def to_state_dict(adapter: Adapter, family: Family | None, table: ArchTable | No
             if name in owner:
                 raise AdapterError(f"modules {owner[name]} and {comp}.{path} would both be saved as {name}")
             owner[name] = f"{comp}.{path}"
+            if isinstance(m, LycoModule):  # LyCORIS / diff / DoRA tensors under their own suffixes, as read
+                out.update({f"{name}.{role_suffix(role)}": t.detach().cpu().contiguous() for role, t in m.tensors.items()})
+                if m.alpha is not None:
+                    out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+                continue
             out[f"{name}.lora_down.weight"] = m.down.detach().cpu().contiguous()
             out[f"{name}.lora_up.weight"] = m.up.detach().cpu().contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
@@ -48,8 +54,8 @@ def _most_common(values) -> float:
 
 def summary_metadata(adapter: Adapter, family: Family | None) -> dict[str, str]:
     """kohya's minimum metadata, from the tensors themselves (so it never disagrees with them)."""
-    mods = [m for c in adapter.components() for m in adapter.modules[c].values()]
-    md = {"ss_network_module": "networks.lora"}
+    mods = [m for c in adapter.components() for m in adapter.modules[c].values() if not isinstance(m, LycoModule)]
+    md = {"ss_network_module": "lycoris.kohya" if adapter.lyco() else "networks.lora"}
     if mods:
         md["ss_network_dim"] = str(int(_most_common(m.rank for m in mods)))
         md["ss_network_alpha"] = str(float(_most_common(m.alpha for m in mods)))

@@ -37,6 +37,9 @@ def to_state_dict(adapter: Adapter, table: ArchTable | None) -> tuple[dict[str, 
     """(tensors, value of ``lora_adapter_metadata``)."""
     tensors: dict[str, torch.Tensor] = {}
     config: dict[str, object] = {}
+    if adapter.lyco():
+        raise AdapterError("the PEFT layout holds LoRA pairs only, and this adapter has LyCORIS / full-difference / "
+                           "DoRA modules: write the kohya layout, or a plain LoRA (stylelora convert --to lora)")
     for comp in adapter.components():
         mods = adapter.modules[comp]
         for path, m in mods.items():

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..adapter import Adapter
+import torch
+
+from ..adapter import Adapter, LycoModule
 from ..atomic import write_bytes
 from ..errors import AdapterError
 from ..models import Family, detect_family, family_with_component
@@ -24,6 +26,9 @@ def _check(adapter: Adapter, path: Path, table: ArchTable | None) -> None:
     for comp in adapter.components():
         for mod_path, m in adapter.modules[comp].items():
             key = f"{comp}.{mod_path}"
+            if isinstance(m, LycoModule):  # written as the file had it (kohya layout only)
+                _check_lyco(path, key, m, table)
+                continue
             validate.check_pair(path, f"{key} (down)", m.down, f"{key} (up)", m.up)
             validate.check_alpha(path, f"{key} (alpha)", float(m.alpha))
             if table is None:
@@ -32,6 +37,16 @@ def _check(adapter: Adapter, path: Path, table: ArchTable | None) -> None:
             if ct is None or mod_path not in ct.shapes:
                 raise AdapterError(f"{path}: module {key} is not in {table.source}")
             validate.fit_shape(path, key, mod_path, m, ct.shapes[mod_path])
+
+
+def _check_lyco(path: Path, key: str, m: LycoModule, table: ArchTable | None) -> None:
+    for role, t in m.tensors.items():
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"{path}: {key} ({role}) must be finite floating-point values")
+    comp, _, mod_path = key.partition(".")
+    ct = table.components.get(comp) if table is not None else None
+    if table is not None and (ct is None or tuple(ct.shapes.get(mod_path, ())) != tuple(m.shape)):
+        raise AdapterError(f"{path}: module {key} ({m.kind}, weight {list(m.shape)}) does not fit {table.source}")
 
 
 def _check_embeddings(adapter: Adapter, path: Path, family: Family | None, pipe) -> None:

@@ -19,7 +19,7 @@ from . import embeddings, peft
 from .io import PICKLE_SUFFIXES, check_dtypes, model_hashes, read_tensors, weights_file
 from .keys import family_from_keys, family_from_metadata, parse_keys
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: LyCORIS/DoRA modules are read (supported, unsupported_keys, types; rank may be null)
 _LDM_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_")
 _DIFFUSERS_BLOCKS = ("down_blocks_", "mid_block_", "up_blocks_", "conv_in", "conv_out", "time_embedding_",
                      "add_embedding_")
@@ -110,11 +110,14 @@ def _unet_naming(parsed) -> str | None:
 def _components(file, parsed, entries, alphas, configs) -> dict:
     comps: dict[str, dict] = {}
     for slot, group in sorted(parsed.groups.items(), key=lambda kv: (kv[0].component, kv[0].name)):
-        if "down" not in group.keys:
+        kind = _kind(file, group)
+        if kind is None:
             continue
-        shape, dtype = entries[group.keys["down"]]
-        rank = int(shape[0]) if shape else 0
-        if "alpha" in group.keys:
+        shape, dtype = entries[group.keys.get("down") or _first_factor(group)]
+        rank = _rank(kind, group, entries)
+        if rank is None:  # a full diff, or LoKr without factors: nothing for alpha to divide
+            alpha = None
+        elif "alpha" in group.keys:
             alpha = alphas.get(group.keys["alpha"], float(rank))
         elif slot.component in configs:
             try:
@@ -124,22 +127,57 @@ def _components(file, parsed, entries, alphas, configs) -> dict:
         else:
             alpha = float(rank)
         c = comps.setdefault(slot.component, {"modules": 0, "ranks": Counter(), "alphas": Counter(),
-                                              "conv_modules": 0, "dtypes": set()})
+                                              "conv_modules": 0, "dtypes": set(), "types": Counter()})
         c["modules"] += 1
-        c["ranks"][rank] += 1
-        c["alphas"][alpha] += 1
-        c["conv_modules"] += len(shape) == 4 and list(shape[2:]) != [1, 1]
+        c["types"][("dora-" if "dora_scale" in group.keys else "") + kind] += 1
+        if rank is not None:
+            c["ranks"][rank] += 1
+            c["alphas"][alpha] += 1
+        c["conv_modules"] += (len(shape) == 4 and list(shape[2:]) != [1, 1]) or \
+            any(r in group.keys for r in ("mid", "hada_t1", "lokr_t2"))
         c["dtypes"].add(dtype)
     out = {}
     for name, c in comps.items():
-        rank = max(c["ranks"], key=lambda r: (c["ranks"][r], -r))
-        alpha = max(c["alphas"], key=lambda a: (c["alphas"][a], -a))
+        rank = max(c["ranks"], key=lambda r: (c["ranks"][r], -r)) if c["ranks"] else None
+        alpha = max(c["alphas"], key=lambda a: (c["alphas"][a], -a)) if c["alphas"] else None
         per_module = sorted(c["ranks"].elements())  # one entry per module: the rank distribution (resize)
         out[name] = {"modules": c["modules"], "rank": rank, "ranks": sorted(c["ranks"]), "alpha": alpha,
-                     "rank_median": statistics.median(per_module),
+                     "rank_median": statistics.median(per_module) if per_module else None,
                      "alphas": sorted(c["alphas"]), "scale": alpha / rank if rank else None,
-                     "conv_modules": c["conv_modules"], "dtypes": sorted(c["dtypes"])}
+                     "conv_modules": c["conv_modules"], "dtypes": sorted(c["dtypes"]), "types": dict(c["types"])}
     return out
+
+
+def _kind(file, group) -> str | None:
+    """lora | loha | lokr | tucker | full for a module's keys; None for keys that make no module (a lone alpha,
+    a broken LyCORIS module: loading reports those)."""
+    from .lyco import is_lyco, kind_of
+
+    if not is_lyco(group):
+        return "lora" if "down" in group.keys else None
+    try:
+        return kind_of(file, group)
+    except AdapterError:
+        return None
+
+
+def _first_factor(group) -> str:
+    return sorted(k for r, k in group.keys.items() if r not in ("alpha", "dora_scale"))[0]
+
+
+def _rank(kind: str, group, entries) -> int | None:
+    """The dimension alpha divides by, from the header's shapes (``adapter.LycoModule.rank``'s rule)."""
+    def first(role):
+        shape = entries[group.keys[role]][0] if role in group.keys else None
+        return int(shape[0]) if shape else None
+
+    if kind in ("lora", "tucker"):
+        return first("down") or 0
+    if kind == "loha":
+        return first("hada_w1_b")
+    if kind == "lokr":
+        return first("lokr_w2_b") or first("lokr_w1_b")
+    return None
 
 
 def training_summary(md: dict[str, str]) -> dict | None:
