@@ -433,3 +433,60 @@ def test_bake_a_loha_into_a_folder(base, tmp_path):
     out = bake(load_base("tiny-random"), [LoraRef(str(f), 0.5, 0.5)], tmp_path / "baked")
     got = UNet2DConditionModel.from_pretrained(out / "unet").get_submodule(Q).weight.detach()
     close(got - layer(base, Q).weight.detach(), want - layer(base, Q).weight.detach())
+
+
+def test_peft_dora_file_renders_as_diffusers_loads_it(base, tmp_path):
+    """A DoRA adapter made by PEFT (use_dora: output-axis magnitude), saved by diffusers' save_lora_weights: our
+    fused blend renders what diffusers' own load_lora_weights (PEFT's DoRA layers) renders."""
+    import numpy as np
+    from conftest import ours_and_diffusers, render
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from stylelora.models import load_base
+
+    pipe = load_base("tiny-random").pipe
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v", "to_out.0"], use_dora=True,
+                                     init_lora_weights=False))
+    for name, p in pipe.unet.named_parameters():
+        if "lora_magnitude_vector" in name:  # a trained magnitude, not the initial ‖W0‖
+            p.data *= 1 + 0.3 * torch.rand_like(p)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "dora", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                              unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
+    a = load_adapter(tmp_path / "dora", pipe=base.pipe)
+    assert {m.dora_axis for m in a.modules["unet"].values()} == {"out"}
+    f = tmp_path / "dora" / "pytorch_lora_weights.safetensors"
+    ours, theirs = ours_and_diffusers(f, base)
+    assert np.abs(ours - theirs).max() <= 2.5 / 255
+    # the check can tell: the same factors read as a plain LoRA (magnitudes dropped) render otherwise
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as h:
+        md = h.metadata()
+        plain = {k: h.get_tensor(k) for k in h.keys() if "lora_magnitude_vector" not in k}
+    cfg = json.loads(md["lora_adapter_metadata"])
+    md["lora_adapter_metadata"] = json.dumps({k: (False if k.endswith("use_dora") else v) for k, v in cfg.items()})
+    blender = Blender(base)
+    blender.load(write(tmp_path, plain, "plain.safetensors", metadata=md), weight=1.0)
+    as_lora = render(base.pipe)
+    blender.reset()
+    assert np.abs(as_lora - theirs).max() > 10 / 255
+
+
+def test_convert_to_kohya_keeps_the_lycoris_tensors_and_peft_refuses(base, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from stylelora.cli import main
+
+    f = mixed_file(tmp_path, base)
+    out = tmp_path / "again.safetensors"
+    assert main(["convert", str(f), "--to", "kohya", "-o", str(out)]) == 0
+    src, got = load_file(f), load_file(out)
+    assert set(src) == set(got) and all(torch.equal(src[k], got[k]) for k in src)
+    assert load_adapter(out, pipe=base.pipe).content_hash() == load_adapter(f, pipe=base.pipe).content_hash()
+    assert main(["convert", str(f), "--to", "peft", "-o", str(tmp_path / "p.safetensors")]) == 2
+    assert "--to lora" in capsys.readouterr().err

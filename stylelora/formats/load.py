@@ -117,6 +117,9 @@ def load_adapter(path, *, pipe=None, family: Family | None = None, allow_unused_
                 m.alpha = validate.check_alpha(file, f"{peft.METADATA_KEY} ({first})", peft.alpha_from_config(
                     file, configs[slot.component], names, m.rank))
         else:
+            if (configs.get(slot.component) or {}).get("use_dora"):  # never read a DoRA module as a plain LoRA
+                raise AdapterError(f"{file}: {peft.METADATA_KEY} says {slot.component}.use_dora=true but "
+                                   f"{first} has no lora_magnitude_vector beside it")
             m = _module(file, group, tensors, configs.get(slot.component), names)
             m = validate.fit_shape(file, group.keys["down"], live, m, comp.shapes[live], hint)
         target = modules.setdefault(slot.component, {})

@@ -77,8 +77,6 @@ def read_configs(file, metadata: dict[str, str]) -> dict[str, dict]:
         if field:
             out.setdefault(comp, {})[field] = value
     for comp, cfg in out.items():
-        if cfg.get("use_dora"):
-            raise AdapterError(f"{file}: not supported: {METADATA_KEY} {comp}.use_dora=true (DoRA adapters)")
         for field in ("alpha_pattern", "rank_pattern"):
             patterns = cfg.get(field) or {}
             if not isinstance(patterns, dict):
