@@ -319,8 +319,9 @@ def parameter_bytes(module: nn.Module) -> int:
         seen.add(id(t))
         total += t.numel() * t.element_size()
         state = getattr(t, "quant_state", None)
+        state2 = getattr(state, "state2", None)  # double quantization: the block maxima quantized in turn
         extras = [getattr(t, "SCB", None), getattr(state, "absmax", None), getattr(state, "offset", None),
-                  getattr(getattr(state, "state2", None), "absmax", None)]
+                  getattr(state, "code", None), getattr(state2, "absmax", None), getattr(state2, "code", None)]
         total += sum(e.numel() * e.element_size() for e in extras if isinstance(e, torch.Tensor))
     return total
 
