@@ -280,18 +280,30 @@ def load_sources(refs: list[LoraRef], *, folders=(), pipe=None) -> list[Source]:
 
 
 def merge_files(refs: list[LoraRef], output: str | Path, *, rank: int | None = None, folders=(), pipe=None,
-                format: str = "kohya", rename=(), overwrite: bool = False) -> tuple[Path, MergeResult]:
+                format: str = "kohya", rename=(), overwrite: bool = False, zip=None) -> tuple[Path, MergeResult]:
     """Merge adapter files into ``output`` (written atomically), recording the sources in its metadata; token
     embeddings are kept (and written to sidecar files too, see ``formats.save_adapter``). ``output`` is never one
-    of the sources, and an existing file is replaced only with ``overwrite``."""
+    of the sources, and an existing file is replaced only with ``overwrite``. ``zip`` (a ``zipmerge.ZipOptions``):
+    a ZipLoRA merge learnt on ``pipe`` (stylelora/zipmerge.py) instead of the exact one."""
     from .atomic import check_output
     from .formats import save_adapter, sidecar_paths
     from .prompt import resolve
 
     output = Path(output)
+    if zip is not None:  # before any file is read: the combinations a ZipLoRA merge cannot do
+        from .zipmerge import check_request
+
+        check_request(rank, rename, pipe)
     check_output(output, [resolve(ref, list(folders)) for ref in refs], overwrite=overwrite)
     sources = load_sources(refs, folders=folders, pipe=pipe)
-    result = merge(sources, rank=rank, name=output.stem, rename=rename, pipe=pipe)
+    record = None
+    if zip is not None:
+        from .zipmerge import zip_merge
+
+        zipped = zip_merge(sources, pipe, options=zip, name=output.stem)
+        result, record = zipped.merge, zipped.record
+    else:
+        result = merge(sources, rank=rank, name=output.stem, rename=rename, pipe=pipe)
     # the sidecar embedding files written beside the output must not replace a source either
     for extra in sidecar_paths(output, result.adapter.embeddings).values():
         check_output(extra, [s.origin for s in sources], overwrite=True)
@@ -300,7 +312,9 @@ def merge_files(refs: list[LoraRef], output: str | Path, *, rank: int | None = N
     metadata = {**shared_metadata(sources), "stylelora.version": __version__,
                 "modelspec.merged_from": merged_from(sources), "modelspec.title": output.stem,
                 "ss_output_name": output.stem,
-                "stylelora_merge": "exact" if rank is None else f"svd-rank-{rank}"}
+                "stylelora_merge": "zip" if zip is not None else "exact" if rank is None else f"svd-rank-{rank}"}
+    if record is not None:
+        metadata["stylelora_zip"] = json.dumps(record)
     trigger = merged_trigger(sources, result.adapter)
     if trigger:
         metadata["modelspec.trigger_phrase"] = trigger
