@@ -11,14 +11,16 @@ The step timed is the trainer's own (``training.compute_loss`` + backward + opti
 Mode ``cached`` feeds pre-computed latents and text embeddings (what ``stylelora train`` does); mode ``reencode``
 runs the VAE and text encoder on every step, as the diffusers example scripts do, so the gain of caching is
 measured in the same run. ``--arch`` builds a real architecture with random weights (times like trained ones).
-``--quantize-base fp8|int8|nf4`` trains on a quantized frozen base (stylelora/quantize.py) and reports the bytes
-of the base as stored (exact, per component) and the process's peak RSS; on CUDA each row's peak allocated memory
-counts the base too. Peak RSS is the whole process's, so compare modes with one run per mode.
+``--quantize-base fp8|int8|nf4`` trains on a quantized frozen base (stylelora/quantize.py). Every run reports the
+bytes of the base as stored (exact, per component), the RSS once the base is loaded, and the peak RSS while the
+steps run (Linux: the high-water mark is reset after loading, so the fp32 load that fp8 quantizes afterwards does
+not count; elsewhere the process's peak); on CUDA each row's peak allocated memory counts the base too.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import sys
@@ -102,6 +104,26 @@ def build(args, dtype):
     if q == "fp8":
         quantize.quantize_pipe_fp8(pipe)
     return pipe, model
+
+
+def rss_gib(field: str) -> float | None:
+    """VmRSS / VmHWM of this process from /proc (Linux), in GiB; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (``5`` to /proc/self/clear_refs, Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def base_bytes(pipe) -> dict[str, int]:
@@ -203,7 +225,8 @@ def table(result: dict) -> str:
              f"{result['mixed_precision']} | options: {result['options'] or 'none'}",
              f"base stored {result['quantize_base'] or 'unquantized'}: "
              + ", ".join(f"{n} {b / 2**20:.2f} MiB ({b} B)" for n, b in result["base_bytes"].items())
-             + f"; peak RSS {result['peak_rss_gib']:.2f} GiB",
+             + (f"; RSS loaded {result['rss_loaded_gib']:.2f} GiB" if result["rss_loaded_gib"] else "")
+             + f"; peak RSS ({result['peak_rss_scope']}) {result['peak_rss_gib']:.2f} GiB",
              "| mode | batch | images/s | step ms | peak mem GiB | TFLOP/step | MFU |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -250,6 +273,8 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     pipe, model = build(args, DTYPES[args.mixed_precision])
     stored = base_bytes(pipe)
+    gc.collect()
+    rss_loaded, peak_reset = rss_gib("VmRSS"), reset_peak_rss()
     rows = [measure(args, pipe, int(b), mode) for b in args.batch_sizes.split(",") for mode in args.modes.split(",")]
     opts = [o for o in ("train_text_encoder", "gradient_checkpointing", "channels_last", "compile") if getattr(args, o)]
     if args.optimizer != "adamw":
@@ -259,8 +284,10 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
     result = {"model": model, "device": device, "resolution": args.resolution, "rank": args.rank,
               "mixed_precision": args.mixed_precision, "options": ", ".join(opts), "rows": rows,
-              "quantize_base": args.quantize_base, "base_bytes": stored,
-              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
+              "quantize_base": args.quantize_base, "base_bytes": stored, "rss_loaded_gib": rss_loaded,
+              "peak_rss_gib": (rss_gib("VmHWM") if peak_reset else None)
+              or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
+              "peak_rss_scope": "steps" if peak_reset else "process"}
     print(json.dumps(result, indent=1) if args.json else table(result))
     return 0
 
