@@ -129,6 +129,7 @@ class _Fp8Layer:
     weight_fp8: torch.Tensor
     weight_scale: torch.Tensor
     compute_dtype: torch.dtype  # PEFT reads this attribute (as for bitsandbytes layers) for its LoRA layers' dtype
+    delta: tuple[torch.Tensor, torch.Tensor] | None = None  # (up [out, r], down [r, in·k·k]) fp32: a fused blend
 
     def _quantize_from(self, weight: torch.Tensor, per_channel: bool) -> None:
         q, scale = quantize_fp8(weight, per_channel=per_channel)
@@ -136,8 +137,6 @@ class _Fp8Layer:
         self.register_buffer("weight_fp8", q.to(weight.device))
         self.register_buffer("weight_scale", scale.to(weight.device))
         self.compute_dtype = weight.dtype
-
-    delta: tuple[torch.Tensor, torch.Tensor] | None = None  # (up [out, r], down [r, in·k·k]) fp32: a fused blend
 
     @property
     def weight(self) -> torch.Tensor:
@@ -173,7 +172,7 @@ class _Fp8Layer:
         self._buffers["weight_scale"] = scale.to(probe.device)
         if self.delta is not None:
             self.delta = tuple(t.to(probe.device) for t in self.delta)
-        if probe.dtype.is_floating_point:
+        if probe.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):  # not .to(fp8): storage
             self.compute_dtype = probe.dtype
         return self
 
