@@ -48,18 +48,20 @@ GOALS = {"fidelity": 0.90, "content_gap": 0.10, "leakage": 0.10, "blend_both": 0
 OUTPUT_FIELDS = (("run", "output"), ("run", "tensorboard_dir"), ("data", "cache_dir"))
 
 
-def train_adapters(styles, out: Path, no_reg: bool = False, recipe: str | None = None, **overrides) -> dict[str, Path]:
+def train_adapters(styles, out: Path, no_reg: bool = False, recipe: str | None = None, slots: bool = False,
+                   **overrides) -> dict[str, Path]:
     """``recipe=None``: the toy recipe (toyworld.train_config: plain pictures as regularization images, trigger
     tokens started from the style's family word). ``recipe=NAME``: what a user gets from ``stylelora train FOLDER
     --trigger T`` with ``--recipe NAME`` (``default``: no --recipe) or from that web UI preset, on the ``tiny``
-    base: the recipe as ``presets.for_base`` scales it, the style folder alone, nothing else chosen."""
+    base: the recipe as ``presets.for_base`` scales it, the style folder alone, nothing else chosen.
+    ``slots``: style i (in ``styles`` order) trains in orthogonal slot i (``train --slot i``)."""
     import stylelora
     from make_style_images import PLAIN, ensure
     from stylelora.presets import for_base
 
     folders = ensure(ROOT / "examples" / "styles", styles)
     paths = {}
-    for style in styles:
+    for i, style in enumerate(styles):
         if recipe:
             config = for_base(recipe, "tiny").config(
                 folder=str(folders[style]), trigger=toyworld.TRIGGERS[style], base="tiny",
@@ -67,6 +69,8 @@ def train_adapters(styles, out: Path, no_reg: bool = False, recipe: str | None =
         else:
             config = toyworld.train_config(folders[style], toyworld.TRIGGERS[style], out / f"{style}.safetensors",
                                            reg_folder=None if no_reg else PLAIN, style=style, **overrides)
+        if slots:
+            config = config.replace(slot=i)
         path = out / f"{style}-{recipe_key(config)}.safetensors"
         if path.exists():
             print(f"reusing {path.name} (same recipe, base and pictures)", flush=True)
@@ -156,6 +160,12 @@ def main(argv=None) -> dict:
     p.add_argument("--quantize-base", choices=["fp8", "int8", "nf4"],
                    help="train and score on the tiny base quantized this way (QLoRA); the same adapters are also "
                         "scored on the full base, and the quantized UNet's output error on fixed inputs is reported")
+    p.add_argument("--slots", action="store_true",
+                   help="train style i (in --styles order) in orthogonal slot i (train --slot i), for blending")
+    p.add_argument("--zip", action="store_true",
+                   help="blend rows: a ZipLoRA merge (merge --method zip) of each pair, both sources at --blend, "
+                        "loaded at weight 1, instead of blending the pair at --blend each")
+    p.add_argument("--zip-steps", type=int, default=100, help="ZipLoRA optimisation steps per pair (with --zip)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "out" / "style-quality"))
     args = p.parse_args(argv)
@@ -175,7 +185,7 @@ def main(argv=None) -> dict:
         overrides["steps"] = args.train_steps
     if args.quantize_base:
         overrides["quantize_base"] = args.quantize_base
-    adapters = train_adapters(styles, out, no_reg=args.no_reg, recipe=args.recipe, **overrides)
+    adapters = train_adapters(styles, out, no_reg=args.no_reg, recipe=args.recipe, slots=args.slots, **overrides)
     t_train = time.time() - t0
 
     base = load_base("tiny", quantize=args.quantize_base)
@@ -216,8 +226,16 @@ def main(argv=None) -> dict:
         k = min(8, len(prompts))
         image_grid([base_imgs[:k], on[:k], off[:k]], row_labels=["base", f"+{style}, trigger", "no trigger"]
                    ).save(out / f"{style}.png")
+    if args.zip:  # the merged pairs carry the styles' trigger tokens: the single styles leave the blend first
+        blender.reset()
+        for style in styles:
+            blender.unload(style)
     for a, b in itertools.combinations(styles, 2):
-        blender.set({a: args.blend, b: args.blend})
+        if args.zip:  # learnt on the pristine base, then the merged pair alone at weight 1
+            zipped = zip_pair(adapters[a], adapters[b], args.blend, base, args.zip_steps)
+            blender.set({blender.load(zipped, name=f"zip-{a}+{b}"): 1.0})
+        else:
+            blender.set({a: args.blend, b: args.blend})
         both = [toyworld.captioned(s, toyworld.TRIGGERS[a], toyworld.TRIGGERS[b]) for s in scenes]
         imgs = draw(pipe, both, args.seed, args.steps, args.cfg)
         labs = classifiers.classify(clf, imgs)
@@ -227,6 +245,9 @@ def main(argv=None) -> dict:
                                          b: sum(b in lab["styles"] for lab in labs) / n,
                                          "content": rates(labs, scenes)["content"]}
         image_grid([imgs[:8]], row_labels=[f"{a}+{b}"]).save(out / f"blend-{a}+{b}.png")
+        if args.zip:
+            blender.reset()
+            blender.unload(f"zip-{a}+{b}")
     blender.reset()
     if args.quantize_base:
         results["quantized"] = quantized_drift(args, adapters, styles, scenes, clf, base)
@@ -266,6 +287,23 @@ def quantized_drift(args, adapters: dict[str, Path], styles, scenes, clf, qbase)
                                      "leakage": rates(classifiers.classify(clf, off), scenes, style)["style"]}
     blender.reset()
     return drift
+
+
+def zip_pair(path_a: Path, path_b: Path, weight: float, base, steps: int):
+    """The ZipLoRA merge of two adapter files at ``weight`` each (``merge --method zip``; each learns on the
+    training folder its metadata records), as an in-memory adapter; its losses printed."""
+    from stylelora.formats import load_adapter
+    from stylelora.merge import Source
+    from stylelora.zipmerge import ZipOptions, zip_merge
+
+    sources = [Source(load_adapter(p, pipe=base.pipe), weight, weight, origin=str(p)) for p in (path_a, path_b)]
+    t = time.time()
+    zipped = zip_merge(sources, base.pipe, options=ZipOptions(steps=steps), name=f"zip-{path_a.stem}+{path_b.stem}")
+    rec = zipped.record
+    if rec["last"]:
+        print(f"zip {path_a.stem}+{path_b.stem}: {steps} steps in {time.time() - t:.0f} s, distillation "
+              f"{rec['first']['distill']} -> {rec['last']['distill']}, mean coefficients {rec['mean_m']}", flush=True)
+    return zipped.merge.adapter
 
 
 def resize_adapters(adapters: dict[str, Path], rule: dict, base) -> dict[str, Path]:
