@@ -490,3 +490,46 @@ def test_convert_to_kohya_keeps_the_lycoris_tensors_and_peft_refuses(base, tmp_p
     assert load_adapter(out, pipe=base.pipe).content_hash() == load_adapter(f, pipe=base.pipe).content_hash()
     assert main(["convert", str(f), "--to", "peft", "-o", str(tmp_path / "p.safetensors")]) == 2
     assert "--to lora" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- the real LyCORIS package
+@pytest.mark.parametrize("cls, path, kw", [
+    ("LohaModule", FF, {}),
+    ("LohaModule", CONV, {"use_tucker": True}),
+    ("LokrModule", FF, {"factor": 4}),
+    ("LokrModule", CONV, {"factor": 4, "use_tucker": True}),
+    ("LoConModule", CONV, {"use_tucker": True}),
+    ("LoConModule", FF, {"weight_decompose": True, "wd_on_out": True}),
+    ("LoConModule", FF, {"weight_decompose": True, "wd_on_out": False}),
+    ("LohaModule", Q, {"weight_decompose": True}),
+    ("FullModule", FF, {}),
+])
+def test_files_written_by_lycoris_fuse_to_what_its_forward_computes(base, tmp_path, cls, path, kw):
+    """Where the lycoris-lora package is importable (it is not a dependency): modules it builds on the tiny base's
+    layers, with random weights, saved under kohya names. The layer with our fused weights gives the output of
+    LyCORIS' own forward (its inference path; its get_merged_weight applies alpha/rank twice for LoHa/LoKr, which
+    neither its forward nor A1111/ComfyUI do, so the forward is the reference)."""
+    modules = pytest.importorskip("lycoris.modules")
+    org = layer(base, path)
+    m = getattr(modules, cls)("x", org, lora_dim=2, alpha=1.5, **kw).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key, t in m.named_parameters():  # its state_dict() gives copies: set the parameters themselves
+            if key == "dora_scale":
+                t.mul_(1 + 0.2 * torch.rand(t.shape, generator=g))
+            elif key != "scalar":
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+        if cls == "FullModule":  # as apply_to() leaves it after training: the parameter holds W0 + diff
+            m.weight.add_(org.weight)
+            m.bias.add_(org.bias)
+            m.is_diff = False
+        state = m.state_dict()  # what LyCORIS saves for this module (FullModule: diff = weight − W0)
+        x = torch.randn((2, org.in_features) if path != CONV else (1, 32, 6, 6), generator=g)
+        plain, theirs = org(x), m(x)
+    f = write(tmp_path, {f"{kohya(path)}.{k}": v.detach().clone() for k, v in state.items()})
+    blender = Blender(base)
+    blender.load(f, weight=1.0)
+    with torch.no_grad():
+        ours = org(x)
+    blender.reset()
+    close(ours - plain, theirs - plain)
