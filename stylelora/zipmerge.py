@@ -179,7 +179,10 @@ def zip_merge(sources, pipe, *, options: ZipOptions | None = None, name: str = "
     inserted = []
     state = {n: (m.training, [p.requires_grad for p in m.parameters()]) for n, m in parts.items()}  # given back
     try:
-        for n, m in parts.items():
+        for emb in embeddings.values():  # the sources' learnt trigger words, for their prompts
+            insert_tokens(pipe, [emb])
+            inserted.append(emb)
+        for n, m in parts.items():  # after the tokens: their new rows must not train either
             m.requires_grad_(False).eval()
         for i, s in enumerate(sources):
             for comp, mods in s.adapter.modules.items():
@@ -198,9 +201,6 @@ def zip_merge(sources, pipe, *, options: ZipOptions | None = None, name: str = "
                                                f"{path}") from None
                         layers[key] = _ZipLayer(target, f"{comp}.{path}")
                     layers[key].columns[i] = _Column(c, mod, device)
-        for emb in embeddings.values():
-            insert_tokens(pipe, [emb])
-            inserted.append(emb)
         cache_root = stylelora_home() / "cache"
         sets = []
         for s, cfg in zip(sources, configs):
@@ -299,12 +299,9 @@ def _learn(pipe, family, layers, sets, sources, options: ZipOptions, unet_kwargs
 
 def similarity(layers) -> torch.Tensor:
     """Σ over layers and source pairs of |⟨m_i, m_j⟩| / d (the paper's penalty, per column)."""
-    total = torch.zeros(())
-    for layer in layers.values():
-        cols = list(layer.columns.values())
-        for a, b in itertools.combinations(cols, 2):
-            total = total + (a.m * b.m).sum().abs().cpu() / a.m.numel()
-    return total
+    terms = [(a.m * b.m).sum().abs() / a.m.numel() for layer in layers.values()
+             for a, b in itertools.combinations(list(layer.columns.values()), 2)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def _mean_m(layers, n: int) -> list[float]:
