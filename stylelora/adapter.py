@@ -114,7 +114,7 @@ class LycoModule:
         """DoRA: W' = m · (W + ΔW) / ‖W + ΔW‖, the norm per output row (``dora_axis`` "out") or per input column
         ("in"); returns W' − W. ``weight`` is the weight the module is applied to (fp32)."""
         merged = weight + delta
-        m = self.tensors["dora_scale"].to(merged.dtype)
+        m = self.tensors["dora_scale"].to(merged.device, merged.dtype)
         ones = [1] * (merged.dim() - 1)
         if self.dora_axis == "out":
             norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(merged.shape[0], *ones)

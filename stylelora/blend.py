@@ -198,8 +198,11 @@ class _Target:
 
     def _delta(self, name: str, device: torch.device, backup_device: str | None) -> torch.Tensor:
         """A non-LoRA module's ΔW at weight 1 (before DoRA), computed once and kept beside the pristine weight."""
-        if name not in self._deltas:
-            self._deltas[name] = self.extra[name].base_delta().to(backup_device or device)
+        if name not in self._deltas:  # built on the weight's device (a GPU does LoKr/Tucker products faster)
+            m = self.extra[name]
+            on_device = LycoModule(m.kind, {r: t.to(device) for r, t in m.tensors.items()}, m.alpha, m.shape,
+                                   m.dora_axis)
+            self._deltas[name] = on_device.base_delta().to(backup_device or device)
         return self._deltas[name].to(device, torch.float32)
 
     def _lyco_weight(self, coeffs, device, backup_device) -> torch.Tensor:
