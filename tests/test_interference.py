@@ -168,3 +168,10 @@ def test_classify_rates_on_tiny(tmp_path):
                                       for lab, s in zip(labs, scenes)) / 2
     with pytest.raises(ConfigError, match="not an adapter of one toy style"):
         sweep(base, [adapters[0], ("plain", random_adapter(base.pipe, "p", 2, 3))], classify=True, n=1, steps=1)
+
+
+def test_argument_mistakes_are_answered_before_torch(tmp_path):
+    from test_cli_startup import probe
+
+    line, err = probe("blend-report", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"))
+    assert line == "RC 2 TORCH False" and "a.safetensors does not exist" in err
