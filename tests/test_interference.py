@@ -22,7 +22,8 @@ from stylelora.orthogonal import slot_rows
 
 def dense(a, b) -> dict:
     """The figures from the dense ΔW (fp64): the definitions in stylelora/interference.py, written out."""
-    wa, wb = a.delta(torch.float64).flatten(1), b.delta(torch.float64).flatten(1)
+    wa, wb = (m.delta(torch.float64).flatten(1) if isinstance(m, LoraModule) else
+              m.base_delta(torch.float64).flatten(1) for m in (a, b))
     fro = torch.linalg.matrix_norm
     return {"cosine": float((wa * wb).sum() / (wa.norm() * wb.norm())),
             "input": float(fro(wa @ wb.T) / (fro(wa.T @ wa) * fro(wb.T @ wb)).sqrt()),
@@ -50,6 +51,18 @@ def test_module_figures_equal_dense_computation(conv):
         assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
         assert 0.05 < abs(got[key]) < 0.95, key
     assert got["norm_a"] == pytest.approx(math.sqrt(want["sq_a"]), rel=1e-9)
+
+
+def test_lycoris_module_is_compared_through_its_dense_update():
+    from stylelora.adapter import LycoModule
+
+    a = lora(24, 16, 4, 0)
+    g = torch.Generator().manual_seed(9)
+    full = LycoModule(kind="full", tensors={"diff": a.delta() + 0.5 * torch.randn(24, 16, generator=g)},
+                      alpha=None, shape=(24, 16))
+    got, want = module_stats(full, a).figures(), dense(full, a)
+    for key in ("cosine", "input", "output"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
 
 
 def test_self_overlap_is_one_and_scale_invariant():
