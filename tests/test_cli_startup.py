@@ -58,7 +58,7 @@ def test_convert_choices_are_the_writable_formats():
 
     action = next(a for a in build_parser()._subparsers._group_actions[0].choices["convert"]._actions
                   if a.dest == "to")
-    assert tuple(action.choices) == tuple(FORMATS)
+    assert tuple(action.choices) == tuple(FORMATS) + ("lora",)  # lora: a plain kohya LoRA by SVD (any type in)
 
 
 def test_threads_flag_and_cpu_default(monkeypatch):
