@@ -78,10 +78,10 @@ def quantize_fp8(weight: torch.Tensor, *, per_channel: bool = True) -> tuple[tor
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, delta=None) -> torch.Tensor:
     """``q * scale`` (+ ``up @ down`` for a ``delta = (up, down)``) in fp32, then ``dtype`` (one rounding)."""
-    w = q.to(torch.float32) * scale
+    w = q.to(torch.float32).mul_(scale)  # in place: one fp32 copy of the layer, not two
     if delta is not None:
         up, down = delta
-        w = w + (up @ down).view(w.shape)
+        w.add_((up @ down).view(w.shape))
     return w.to(dtype)
 
 
