@@ -157,6 +157,11 @@ def test_full_diff_with_bias_and_exact_reset(base, tmp_path):
     close(ff.bias.detach() - b0, 0.25 * t[f"{kohya(FF)}.diff_b"])
     blender.reset()
     assert torch.equal(ff.weight, w0) and torch.equal(ff.bias, b0)
+    from stylelora.cli.inspect import format_text
+
+    info = describe(tmp_path / "lyco.safetensors", hashes=False)
+    assert info["components"]["unet"]["types"] == {"full": 1} and info["components"]["unet"]["rank"] is None
+    assert "1 modules (1 full)" in format_text(info)
 
 
 def ref_dora(w0, delta, m, axis):
