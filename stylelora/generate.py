@@ -20,6 +20,7 @@ from .atomic import atomic_path
 from .blend import Blender
 from .errors import ConfigError
 from .prompt import LoraRef, parse_prompt
+from .quantize import quantization
 
 # our name -> (diffusers scheduler class, from_config overrides, A1111 sampler name, A1111 schedule type)
 SAMPLERS = {
@@ -176,6 +177,7 @@ def generate(base, settings: Settings, blender: Blender | None = None, *, folder
         image.info["parameters"] = infotext(shown_prompt, settings.negative_prompt, {
             "Steps": settings.steps, "Sampler": sampler, "Schedule type": schedule,
             "CFG scale": _num(settings.guidance), "Seed": seed, "Size": f"{width}x{height}", "Model": model_name,
+            "Quantized base": quantization(pipe),  # None (left out) for a full-precision base
             "Lora hashes": lora_hashes(blender), "Version": f"stylelora {__version__}",
         })
         images.append(image)

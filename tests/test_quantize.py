@@ -224,6 +224,15 @@ def test_blend_on_fp8_base_adds_the_lora_delta_exactly_and_restores_w0(full_and_
         assert torch.equal(unet(x, t, c).sample, out0)
 
 
+def test_images_from_a_quantized_base_say_so_in_their_infotext(full_and_fp8):
+    from stylelora.generate import Settings, generate, parse_infotext
+
+    settings = Settings(prompt="a red circle", seed=3, steps=2, guidance=3.0)
+    full, fp8 = full_and_fp8
+    assert parse_infotext(generate(fp8, settings)[0].info["parameters"])["Quantized base"] == "fp8"
+    assert "Quantized base" not in parse_infotext(generate(full, settings)[0].info["parameters"])
+
+
 # ------------------------------------------------------------------------------------------------ wrong combinations
 def test_unknown_quantize_mode_is_a_config_error():
     with pytest.raises(ConfigError, match="quantize_base must be fp8, int8 or nf4"):
