@@ -538,3 +538,20 @@ def test_files_written_by_lycoris_fuse_to_what_its_forward_computes(base, tmp_pa
         ours = org(x)
     blender.reset()
     close(ours - plain, theirs - plain)
+
+
+def test_sdxl_loha_file_with_ldm_names_resolves_without_a_base(tmp_path):
+    """kohya/LyCORIS SDXL files spell UNet modules with ldm names; the family comes from the lora_te2_ keys and the
+    LoHa's shapes are checked against the released SDXL architecture (meta device, no weights)."""
+    k = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"  # down_blocks.1 ... attn2.to_k: 2048 -> 640
+    te2 = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"  # 1280 -> 1280
+    t = {f"{k}.hada_w1_a": rand(640, 2), f"{k}.hada_w1_b": rand(2, 2048), f"{k}.hada_w2_a": rand(640, 2),
+         f"{k}.hada_w2_b": rand(2, 2048), f"{te2}.lokr_w1": rand(8, 8), f"{te2}.lokr_w2": rand(160, 160)}
+    a = load_adapter(write(tmp_path, t))
+    assert a.family == "sdxl"
+    m = a.modules["unet"]["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"]
+    assert m.kind == "loha" and m.shape == (640, 2048)
+    assert a.modules["text_encoder_2"]["text_model.encoder.layers.0.self_attn.q_proj"].kind == "lokr"
+    bad = dict(t, **{f"{k}.hada_w1_b": rand(2, 768), f"{k}.hada_w2_b": rand(2, 768)})  # an SD1 width
+    with pytest.raises(AdapterError, match=f"{k}.hada_w1_a"):
+        load_adapter(write(tmp_path, bad, "bad.safetensors"), allow_unused_keys=False)
