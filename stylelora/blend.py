@@ -161,11 +161,7 @@ class _Target:
 
         set_delta = delta_setter(self.layer)
         if set_delta is not None:  # a quantized layer (quantize.py): W₀ stays as stored, ΔW goes in as factors
-            names = tuple(n for n, _ in coeffs)
-            if any(n not in self.factors for n in names):
-                raise AdapterError(f"{', '.join(n for n in names if n not in self.factors)}: only plain LoRA modules "
-                                   "can be blended into a quantized base layer; load the base without "
-                                   "--quantize-base for LyCORIS/DoRA/full-difference modules")
+            names = tuple(n for n, _ in coeffs)  # plain LoRA pairs only: Blender.load refuses other modules here
             if coeffs:
                 _, down, up, scales, rows = self._concat(names, torch.device("cpu"))
                 c = (torch.tensor([w for _, w in coeffs], dtype=torch.float64) * scales).repeat_interleave(rows)
@@ -402,10 +398,16 @@ class Blender:
             raise AdapterError(f"an adapter named {name!r} is already loaded from another file "
                                f"({self.loaded[name].path}); pass name=... or unload it first")
         self._check_family(adapter, path)
-        from .quantize import check_adapter
+        from .quantize import check_adapter, delta_setter
 
         check_adapter(adapter, self.pipe, path)  # a warning: trained on a base quantized another way
         targets = self._resolve(adapter, path)
+        lyco_on_quantized = [f"{c}.{p}" for (c, p), (layer, f) in targets.items()
+                             if isinstance(f, LycoModule) and delta_setter(layer) is not None]
+        if lyco_on_quantized:  # a quantized layer takes a blend as LoRA factors only (quantize.delta_setter)
+            raise AdapterError(f"{_where(adapter, path)}: {lyco_on_quantized[0]} is a LyCORIS/DoRA/full-difference "
+                               "module, which cannot be blended into a quantized base layer; load the base without "
+                               "--quantize-base to use it")
         check_embeddings(adapter, path, self.pipe, self.loaded)
         for key, (layer, factors) in targets.items():
             target = self._targets.setdefault(key, _Target(layer))

@@ -241,6 +241,21 @@ def test_unknown_quantize_mode_is_a_config_error():
         load_base("tiny-random", quantize="fp4")
 
 
+def test_lycoris_module_on_a_quantized_layer_is_refused_before_anything_changes(full_and_fp8):
+    from stylelora.adapter import LycoModule
+    from stylelora.errors import AdapterError
+
+    _, fp8 = full_and_fp8
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    layer = fp8.pipe.unet.get_submodule(path)
+    diff = LycoModule(kind="full", tensors={"diff": torch.full(tuple(layer.weight.shape), 0.01)}, alpha=None,
+                      shape=tuple(layer.weight.shape))
+    blender = Blender(fp8)
+    with pytest.raises(AdapterError, match=r"unet\.down_blocks.*cannot be blended into a quantized base layer"):
+        blender.load(Adapter(name="d", modules={"unet": {path: diff}}, family=fp8.family.key), weight=1.0)
+    assert blender.names == [] and layer.delta is None
+
+
 def test_given_base_stored_otherwise_is_refused_and_a_quantized_one_is_recorded(style_dir, tmp_path):
     cfg = quick_config(style_dir, tmp_path / "a.safetensors", quantize_base="fp8")
     with pytest.raises(ConfigError, match="given base is stored in full precision"):
