@@ -125,6 +125,21 @@ def numerical_rank(s: torch.Tensor) -> int:
     return max(1, int((s > s[0] * 1e-12).sum())) if s.numel() and float(s[0]) > 0 else 1
 
 
+def bias_modules(adapter: Adapter) -> list[str]:
+    """``component.path`` of every module that changes its layer's bias (a full difference's ``diff_b``)."""
+    return [f"{c}.{p}" for c, mods in adapter.modules.items() for p, m in mods.items()
+            if isinstance(m, LycoModule) and m.bias_delta() is not None]
+
+
+def refuse_bias(adapter: Adapter) -> None:
+    """A ConfigError when a module changes a bias: a LoRA written from it would silently lose that."""
+    biased = bias_modules(adapter)
+    if biased:
+        raise ConfigError(f"adapter {adapter.name!r}: {len(biased)} module(s) change a bias (diff_b), e.g. "
+                          f"{biased[0]}, which a LoRA cannot hold; blend or bake the file instead, or make it a "
+                          "LoRA with stylelora convert --to lora, which leaves them out and says so")
+
+
 def as_lora(adapter: Adapter, pipe=None) -> Adapter:
     """The same adapter with every non-LoRA module (LoHa, LoKr, Tucker, full diff, DoRA) made a plain LoRA pair
     of the same ΔW (all its nonzero singular values: exact up to rounding); LoRA modules are kept as they are.
@@ -132,6 +147,7 @@ def as_lora(adapter: Adapter, pipe=None) -> Adapter:
     (A1111 and ComfyUI scale DoRA's whole W' − W₀ by the multiplier)."""
     if not adapter.lyco():
         return adapter
+    refuse_bias(adapter)
     bases = dora_bases(adapter, pipe)
     out = Adapter(family=adapter.family, name=adapter.name, metadata=dict(adapter.metadata),
                   embeddings=dict(adapter.embeddings))
@@ -147,7 +163,8 @@ def as_lora(adapter: Adapter, pipe=None) -> Adapter:
 def to_lora(adapter: Adapter, *, rank: int | None = None, energy: float | None = None, pipe=None) -> ResizeResult:
     """Any adapter as a plain LoRA by the SVD of each module's ΔW: every nonzero singular value (exact), or at most
     ``rank`` per module, or the fewest that keep ``energy`` of ‖ΔW‖ (``resize``'s --energy rule). The result's
-    ``energy`` per part gives the relative Frobenius error √(1 − energy)."""
+    ``energy`` per part gives the relative Frobenius error √(1 − energy). Bias differences (``diff_b``) have no
+    LoRA form: they are left out and listed in ``method["dropped_bias"]``."""
     if rank is not None or energy is not None:
         check_rule(rank=rank, energy=energy)
     spectra = spectra_of(adapter, pipe)
@@ -160,6 +177,9 @@ def to_lora(adapter: Adapter, *, rank: int | None = None, energy: float | None =
             k = min(k, module_rank(sp.s, rank=rank, energy=energy))
         ranks[key] = k
     method = {k: v for k, v in (("rank", rank), ("energy", energy)) if v is not None} or {"exact": True}
+    dropped = bias_modules(adapter)
+    if dropped:  # a LoRA holds weight updates only: say what is left out (method["dropped_bias"])
+        method["dropped_bias"] = dropped
     result = build(adapter, spectra, ranks, method)
     for key in ("ss_network_module", "ss_network_args"):  # LyCORIS' "lycoris.kohya", {"algo": ...}: not any more
         result.adapter.metadata.pop(key, None)
@@ -319,6 +339,7 @@ def resize(adapter: Adapter, *, rank=None, energy=None, ratio=None, cumulative=N
                max_error=max_error)
     if max_error is not None and pipe is None:
         raise ConfigError("--max-error needs --base: the error is measured on the base model's UNet")
+    refuse_bias(adapter)
     budget_bytes = parse_size(budget) if budget is not None else None
     spectra = spectra_of(adapter, pipe)  # LyCORIS modules from their full ΔW (DoRA on the base's weights)
     if not spectra:

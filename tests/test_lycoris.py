@@ -555,3 +555,19 @@ def test_sdxl_loha_file_with_ldm_names_resolves_without_a_base(tmp_path):
     bad = dict(t, **{f"{k}.hada_w1_b": rand(2, 768), f"{k}.hada_w2_b": rand(2, 768)})  # an SD1 width
     with pytest.raises(AdapterError, match=f"{k}.hada_w1_a"):
         load_adapter(write(tmp_path, bad, "bad.safetensors"), allow_unused_keys=False)
+
+
+def test_bias_differences_are_never_dropped_silently(base, tmp_path, capsys):
+    from stylelora.cli import main
+    from stylelora.errors import ConfigError
+    from stylelora.merge import merge
+    from stylelora.resize import resize
+
+    t = {f"{kohya(FF)}.diff": rand(32, 128, seed=1), f"{kohya(FF)}.diff_b": rand(32, seed=2)}
+    f = write(tmp_path, t, metadata=tiny_meta())
+    a = load_adapter(f, pipe=base.pipe)
+    for call in (lambda: merge([(a, 1.0)]), lambda: resize(a, rank=2)):
+        with pytest.raises(ConfigError, match="diff_b"):
+            call()
+    assert main(["convert", str(f), "--to", "lora", "-o", str(tmp_path / "w.safetensors")]) == 0
+    assert "bias difference(s) (diff_b) left out" in capsys.readouterr().out
