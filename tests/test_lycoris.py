@@ -571,3 +571,12 @@ def test_bias_differences_are_never_dropped_silently(base, tmp_path, capsys):
             call()
     assert main(["convert", str(f), "--to", "lora", "-o", str(tmp_path / "w.safetensors")]) == 0
     assert "bias difference(s) (diff_b) left out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, family", [
+    ("lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q", "sdxl"),  # a second transformer block: SDXL
+    ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", None),  # SD1, SD2 or SDXL
+])
+def test_family_from_unet_transformer_depth(tmp_path, name, family):
+    f = write(tmp_path, {f"{name}.lora_down.weight": rand(2, 640), f"{name}.lora_up.weight": rand(640, 2)})
+    assert describe(f, hashes=False)["family"] == family

@@ -203,11 +203,19 @@ def family_from_keys(keys, parsed: ParsedKeys, shape_of) -> tuple[str | None, st
         return second.key, "embedding vectors for a second text encoder (clip_g)"
     for slot, group in parsed.groups.items():
         sep = "_" if slot.flat else "."
-        if slot.component == "unet" and f"attn2{sep}to_k" in slot.name:
+        if slot.component == "unet" and (f"attn2{sep}to_k" in slot.name or f"attn2{sep}to_v" in slot.name):
             width = input_width(group, shape_of)
             if width in _CROSS_DIM:
                 return _CROSS_DIM[width], f"cross-attention width {width}"
+    # UNet names: only SDXL (of the released families) stacks more than one transformer block per attention
+    # (SD1/SD2: transformer_blocks.0 only; SDXL: 2 and 10)
+    deep = next((s.name for s in parsed.groups if s.component == "unet" and _DEEP.search(s.name)), None)
+    if deep and second:
+        return second.key, f"UNet module {deep} (a transformer depth only SDXL has)"
     return None, ""
+
+
+_DEEP = re.compile(r"transformer_blocks[._]([1-9]\d*)[._]")
 
 
 def tiny_spec(md: dict[str, str]) -> str | None:
