@@ -227,7 +227,7 @@ def is_fp8(layer: nn.Module) -> bool:
 
 def is_bnb_layer(layer: nn.Module) -> bool:
     """A bitsandbytes Linear4bit / Linear8bitLt (packed weights: nothing can be added to them in place)."""
-    return type(getattr(layer, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+    return type(layer._parameters.get("weight")).__name__ in ("Params4bit", "Int8Params")  # never fp8's property
 
 
 def delta_setter(layer: nn.Module):
@@ -295,9 +295,8 @@ def quantization(pipe) -> str | None:
 
 
 def is_bnb(module: nn.Module) -> bool:
-    """Whether ``module`` was loaded quantized by bitsandbytes (cannot be cast to another dtype)."""
-    return getattr(module, "is_quantized", False) or getattr(module, "is_loaded_in_4bit", False) \
-        or getattr(module, "is_loaded_in_8bit", False)
+    """Whether ``module`` holds bitsandbytes-quantized layers (diffusers/transformers refuse to cast it)."""
+    return any(is_bnb_layer(m) for m in module.modules())
 
 
 def place(module: nn.Module, device, dtype) -> None:
