@@ -107,7 +107,7 @@ def load_adapter(path, *, pipe=None, family: Family | None = None, allow_unused_
         if live is None:
             unused.extend(group.keys.values())
             continue
-        first = group.keys.get("down") or sorted(group.keys.values())[0]
+        first = group.keys.get("down") or lyco.first_key(group)
         if slot.flat and slot.name in comp.ambiguous:
             raise AdapterError(f"{file}: {first} could name more than one module of {table.source}")
         names = [slot.name, live, comp.peft_out.get(live, live)]

@@ -77,6 +77,12 @@ def _key(group: Group, role: str) -> str:
     return (stem + role_suffix(role)) if stem else role
 
 
+def first_key(group: Group) -> str:
+    """The key errors name for a module: its first factor (not its alpha)."""
+    return sorted(k for r, k in group.keys.items() if r != "alpha")[0] if len(group.keys) > 1 or \
+        "alpha" not in group.keys else group.keys["alpha"]
+
+
 def _where(group: Group) -> str:
     return f"module {group.slot.name}"
 
@@ -126,7 +132,7 @@ def build(file, group: Group, tensors, raw: tuple[int, ...], target: tuple[int, 
     """The module for a layer whose weight has shape ``target`` (checked against ``raw``, the factors' product)."""
     kind = kind_of(file, group)
     checked = _checked(file, group, tensors)
-    first = sorted(group.keys.values())[0]
+    first = first_key(group)
     fits = tuple(raw) == tuple(target) or (raw[0] == target[0] and math.prod(raw) == math.prod(target))
     if not fits:
         raise AdapterError(f"{file}: {first}: the {NAMES[kind]} module makes a weight update of shape {list(raw)}, "
