@@ -456,6 +456,7 @@ class Blender:
     def _resolve(self, adapter: Adapter, path: Path | None) -> dict:
         """Find each adapter module's layer in the pipe and check shapes; errors name the module."""
         from .lora import components  # peft is heavy; `import stylelora` should not pay for it
+        from .quantize import weight_shape
 
         where = f"adapter {adapter.name!r}" + (f" ({path})" if path else "")
         parts = components(self.pipe)
@@ -471,16 +472,15 @@ class Blender:
                 except AttributeError:
                     raise AdapterError(f"{where}: the base model has no module {comp}.{mpath}") from None
                 layer = getattr(layer, "base_layer", layer)  # a PEFT-wrapped layer: blend into its base weight
-                weight = getattr(layer, "weight", None)
                 if isinstance(m, LycoModule):
                     out[(comp, mpath)] = (layer, self._check_lyco(where, comp, mpath, m, layer))
                     continue
                 down, up = m.down.detach(), m.up.detach()
-                if weight is None or up.shape[0] != weight.shape[0] or down[0].numel() != weight[0].numel() \
+                shape = weight_shape(layer)  # quantized layers: the logical shape, not the storage's
+                if shape is None or up.shape[0] != shape[0] or down[0].numel() != math.prod(shape[1:]) \
                         or down.shape[0] != up.shape[1]:
                     raise AdapterError(f"{where}: {comp}.{mpath} has down {tuple(down.shape)} / up {tuple(up.shape)}, "
-                                       f"which does not fit the layer weight "
-                                       f"{tuple(weight.shape) if weight is not None else None}")
+                                       f"which does not fit the layer weight {shape}")
                 if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
                     raise AdapterError(f"{where}: {comp}.{mpath} contains NaN or inf")
                 out[(comp, mpath)] = (layer, (down.flatten(1), up.flatten(1), m.scale))

@@ -230,6 +230,19 @@ def is_bnb_layer(layer: nn.Module) -> bool:
     return type(layer._parameters.get("weight")).__name__ in ("Params4bit", "Int8Params")  # never fp8's property
 
 
+def weight_shape(layer: nn.Module) -> tuple[int, ...] | None:
+    """The shape of ``layer``'s weight as the model uses it, without dequantizing an fp8 one or reading a packed
+    4-bit one as its storage shape ([n, 1] bytes); None for a layer without weight."""
+    if is_fp8(layer):
+        return tuple(layer.weight_fp8.shape)
+    weight = layer._parameters.get("weight")
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return tuple(state.shape)
+    weight = getattr(layer, "weight", None)
+    return None if weight is None else tuple(weight.shape)
+
+
 def delta_setter(layer: nn.Module):
     """How a fused blend puts ΔW = up @ down into ``layer`` when it must not rewrite the weight (None: a plain layer,
     whose weight the Blender rewrites itself). fp8 layers take the factors into their dequantization
