@@ -89,7 +89,7 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
             raise ConfigError(f"quantize_base is {run.quantize_base} but the given base is stored "
                               f"{stored or 'in full precision'}: load the base with --quantize-base "
                               f"{run.quantize_base} (load_base(..., quantize=...)), or leave quantize_base out")
-        config = cfg = cfg.replace(quantize_base=stored)  # a quantized base lent by the caller (web UI): recorded
+        cfg = cfg.replace(quantize_base=stored)  # a quantized base lent by the caller (web UI): recorded
         run = cfg.run
     if base is None and run.base in TINY:
         ensure_tiny(run.base)  # before the process group exists (see ensure_tiny)
