@@ -78,7 +78,8 @@ def test_cli_recipe_then_toml_then_flags(tmp_path):
     from stylelora.cli.train import config_from_args
 
     toml = tmp_path / "t.toml"
-    toml.write_text('[optim]\nlr = 3e-4\n[network]\nrank = 12\n')
+    toml.write_text('[optim]\nlr = 3e-4\n[network]\nrank = 12\n[run]\nbase = "./sd15"\n')  # a real base: the
+    # recipes' own numbers (on the toy `tiny` base they are scaled: tests/test_presets.py)
     args = build_parser().parse_args(["train", "imgs", "--recipe", "quick", "-c", str(toml), "--rank", "4"])
     cfg = config_from_args(args)
     # quick is 400 steps, rank 8, lr 2e-4: the TOML's lr and the flag's rank win, the recipe's steps stay
