@@ -59,7 +59,7 @@ class LycoModule:
     documented math, not copied.
     """
 
-    kind: str  # loha | lokr | tucker | full | lora (a LoRA pair with dora_scale)
+    kind: str  # loha | lokr | tucker | full | norm (w_norm/b_norm) | lora (a LoRA pair with dora_scale)
     tensors: dict[str, torch.Tensor]
     alpha: float | None
     shape: tuple[int, ...]
@@ -91,9 +91,11 @@ class LycoModule:
 
     def base_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """ΔW before DoRA, scale included, in the layer's weight shape."""
-        t = {k: v.to(dtype) for k, v in self.tensors.items() if k not in ("dora_scale", "diff_b")}
+        t = {k: v.to(dtype) for k, v in self.tensors.items() if k not in ("dora_scale", "diff_b", "b_norm")}
         if self.kind == "full":
             d = t["diff"]
+        elif self.kind == "norm":  # a GroupNorm/LayerNorm weight difference (A1111 network_norm.py)
+            d = t["w_norm"]
         elif self.kind == "lora":
             d = t["up"].flatten(1) @ t["down"].flatten(1)
         elif self.kind == "tucker":  # ΔW[o,i,k,l] = Σ up[o,n]·mid[n,m,k,l]·down[m,i]
@@ -135,8 +137,9 @@ class LycoModule:
         return self.dora_delta(weight.to(dtype), d)
 
     def bias_delta(self) -> torch.Tensor | None:
-        """``diff_b``: added to the layer's bias times the adapter weight (no alpha: A1111 network_full.py)."""
-        return self.tensors.get("diff_b")
+        """``diff_b`` / ``b_norm``: added to the layer's bias times the adapter weight (no alpha: A1111
+        network_full.py, network_norm.py)."""
+        return self.tensors.get("diff_b", self.tensors.get("b_norm"))
 
 
 def _low_rank(t: dict, a: str, b: str, core: str) -> torch.Tensor:

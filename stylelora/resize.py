@@ -117,7 +117,7 @@ def spectra_of(adapter: Adapter, pipe=None) -> dict:
     """(component, path) -> Spectrum of every module (any type; DoRA needs ``pipe``)."""
     bases = dora_bases(adapter, pipe)
     return {(c, p): module_spectrum(m, bases.get((c, p))) for c in adapter.components()
-            for p, m in adapter.modules[c].items()}
+            for p, m in adapter.modules[c].items() if not (isinstance(m, LycoModule) and m.kind == "norm")}
 
 
 def numerical_rank(s: torch.Tensor) -> int:
@@ -126,18 +126,20 @@ def numerical_rank(s: torch.Tensor) -> int:
 
 
 def bias_modules(adapter: Adapter) -> list[str]:
-    """``component.path`` of every module that changes its layer's bias (a full difference's ``diff_b``)."""
+    """``component.path`` of every module with a part no LoRA can hold: a bias difference (``diff_b``, ``b_norm``)
+    or a norm layer's weight difference (``w_norm``)."""
     return [f"{c}.{p}" for c, mods in adapter.modules.items() for p, m in mods.items()
-            if isinstance(m, LycoModule) and m.bias_delta() is not None]
+            if isinstance(m, LycoModule) and (m.bias_delta() is not None or m.kind == "norm")]
 
 
 def refuse_bias(adapter: Adapter) -> None:
     """A ConfigError when a module changes a bias: a LoRA written from it would silently lose that."""
     biased = bias_modules(adapter)
     if biased:
-        raise ConfigError(f"adapter {adapter.name!r}: {len(biased)} module(s) change a bias (diff_b), e.g. "
-                          f"{biased[0]}, which a LoRA cannot hold; blend or bake the file instead, or make it a "
-                          "LoRA with stylelora convert --to lora, which leaves them out and says so")
+        raise ConfigError(f"adapter {adapter.name!r}: {len(biased)} module(s) change a bias or a norm layer "
+                          f"(diff_b, w_norm/b_norm), e.g. {biased[0]}, which a LoRA cannot hold; blend or bake the "
+                          "file instead, or make it a LoRA with stylelora convert --to lora, which leaves those "
+                          "parts out and says so")
 
 
 def as_lora(adapter: Adapter, pipe=None) -> Adapter:

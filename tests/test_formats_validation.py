@@ -161,8 +161,7 @@ def test_unused_keys_error_or_warning(tiny, tmp_path, caplog):
 
 @pytest.mark.parametrize("extra", [
     {Q + ".oft_blocks": torch.zeros(4, 8, 8)},
-    {"lora_unet_down_blocks_0_attentions_0_norm.w_norm": torch.zeros(32),
-     "lora_unet_down_blocks_0_attentions_0_norm.b_norm": torch.zeros(32)},
+    {Q + ".a1.weight": torch.zeros(2, 32), Q + ".a2.weight": torch.zeros(32, 2)},
     {Q + ".lora_up.bias": torch.zeros(32)},
 ])
 def test_unsupported_adapter_types_refused_as_a_whole(tiny, tmp_path, extra):

@@ -18,6 +18,7 @@ from stylelora.formats import describe, load_adapter
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # Linear 32 -> 32, no bias
 FF = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"  # Linear 128 -> 32, with bias
 CONV = "down_blocks.0.resnets.0.conv1"  # Conv2d 32 -> 32, 3x3, with bias
+NORM = "down_blocks.0.resnets.0.norm1"  # GroupNorm over 32 channels
 
 
 def kohya(path: str) -> str:
@@ -162,6 +163,22 @@ def test_full_diff_with_bias_and_exact_reset(base, tmp_path):
     info = describe(tmp_path / "lyco.safetensors", hashes=False)
     assert info["components"]["unet"]["types"] == {"full": 1} and info["components"]["unet"]["rank"] is None
     assert "1 modules (1 full)" in format_text(info)
+
+
+def test_norm_layer_differences_and_exact_reset(base, tmp_path):
+    """LyCORIS norm modules: W += w·w_norm, b += w·b_norm (A1111 network_norm.py; no alpha)."""
+    norm = layer(base, NORM)
+    w0, b0 = norm.weight.detach().clone(), norm.bias.detach().clone()
+    t = {f"{kohya(NORM)}.w_norm": rand(32, seed=1), f"{kohya(NORM)}.b_norm": rand(32, seed=2)}
+    f = write(tmp_path, t, metadata=tiny_meta())
+    blender = Blender(base)
+    blender.load(f, weight=-0.75)
+    close(norm.weight.detach() - w0, -0.75 * t[f"{kohya(NORM)}.w_norm"])
+    close(norm.bias.detach() - b0, -0.75 * t[f"{kohya(NORM)}.b_norm"])
+    blender.reset()
+    assert torch.equal(norm.weight, w0) and torch.equal(norm.bias, b0)
+    assert load_adapter(f).modules["unet"][NORM].kind == "norm"  # resolves without a base too
+    assert describe(f, hashes=False)["components"]["unet"]["types"] == {"norm": 1}
 
 
 def ref_dora(w0, delta, m, axis):
@@ -508,6 +525,7 @@ def test_convert_to_kohya_keeps_the_lycoris_tensors_and_peft_refuses(base, tmp_p
     ("LoConModule", FF, {"weight_decompose": True, "wd_on_out": False}),
     ("LohaModule", Q, {"weight_decompose": True}),
     ("FullModule", FF, {}),
+    ("NormModule", NORM, {}),
 ])
 def test_files_written_by_lycoris_fuse_to_what_its_forward_computes(base, tmp_path, cls, path, kw):
     """Where the lycoris-lora package is importable (it is not a dependency): modules it builds on the tiny base's
@@ -529,7 +547,7 @@ def test_files_written_by_lycoris_fuse_to_what_its_forward_computes(base, tmp_pa
             m.bias.add_(org.bias)
             m.is_diff = False
         state = m.state_dict()  # what LyCORIS saves for this module (FullModule: diff = weight − W0)
-        x = torch.randn((2, org.in_features) if path != CONV else (1, 32, 6, 6), generator=g)
+        x = torch.randn((2, org.in_features) if path not in (CONV, NORM) else (1, 32, 6, 6), generator=g)
         plain, theirs = org(x), m(x)
     f = write(tmp_path, {f"{kohya(path)}.{k}": v.detach().clone() for k, v in state.items()})
     blender = Blender(base)
@@ -570,7 +588,10 @@ def test_bias_differences_are_never_dropped_silently(base, tmp_path, capsys):
         with pytest.raises(ConfigError, match="diff_b"):
             call()
     assert main(["convert", str(f), "--to", "lora", "-o", str(tmp_path / "w.safetensors")]) == 0
-    assert "bias difference(s) (diff_b) left out" in capsys.readouterr().out
+    assert "bias difference(s) (diff_b)" in capsys.readouterr().out
+    n = write(tmp_path, {f"{kohya(NORM)}.w_norm": rand(32)}, "norm.safetensors", metadata=tiny_meta())
+    with pytest.raises(ConfigError, match="w_norm"):
+        merge([(load_adapter(n), 1.0)])
 
 
 @pytest.mark.parametrize("name, family", [

@@ -67,8 +67,9 @@ def run(args) -> int:
         print(lora_table(adapter, result))
         dropped = result.method.get("dropped_bias")
         if dropped:
-            print(f"warning: {len(dropped)} bias difference(s) (diff_b) left out, e.g. {dropped[0]}: a LoRA holds "
-                  "weight updates only (blend or bake the original file to keep them)")
+            print(f"warning: {len(dropped)} bias difference(s) (diff_b) / norm-layer module(s) (w_norm, b_norm) "
+                  f"left out, e.g. {dropped[0]}: a LoRA holds Linear/conv weight updates only (blend or bake the "
+                  "original file to keep them)")
     else:
         save_adapter(adapter, out, format=args.to, pipe=pipe)
         print(f"wrote {out} ({args.to} layout, {adapter.num_modules()} modules, family {adapter.family or 'unknown'})")

@@ -77,9 +77,14 @@ class ComponentTable:
     ambiguous: set[str] = field(default_factory=set)  # kohya names that two modules would share
     kohya_out: dict[str, str] = field(default_factory=dict)  # live path -> kohya name written
     peft_out: dict[str, str] = field(default_factory=dict)  # live path -> dotted name written
+    # GroupNorm/LayerNorm paths -> weight shape: only LyCORIS norm modules (w_norm/b_norm) go there, not LoRA
+    norms: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def resolve(self, name: str, flat: bool) -> str | None:
         return (self.flat if flat else self.dotted).get(name)
+
+    def weight_shape(self, path: str) -> tuple[int, ...]:
+        return self.shapes[path] if path in self.shapes else self.norms[path]
 
 
 @dataclass
@@ -90,10 +95,11 @@ class ArchTable:
 
 
 def build_component(name: str, shapes: dict[str, tuple[int, ...]], unet_config=None,
-                    ldm: bool = False) -> ComponentTable:
-    """Index every spelling of every module; ``ldm`` makes the written kohya UNet names ldm (SDXL)."""
-    table = ComponentTable(name, dict(shapes))
-    for path in shapes:
+                    ldm: bool = False, norms: dict[str, tuple[int, ...]] | None = None) -> ComponentTable:
+    """Index every spelling of every module (and of the ``norms`` layers); ``ldm`` makes the written kohya UNet
+    names ldm (SDXL)."""
+    table = ComponentTable(name, dict(shapes), norms=dict(norms or {}))
+    for path in [*shapes, *table.norms]:
         if name == "unet":
             alt = ldm_unet_path(path, unet_config) if unet_config is not None else None
             spellings = [path] + ([alt] if alt else [])
@@ -133,6 +139,16 @@ def lora_targets(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def norm_targets(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Live paths and weight shapes of the GroupNorm/LayerNorm layers with a weight (LyCORIS ``w_norm`` targets)."""
+    return {name: tuple(mod.weight.shape) for name, mod in model.named_modules()
+            if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and getattr(mod, "weight", None) is not None}
+
+
+def _component(name: str, model: torch.nn.Module, unet_config=None, ldm: bool = False) -> ComponentTable:
+    return build_component(name, lora_targets(model), unet_config, ldm=ldm, norms=norm_targets(model))
+
+
 def _ldm_names(family: Family | None) -> bool:
     """Whether kohya spells this family's UNet modules with ldm (sgm) names (SDXL) rather than diffusers ones."""
     return family is not None and family.spec.unet_naming == "ldm"
@@ -140,11 +156,11 @@ def _ldm_names(family: Family | None) -> bool:
 
 def table_from_pipe(pipe, family: Family) -> ArchTable:
     """The table of a loaded pipeline (its UNet and text encoders)."""
-    comps = {"unet": build_component("unet", lora_targets(pipe.unet), pipe.unet.config, ldm=_ldm_names(family))}
+    comps = {"unet": _component("unet", pipe.unet, pipe.unet.config, ldm=_ldm_names(family))}
     for te in ("text_encoder", "text_encoder_2"):
         model = getattr(pipe, te, None)
         if model is not None:
-            comps[te] = build_component(te, lora_targets(model))
+            comps[te] = _component(te, model)
     return ArchTable(family, comps, "the base model")
 
 
@@ -172,8 +188,7 @@ def builtin_table(arch: str, tiny: str | None = None) -> ArchTable:
                 cls = getattr(transformers, cls_name)
                 models[te] = cls(transformers.CLIPTextConfig(max_position_embeddings=77, vocab_size=49408, **cfg))
     comps = {
-        name: build_component(name, lora_targets(m), unet_cfg if name == "unet" else None,
-                              ldm=_ldm_names(Family(arch)))
+        name: _component(name, m, unet_cfg if name == "unet" else None, ldm=_ldm_names(Family(arch)))
         for name, m in models.items()
     }
     return ArchTable(Family(arch), comps, f"the built-in {label} architecture")
@@ -211,7 +226,7 @@ def _fitting(table: ArchTable, modules) -> int:
     for slot, down, up in modules:
         comp = table.components.get(slot.component)
         live = comp.resolve(slot.name, slot.flat) if comp else None
-        if live is None or (slot.flat and slot.name in comp.ambiguous):
+        if live is None or live not in comp.shapes or (slot.flat and slot.name in comp.ambiguous):
             continue
         target = comp.shapes[live]
         kernels = {tuple(down[2:]), tuple(target[2:])}
@@ -271,8 +286,8 @@ def _layout_table(family_key: str, n: int, lpb: int, down_attn: frozenset, up_at
             cls = transformers.CLIPTextModelWithProjection if te == "text_encoder_2" else transformers.CLIPTextModel
             models[te] = cls(transformers.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                                          num_hidden_layers=layers, projection_dim=32))
-    comps = {name: build_component(name, lora_targets(m), unet_cfg if name == "unet" else None,
-                                   ldm=_ldm_names(family)) for name, m in models.items()}
+    comps = {name: _component(name, m, unet_cfg if name == "unet" else None, ldm=_ldm_names(family))
+             for name, m in models.items()}
     return ArchTable(family, comps, "the module names and shapes in the file (no base model given)")
 
 

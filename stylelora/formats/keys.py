@@ -20,7 +20,7 @@ KOHYA_COMPONENTS = {prefix: comp for spec in FAMILIES.values() for comp, prefix 
 # suffix itself (docs/formats.md, "LyCORIS files", says which tool writes and reads each)
 LYCO_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
               "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-              "mid", "diff", "diff_b", "dora_scale")
+              "mid", "diff", "diff_b", "w_norm", "b_norm", "dora_scale")
 _LYCO_SUFFIX = {"mid": "lora_mid.weight"}  # role -> key suffix where they differ
 _KOHYA_ROLE = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha",
                **{_LYCO_SUFFIX.get(r, r): r for r in LYCO_ROLES}}
@@ -48,9 +48,9 @@ _OLD_PROC = {"to_q_lora": ("to_q", "q_proj"), "to_k_lora": ("to_k", "k_proj"), "
              "to_out_lora": ("to_out.0", "out_proj")}
 _DOTTED_COMPONENTS = ("unet", "text_encoder_2", "text_encoder")
 
-# Adapter types we know and do not read (OFT/BOFT, GLoRA, (IA)^3, norm-layer diffs, LoRA biases): a file holding
-# them is refused as a whole, never loaded in part
-_UNSUPPORTED = re.compile(r"oft_blocks|oft_diag|\.oft_R|\.w_norm$|\.b_norm$|\.on_input$|\.(a1|a2|b1|b2)\.weight$|"
+# Adapter types we know and do not read (OFT/BOFT, GLoRA, (IA)^3, LoRA biases): a file holding them is refused as
+# a whole, never loaded in part
+_UNSUPPORTED = re.compile(r"oft_blocks|oft_diag|\.oft_R|\.on_input$|\.(a1|a2|b1|b2)\.weight$|"
                           r"\.(lora_B|lora_up)\.bias$")
 
 

@@ -38,8 +38,9 @@ def _table(file, pipe, family, found, why, metadata, parsed: ParsedKeys, tensors
         validate.check_family(file, found, why, family, "the requested family")
     modules = [(slot, tuple(tensors[g.keys["down"]].shape), tuple(tensors[g.keys["up"]].shape))
                for slot, g in parsed.groups.items() if "down" in g.keys and "up" in g.keys and slot not in raws]
-    # other adapter types: the shape of their product, as a rank-1 (down, up) pair would give it
-    modules += [(slot, (1, *raw[1:]), (raw[0], 1)) for slot, raw in raws.items()]
+    # other adapter types: the shape of their product, as a rank-1 (down, up) pair would give it (norm layers'
+    # 1-D weights say nothing about which architecture fits)
+    modules += [(slot, (1, *raw[1:]), (raw[0], 1)) for slot, raw in raws.items() if len(raw) >= 2]
     return table_for_file(family or family_for_key(found), modules, tiny_spec(metadata))
 
 
@@ -112,7 +113,7 @@ def load_adapter(path, *, pipe=None, family: Family | None = None, allow_unused_
             raise AdapterError(f"{file}: {first} could name more than one module of {table.source}")
         names = [slot.name, live, comp.peft_out.get(live, live)]
         if slot in raws:
-            m = lyco.build(file, group, tensors, raws[slot], comp.shapes[live], live, hint)
+            m = lyco.build(file, group, tensors, raws[slot], comp.weight_shape(live), live, hint)
             if m.alpha is None and m.kind in ("lora", "tucker") and configs.get(slot.component):
                 m.alpha = validate.check_alpha(file, f"{peft.METADATA_KEY} ({first})", peft.alpha_from_config(
                     file, configs[slot.component], names, m.rank))
@@ -121,7 +122,7 @@ def load_adapter(path, *, pipe=None, family: Family | None = None, allow_unused_
                 raise AdapterError(f"{file}: {peft.METADATA_KEY} says {slot.component}.use_dora=true but "
                                    f"{first} has no lora_magnitude_vector beside it")
             m = _module(file, group, tensors, configs.get(slot.component), names)
-            m = validate.fit_shape(file, group.keys["down"], live, m, comp.shapes[live], hint)
+            m = validate.fit_shape(file, group.keys["down"], live, m, comp.weight_shape(live), hint)
         target = modules.setdefault(slot.component, {})
         if live in target:
             raise AdapterError(f"{file}: {first} and another key both target {slot.component} module {live}")

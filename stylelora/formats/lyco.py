@@ -21,10 +21,11 @@ _KINDS = {
     "loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, {"hada_t1", "hada_t2"}),
     "tucker": ({"down", "up", "mid"}, set()),
     "full": ({"diff"}, {"diff_b"}),
+    "norm": ({"w_norm"}, {"b_norm"}),
     "lora": ({"down", "up"}, set()),
 }
 NAMES = {"loha": "LoHa", "lokr": "LoKr", "tucker": "LoCon (Tucker, lora_mid)", "full": "full difference",
-         "lora": "LoRA"}
+         "norm": "norm-layer difference", "lora": "LoRA"}
 _COMMON = {"alpha", "dora_scale"}
 
 
@@ -49,6 +50,8 @@ def kind_of(file, group: Group) -> str:
         kind = "tucker"
     elif "diff" in roles or "diff_b" in roles:
         kind = "full"
+    elif "w_norm" in roles or "b_norm" in roles:
+        kind = "norm"
     elif "down" in roles or "up" in roles:
         kind = "lora"
     else:
@@ -111,7 +114,8 @@ def raw_shape(file, group: Group, tensors) -> tuple[int, ...]:
     """The shape of ΔW as the factors give it (before reshaping to the layer): checks that they multiply."""
     kind = kind_of(file, group)
     checked = _checked(file, group, tensors)
-    meta = {r: torch.empty(t.shape, device="meta") for r, t in checked.items() if r not in ("dora_scale", "diff_b")}
+    meta = {r: torch.empty(t.shape, device="meta") for r, t in checked.items()
+            if r not in ("dora_scale", "diff_b", "b_norm")}
     try:
         shape = tuple(LycoModule(kind, meta, None, ()).base_delta().shape)
     except (RuntimeError, IndexError, ValueError):
@@ -138,9 +142,10 @@ def build(file, group: Group, tensors, raw: tuple[int, ...], target: tuple[int, 
         raise AdapterError(f"{file}: {first}: the {NAMES[kind]} module makes a weight update of shape {list(raw)}, "
                            f"which does not fit module {module_path} (weight {list(target)}). The adapter was made "
                            f"for a different model{hint}.")
-    if "diff_b" in checked and tuple(checked["diff_b"].shape) != (target[0],):
-        raise AdapterError(f"{file}: {group.keys['diff_b']} has shape {list(checked['diff_b'].shape)}; the bias of "
-                           f"module {module_path} has {target[0]} values")
+    for role in ("diff_b", "b_norm"):
+        if role in checked and tuple(checked[role].shape) != (target[0],):
+            raise AdapterError(f"{file}: {group.keys[role]} has shape {list(checked[role].shape)}; the bias of "
+                               f"module {module_path} has {target[0]} values")
     axis = None
     if "dora_scale" in checked:
         axis = dora_axis(file, group.keys["dora_scale"], checked["dora_scale"], target)
@@ -155,6 +160,9 @@ def build(file, group: Group, tensors, raw: tuple[int, ...], target: tuple[int, 
 def dora_axis(file, key: str, t: torch.Tensor, target: tuple[int, ...]) -> str:
     """"out" for one magnitude per output row ([out], [out, 1(, 1, 1)]: PEFT, LyCORIS' default), "in" for one per
     input column ([1, in(, 1, 1)]: kohya sd-scripts, OneTrainer, what A1111 reads): decided from the shape."""
+    if len(target) < 2:
+        raise AdapterError(f"{file}: {key}: a DoRA magnitude on a layer with a 1-D weight {list(target)} (a norm layer)"
+                           " means nothing; DoRA rescales the rows or columns of a Linear/Conv weight")
     out, inp = target[0], target[1]
     shape = tuple(t.shape)
     if t.dim() == 1 and shape[0] == out:

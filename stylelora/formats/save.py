@@ -45,7 +45,8 @@ def _check_lyco(path: Path, key: str, m: LycoModule, table: ArchTable | None) ->
             raise AdapterError(f"{path}: {key} ({role}) must be finite floating-point values")
     comp, _, mod_path = key.partition(".")
     ct = table.components.get(comp) if table is not None else None
-    if table is not None and (ct is None or tuple(ct.shapes.get(mod_path, ())) != tuple(m.shape)):
+    shape = (ct.shapes.get(mod_path) or ct.norms.get(mod_path, ())) if ct is not None else ()
+    if table is not None and tuple(shape) != tuple(m.shape):
         raise AdapterError(f"{path}: module {key} ({m.kind}, weight {list(m.shape)}) does not fit {table.source}")
 
 

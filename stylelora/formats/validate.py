@@ -48,6 +48,9 @@ def fit_shape(file, key: str, module_path: str, m: LoraModule, target: tuple[int
     """Check the pair against the target layer's weight shape; a 1x1 conv pair on a Linear layer (or the reverse,
     as SD1 vs SD2 ``proj_in`` differ) is reshaped to the layer's layout."""
     down, up = m.down, m.up
+    if len(target) < 2:
+        raise AdapterError(f"{file}: {key}: module {module_path} is a norm layer (weight {list(target)}); a LoRA pair "
+                           f"cannot change it (LyCORIS norm modules use w_norm/b_norm)")
     kernel = tuple(target[2:])
     if len(target) == 2 and down.dim() == 4 and tuple(down.shape[2:]) == (1, 1):
         down, up = down.flatten(1), up.flatten(1)
