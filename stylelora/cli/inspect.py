@@ -115,7 +115,7 @@ def format_text(info: dict) -> str:
     ]
     if info["unsupported_keys"]:
         lines.append(f"NOT SUPPORTED   {len(info['unsupported_keys'])} keys, e.g. {info['unsupported_keys'][0]} "
-                     "(OFT/BOFT, GLoRA, (IA)^3, norm or LoRA-bias keys: stylelora cannot load this file)")
+                     "(OFT/BOFT, GLoRA, (IA)^3 or LoRA-bias keys: stylelora cannot load this file)")
     if info["unrecognized_keys"]:
         lines.append(f"unrecognized    {len(info['unrecognized_keys'])} keys, e.g. {info['unrecognized_keys'][0]}")
     return "\n".join(lines)

@@ -83,7 +83,7 @@ def load_adapter(path, *, pipe=None, family: Family | None = None, allow_unused_
     parsed = parse_keys(tensors)
     if parsed.unsupported:
         raise AdapterError(f"{file}: not supported: {validate.short_list(parsed.unsupported)} (OFT/BOFT, GLoRA, "
-                           "(IA)^3, norm-layer or LoRA-bias keys); stylelora reads LoRA, LoCon, LoHa, LoKr, full "
+                           "(IA)^3 or LoRA-bias keys); stylelora reads LoRA, LoCon, LoHa, LoKr, full and norm-layer "
                            "difference and DoRA modules")
     if parsed.duplicates:
         a, b = parsed.duplicates[0]
