@@ -54,6 +54,20 @@ def _check_plain(pipe) -> None:
                              "Blender (fused weights), not from a pipeline with attached adapters")
 
 
+def _check_full_precision(pipe) -> None:
+    """A baked model is the base's weights with the blend fused in, so it needs them in full precision. A quantized
+    base keeps its weights elsewhere (fp8: ``weight_fp8``/``weight_scale`` buffers, the blend held apart as factors;
+    bitsandbytes: packed bytes), and ``save_pretrained`` would write those instead of ``weight``: a folder no
+    reader of SD models can load, and without the blend."""
+    from .quantize import quantization
+
+    mode = quantization(pipe)
+    if mode is not None:
+        raise ModelError(f"cannot bake from a base loaded with --quantize-base {mode} (quantize={mode!r}): its "
+                         "weights are stored quantized, not as the model's own tensors; load the base without "
+                         "--quantize-base (load_base(..., quantize=None)) to bake")
+
+
 def check_output(output: str | Path, *, single_file: bool = False, overwrite: bool = False,
                  base_spec: str | None = None) -> None:
     """Refuse a bad or existing destination before any slow work, and always one that would replace the base
@@ -78,6 +92,7 @@ def _prepare(output: Path, overwrite: bool, create: bool = True) -> None:
 def save_folder(blender: Blender, output: str | Path, *, base_name: str = "", overwrite: bool = False) -> Path:
     """Write the pipeline with the current blend fused in as a diffusers folder (atomic rename into place)."""
     output = Path(output)
+    _check_full_precision(blender.pipe)
     _prepare(output, overwrite)
     _check_plain(blender.pipe)
     with atomic_folder(output) as tmp:
@@ -120,6 +135,7 @@ def save_single_file(blender: Blender, output: str | Path, *, dtype: torch.dtype
 
     output = Path(output)
     check_output(output, single_file=True, overwrite=overwrite)
+    _check_full_precision(blender.pipe)
     _check_tokens_fit_single_file(blender)
     _prepare(output, overwrite)
     _check_plain(blender.pipe)
@@ -156,6 +172,7 @@ def bake(base, refs: list[LoraRef], output: str | Path, *, folders=(), single_fi
     if not refs:
         raise ConfigError("bake needs at least one --lora FILE[:W[:W_TE]]")
     check_output(output, single_file=single_file, overwrite=overwrite, base_spec=getattr(base, "spec", None))
+    _check_full_precision(base.pipe)  # before any adapter is loaded
     blender = Blender(base)
     blender.set(blender.load_refs(refs, folders))
     if single_file:

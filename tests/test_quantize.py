@@ -266,6 +266,38 @@ def test_given_base_stored_otherwise_is_refused_and_a_quantized_one_is_recorded(
         assert f.metadata()["stylelora.quantize_base"] == "fp8"
 
 
+def test_bake_from_a_quantized_base_is_refused_before_anything_is_written(tmp_path):
+    """A baked model is the base's own tensors with the blend fused in; an fp8 base has none to give (its state dict
+    holds weight_fp8/weight_scale, and a blend is kept apart as factors), so bake refuses through every entry."""
+    from stylelora.bake import bake, save_folder, save_single_file
+    from stylelora.errors import ModelError
+    from stylelora.formats import save_adapter
+    from stylelora.prompt import LoraRef
+
+    fp8 = load_base("tiny-random", quantize="fp8")
+    keys = fp8.pipe.unet.state_dict().keys()
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert f"{path}.weight_fp8" in keys and f"{path}.weight" not in keys  # what save_pretrained would have written
+    w = fp8.pipe.unet.get_submodule(path).weight
+    g = torch.Generator().manual_seed(0)
+    adapter = Adapter(name="a", family=fp8.family.key, modules={"unet": {path: LoraModule(
+        down=torch.randn(2, w.shape[1], generator=g), up=torch.randn(w.shape[0], 2, generator=g), alpha=2.0)}})
+    file = save_adapter(adapter, tmp_path / "a.safetensors", pipe=fp8.pipe)
+    fix = r"--quantize-base fp8.*load the base without --quantize-base"
+    with pytest.raises(ModelError, match=fix):
+        bake(fp8, [LoraRef(str(file))], tmp_path / "folder")
+    with pytest.raises(ModelError, match=fix):
+        bake(fp8, [LoraRef(str(file))], tmp_path / "one.safetensors", single_file=True)
+    assert quantize.quantization(fp8.pipe) == "fp8" and fp8.pipe.unet.get_submodule(path).delta is None  # untouched
+    blender = Blender(fp8)
+    blender.load(file, weight=1.0)
+    with pytest.raises(ModelError, match=fix):
+        save_folder(blender, tmp_path / "folder")
+    with pytest.raises(ModelError, match=fix):
+        save_single_file(blender, tmp_path / "one.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_bitsandbytes_modes_without_cuda_name_what_is_missing(style_dir, tmp_path, mode):
