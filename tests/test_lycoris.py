@@ -139,7 +139,8 @@ def test_locon_tucker_mid(base, tmp_path):
     t = {f"{c}.lora_down.weight": rand(r, 32, 1, 1, seed=1), f"{c}.lora_mid.weight": rand(r, r, 3, 3, seed=2),
          f"{c}.lora_up.weight": rand(32, r, 1, 1, seed=3), f"{c}.alpha": torch.tensor(1.5)}
     d = fused(base, write(tmp_path, t), weight=-0.5)
-    up, down, mid = t[f"{c}.lora_up.weight"].flatten(1), t[f"{c}.lora_down.weight"].flatten(1), t[f"{c}.lora_mid.weight"]
+    up, down = t[f"{c}.lora_up.weight"].flatten(1), t[f"{c}.lora_down.weight"].flatten(1)
+    mid = t[f"{c}.lora_mid.weight"]
     want = torch.zeros(32, 32, 3, 3)
     for n in range(r):
         for m in range(r):
@@ -362,7 +363,7 @@ def test_family_from_cross_attention_width_with_lora_te1_keys(tmp_path, width, f
     assert describe(f, hashes=False)["family"] == family
 
 
-# ------------------------------------------------------------------------------------------- convert, merge, inspect, bake
+# ------------------------------------------------------------------------------- convert, merge, inspect, bake
 def mixed_file(tmp_path, base):
     """UNet: a LoHa on to_q, a Tucker LoCon on conv1, a DoRA (input axis) LoRA on ff.net.2; text encoder: LoKr."""
     r = 2

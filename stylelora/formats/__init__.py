@@ -4,6 +4,7 @@
 - ``keys``: recognising key layouts and the model family a file is for
 - ``io``: checked safetensors headers, safe pickles, atomic writes, kohya's ``sshs_*`` hashes
 - ``kohya`` / ``peft``: the two layouts we write; ``embeddings``: learnt token embeddings in both, and sidecar files
+- ``lyco``: LyCORIS (LoHa, LoKr, LoCon-Tucker), full/norm-difference and DoRA modules (docs/formats.md)
 - ``load`` / ``save``: the public entry points; ``validate``: the checks they share
 - ``metadata``: what a trained adapter records; ``summary``: what ``stylelora inspect`` reports
 """

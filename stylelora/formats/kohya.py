@@ -37,7 +37,8 @@ def to_state_dict(adapter: Adapter, family: Family | None, table: ArchTable | No
                 raise AdapterError(f"modules {owner[name]} and {comp}.{path} would both be saved as {name}")
             owner[name] = f"{comp}.{path}"
             if isinstance(m, LycoModule):  # LyCORIS / diff / DoRA tensors under their own suffixes, as read
-                out.update({f"{name}.{role_suffix(role)}": t.detach().cpu().contiguous() for role, t in m.tensors.items()})
+                out.update({f"{name}.{role_suffix(role)}": t.detach().cpu().contiguous()
+                            for role, t in m.tensors.items()})
                 if m.alpha is not None:
                     out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
                 continue
