@@ -200,8 +200,8 @@ def test_import_upload_and_refuse_junk(page, server, tmp_path):
 
 def test_resize_into_a_new_library_entry(page, server):
     _, studio = server
+    fresh(page)
     page.get_by_role("tab", name="Library").click()
-    page.fill("#library-pick input", "")  # an earlier test may have picked another adapter
     pick(page, "#library-pick", "ink")
     page.keyboard.press("Escape")
     page.locator("#resize-rule label").get_by_text("rank", exact=True).click()
@@ -220,3 +220,180 @@ def test_resize_into_a_new_library_entry(page, server):
     page.get_by_text("rank must be a whole number >= 1").first.wait_for()
     assert "Traceback" not in page.inner_text("body")
     studio.delete_adapter("ink-small")
+
+
+# ---------------------------------------------------------------------------------------------- layout (issue 20)
+# Measured in the page: bounding boxes of elements and of their text (a Range over each text node: one client rect
+# top per line), computed styles. Each check failed before its fix.
+TEXT_BOXES = """(el) => {
+  const out = [];
+  const walk = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+  for (let n = walk.nextNode(); n; n = walk.nextNode()) {
+    if (!n.textContent.trim()) continue;
+    const r = document.createRange(); r.selectNodeContents(n);
+    for (const q of r.getClientRects()) if (q.width > 0) out.push([q.left, q.top, q.right, q.bottom]);
+  }
+  return out;
+}"""
+
+
+def text_lines(page, element) -> int:
+    """How many lines the text of ``element`` takes (distinct tops of its text boxes)."""
+    return len({round(b[1]) for b in element.evaluate(TEXT_BOXES)})
+
+
+def overlaps(a, b) -> bool:
+    return a[0] < b[2] - 1 and b[0] < a[2] - 1 and a[1] < b[3] - 1 and b[1] < a[3] - 1
+
+
+def box(element) -> tuple:
+    b = element.bounding_box()
+    return (b["x"], b["y"], b["x"] + b["width"], b["y"] + b["height"])
+
+
+def test_library_table_fits_a_1024_px_page(page, server):
+    _, studio = server
+    long = "ink-and-pastel-merged-watercolour"
+    studio.merge_adapters({"ink": 0.5, "pastel": 0.5}, long)  # a long name and a long "training" summary
+    fresh(page)
+    page.set_viewport_size({"width": 1024, "height": 900})
+    try:
+        page.get_by_role("tab", name="Library").click()
+        page.click("#library-refresh")
+        wait_text(page, "#library-table", long)
+        page.wait_for_timeout(500)
+        table = page.locator("#library-table")
+        right = box(table)[2]
+        shot(page, "library-1024")
+        for cell in table.locator("th, td").all():
+            b = cell.bounding_box()
+            if b and b["width"] > 0:  # no column runs past the table's own box (hash and size were cut off)
+                assert b["x"] + b["width"] <= right + 1, (cell.inner_text(), b, right)
+        for header in table.locator("th").all():
+            name = header.inner_text().strip()
+            if name:  # "fami ly", "t r i g g e r" before
+                assert text_lines(page, header) == 1, name
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1024
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})
+        studio.delete_adapter(long)
+
+
+def fresh(page) -> None:
+    """A reloaded page: nothing picked or typed by an earlier test."""
+    page.reload(wait_until="load")
+    page.wait_for_selector("#generate-btn")
+
+
+def test_error_badge_leaves_the_status_text_readable(page):
+    fresh(page)
+    page.set_viewport_size({"width": 1024, "height": 900})  # a narrower column: the text reaches the middle
+    page.get_by_role("tab", name="Generate").click()
+    page.fill("#prompt textarea", "a lighthouse")
+    set_number(page, "#steps input[type=number]", 2)
+    set_number(page, "#width input[type=number]", 64)
+    set_number(page, "#height input[type=number]", 64)
+    page.click("#generate-btn")
+    wait_text(page, "#gen-status", "image(s), seed", timeout=TIMEOUT_MS)
+    page.fill("#prompt textarea", "")
+    page.click("#generate-btn")
+    badge = page.locator("#gen-status .error").first
+    badge.wait_for()
+    page.wait_for_timeout(300)
+    text = page.locator("#gen-status .prose").first.evaluate(TEXT_BOXES)
+    assert text, "the status text is gone"
+    for line in text:
+        assert not overlaps(line, box(badge)), (line, box(badge))
+    for button in page.locator("#gen-status button").all():  # nor does it run under the status's close button
+        assert not overlaps(box(button), box(badge)), (box(button), box(badge))
+    page.locator("#gen-status").screenshot(path=str(ARTIFACTS / "webui-status-error.png"))
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.reload(wait_until="load")
+    page.wait_for_selector("#generate-btn")
+
+
+def test_grid_is_shown_whole_and_small_pictures_stay_sharp(page):
+    fresh(page)
+    page.fill("#prompt textarea", "a lighthouse")
+    for sel, v in (("#steps input[type=number]", 2), ("#width input[type=number]", 64),
+                   ("#height input[type=number]", 64), ("#seed input", 5)):
+        set_number(page, sel, v)
+    page.click("#generate-btn")
+    page.wait_for_function("document.querySelector('#infotext textarea').value.includes('Seed: 5')",
+                           timeout=TIMEOUT_MS)
+    img = page.locator("#gallery img").first
+    page.wait_for_function("(i => i && i.complete && i.naturalWidth > 0)(document.querySelector('#gallery img'))")
+    assert img.evaluate("i => [i.naturalWidth, i.getBoundingClientRect().width > i.naturalWidth]") == [64, True]
+    assert img.evaluate("i => getComputedStyle(i).imageRendering") == "pixelated"  # blurred before
+    page.click("#xy-grid")
+    pick(page, "#x-adapter", "ink")
+    page.keyboard.press("Escape")
+    page.fill("#x-values textarea", "0, 0.5, 1")
+    page.fill("#y-values textarea", "1, 2")
+    page.click("#grid-btn")
+    wait_text(page, "#gen-status", "X/Y grid of 6 images", timeout=TIMEOUT_MS)
+    page.wait_for_function("(i => i && i.complete && i.naturalWidth > 64)(document.querySelector('#gallery img'))")
+    page.wait_for_timeout(300)
+    shown = img.evaluate("""i => { const b = i.getBoundingClientRect(), s = Math.min(b.width / i.naturalWidth,
+        b.height / i.naturalHeight); const w = i.naturalWidth * s, h = i.naturalHeight * s;   // object-fit: contain
+        return [getComputedStyle(i).objectFit, b.left + (b.width - w) / 2, b.top + (b.height - h) / 2,
+                b.left + (b.width + w) / 2, b.top + (b.height + h) / 2]; }""")
+    assert shown[0] == "contain"
+    gallery = box(page.locator("#gallery"))
+    assert gallery[0] - 1 <= shown[1] and shown[3] <= gallery[2] + 1, (shown, gallery)  # the whole grid is in
+    assert gallery[1] - 1 <= shown[2] and shown[4] <= gallery[3] + 1, (shown, gallery)  # the gallery's box
+    shot(page, "grid")
+
+
+def test_train_tab_flow_stop_save_then_generate_with_it(page, server):
+    """Recipe -> run -> Stop -> 'Save what was learnt so far' -> the saved adapter is in the Library -> generate
+    with it (its trigger words offered in the Generate tab)."""
+    import re
+
+    _, studio = server
+    fresh(page)
+    page.get_by_role("tab", name="Train").click()
+    page.fill("#train-name textarea", "flow")
+    page.fill("#train-trigger textarea", "flw")
+    page.get_by_text("standard:").first.click()  # a recipe other than the default
+    wait_text(page, "#train-preset-info", "1200 steps, rank 16")
+    page.click("#train-advanced")
+    page.wait_for_selector("#train-steps input", state="visible")
+    page.wait_for_timeout(300)
+    set_number(page, "#train-steps input", 500)  # far more than the test waits for: it is stopped
+    set_number(page, "#train-resolution input", 64)
+    set_number(page, "#train-sample-every input", 0)
+    page.click("#train-start")
+    page.wait_for_function("(t => t.includes('flow') && /step [1-9][0-9]*\\/500/.test(t))"
+                           "(document.querySelector('#train-status').innerText)", timeout=TIMEOUT_MS)
+    assert "recipe: standard" in page.inner_text("#train-status")  # the effective recipe, as the CLI prints it
+    page.click("#train-stop")
+    wait_text(page, "#train-status", "Stopped", timeout=TIMEOUT_MS)
+    step = int(re.search(r"step (\d+)/500", page.inner_text("#train-status")).group(1))
+    assert 1 <= step < 500 and "flow" not in studio.adapters()
+    page.click("#train-save-partial")
+    saved = f"flow-step-{step}"
+    page.wait_for_function("([t, name]) => (s => s.includes(name) && s.includes('Finished'))"
+                           "(document.querySelector(t).innerText)", arg=["#train-status", saved],
+                           timeout=TIMEOUT_MS)
+    shot(page, "train-saved")
+    page.get_by_role("tab", name="Library").click()
+    wait_text(page, "#library-table", saved)
+    assert "flw" in page.inner_text("#library-table") and studio.library.info(saved).trigger == "flw"
+    assert studio.library.info(saved).training["steps"] == step
+    page.get_by_role("tab", name="Generate").click()
+    pick(page, "#adapters", saved)
+    page.keyboard.press("Escape")
+    wait_text(page, "#trigger-words", "flw")
+    page.fill("#prompt textarea", "a lighthouse")
+    page.click("#insert-triggers")
+    page.wait_for_function("document.querySelector('#prompt textarea').value === 'flw, a lighthouse'")
+    for sel, v in (("#steps input[type=number]", 2), ("#width input[type=number]", 64),
+                   ("#height input[type=number]", 64), ("#seed input", 7)):
+        set_number(page, sel, v)
+    page.click("#generate-btn")
+    page.wait_for_function("document.querySelector('#infotext textarea').value.includes('Seed: 7')",
+                           timeout=TIMEOUT_MS)
+    text = page.input_value("#infotext textarea")
+    assert text.startswith("flw, a lighthouse") and f"<lora:{saved}:1>" in text, text
+    shot(page, "train-flow-generate")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import html
+import inspect
 import logging
 import os
 import re
@@ -33,7 +34,39 @@ from .training import format_status, loss_frame, max_resolution, sample_caption 
 
 log = logging.getLogger(__name__)
 SOURCES = ("Folder on the server", "Upload images")
+GALLERY_HEIGHT = 520
 RESIZE_EXAMPLES = {"rank": "8", "energy": "0.9", "ratio": "4", "cumulative": "0.9", "budget": "1M", "max error": "0.05"}
+
+
+# Layout fixes found in Chromium (issue 20), each held by a test in tests/test_webui_browser.py:
+# - status lines: Gradio's "Error" badge sits over the middle of the component it reports on; it goes to the right
+#   end and the text keeps room before it, so neither covers the other.
+# - the library table: columns share the width (hash and size were pushed out of view at 1024 px) and headers
+#   never break inside a word ("fami ly").
+# - the gallery: no picture is taller than the gallery's own box, so an X/Y grid is shown whole (object-fit:
+#   contain inside a square thumbnail taller than the box cut its bottom off).
+# - small pictures (the toy base's 64 px images) are enlarged with pixelated scaling instead of a blur; the script
+#   marks every image of at most 256 px a side when it loads (CSS cannot see an image's own size).
+SMALL_IMAGE = 256
+PAGE_CSS = f"""
+.status-line .wrap {{ align-items: flex-end !important; }}
+.status-line .wrap .error {{ margin-right: 32px; }}
+.status-line .prose {{ padding-right: 120px; }}
+#library-table th, #library-table td {{ overflow-wrap: normal; word-break: normal; }}
+#library-table th {{ white-space: nowrap; }}
+#library-table td {{ overflow-wrap: anywhere; }}
+#gallery .thumbnail-item {{ max-height: {GALLERY_HEIGHT - 48}px; }}
+img.stylelora-small {{ image-rendering: pixelated; }}
+"""
+PAGE_HEAD = f"""<script>
+document.addEventListener("load", (e) => {{
+  const img = e.target;
+  if (img instanceof HTMLImageElement)
+    img.classList.toggle("stylelora-small", img.naturalWidth <= {SMALL_IMAGE} && img.naturalHeight <= {SMALL_IMAGE});
+}}, true);
+</script>"""
+PAGE_STYLE = {"css": PAGE_CSS, "head": PAGE_HEAD}
+_LAUNCH_STYLES = "css" in inspect.signature(gr.Blocks.launch).parameters  # Gradio 6 moved css/head to launch()
 
 
 def _ui(fn):
@@ -95,7 +128,7 @@ def _generate_tab(studio: Studio, c: SimpleNamespace) -> None:
                                         interactive=True)
                 c.num_images = gr.Slider(1, 16, value=1, step=1, label="Images", elem_id="num-images", interactive=True)
             c.generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
-            c.gen_status = gr.Markdown("", elem_id="gen-status", min_height=24)
+            c.gen_status = gr.Markdown("", elem_id="gen-status", min_height=24, elem_classes=["status-line"])
             with gr.Accordion("X/Y grid", open=False, elem_id="xy-grid"):
                 gr.Markdown("Columns sweep one adapter's weight; rows sweep seeds or a second adapter. The other "
                             "picked adapters keep their weights.")
@@ -113,8 +146,8 @@ def _generate_tab(studio: Studio, c: SimpleNamespace) -> None:
                                             interactive=True)
                 c.grid_btn = gr.Button("Generate grid", elem_id="grid-btn")
         with gr.Column(scale=6):
-            c.gallery = gr.Gallery(label="Images", columns=2, height=520, elem_id="gallery", object_fit="contain",
-                                   buttons=["download", "fullscreen"], interactive=False)
+            c.gallery = gr.Gallery(label="Images", columns=2, height=GALLERY_HEIGHT, elem_id="gallery",
+                                   object_fit="contain", buttons=["download", "fullscreen"], interactive=False)
             c.infotext = gr.Textbox(label="Settings (the PNG's parameters)", lines=5, interactive=False,
                                     elem_id="infotext", buttons=["copy"])
             c.files = gr.File(label="Download PNGs", file_count="multiple", interactive=False, elem_id="downloads")
@@ -277,7 +310,8 @@ def _train_tab(studio: Studio, c: SimpleNamespace) -> None:
                 c.save_partial = gr.Button("Save what was learnt so far", elem_id="train-save-partial")
                 c.resume = gr.Button("Resume", elem_id="train-resume")
         with gr.Column(scale=6):
-            c.status = gr.Markdown(format_status(studio.training_status()), elem_id="train-status")
+            c.status = gr.Markdown(format_status(studio.training_status()), elem_id="train-status",
+                                   elem_classes=["status-line"])
             c.bar = gr.HTML(_bar(studio.training_status()), elem_id="train-bar")
             c.loss_plot = gr.LinePlot(loss_frame(studio.training_status()), x="step", y="loss", title="Loss",
                                       height=220, elem_id="train-loss")
@@ -358,7 +392,10 @@ def _wire_train(studio: Studio, c: SimpleNamespace, lib_outputs: list, lib_refre
 def _library_tab(studio: Studio, c: SimpleNamespace) -> None:
     names = studio.adapters()
     with gr.Row():
+        # shares of the page's width (name, family, rank, trigger, training, hash, size): the short columns get
+        # room for their header on one line, the name and the training summary wrap
         c.lib_table = gr.Dataframe(studio.library_rows(), headers=TABLE_HEADERS, interactive=False, wrap=True,
+                                   column_widths=["20%", "8%", "6%", "11%", "28%", "15%", "12%"],
                                    label=f"Adapters in {studio.library.root}", elem_id="library-table")
     with gr.Row():
         c.lib_thumbs = gr.Gallery(studio.thumbnails(), label="Thumbnails", columns=8, height=200,
@@ -366,7 +403,7 @@ def _library_tab(studio: Studio, c: SimpleNamespace) -> None:
                                   fit_columns=False, object_fit="contain")
     with gr.Row():
         c.lib_refresh = gr.Button("↻ Refresh", size="sm", elem_id="library-refresh", scale=0, min_width=120)
-        c.lib_status = gr.Markdown("", elem_id="library-status", min_height=24)
+        c.lib_status = gr.Markdown("", elem_id="library-status", min_height=24, elem_classes=["status-line"])
     with gr.Row():
         with gr.Column():
             c.lib_pick = gr.Dropdown(names, value=None, label="Adapter", allow_custom_value=True,
@@ -506,7 +543,7 @@ def _wire_library(studio: Studio, c: SimpleNamespace) -> tuple[list, callable]:
 def build_app(studio: Studio) -> gr.Blocks:
     """The whole page for ``studio``."""
     c = SimpleNamespace()
-    with gr.Blocks(title="stylelora", analytics_enabled=False) as demo:
+    with gr.Blocks(title="stylelora", analytics_enabled=False, **({} if _LAUNCH_STYLES else PAGE_STYLE)) as demo:
         c.demo = demo
         with gr.Row():
             gr.Markdown(f"## stylelora\nAdapters: `{studio.library.root}`")
@@ -547,7 +584,7 @@ def launch(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, share: 
     demo = build_app(studio)
     demo.queue(default_concurrency_limit=1)
     allowed, blocked = served_paths(studio)
-    app, local_url, share_url = demo.launch(
+    app, local_url, share_url = demo.launch(**(PAGE_STYLE if _LAUNCH_STYLES else {}),
         server_name=host, server_port=port, share=bool(share), prevent_thread_lock=not block, quiet=quiet,
         inbrowser=False, show_error=False, ssr_mode=False, mcp_server=False, allowed_paths=allowed,
         blocked_paths=blocked, max_file_size=studio.max_upload_bytes, theme=gr.themes.Soft(), footer_links=[],
