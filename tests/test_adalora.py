@@ -17,7 +17,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_train import quick_config, straight_and_resumed
 
-from stylelora.config import TrainConfig
 from stylelora.cli.train import config_from_args
 from stylelora.errors import ConfigError
 from stylelora.formats import load_adapter
