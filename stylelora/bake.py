@@ -25,12 +25,15 @@ BAKE_INFO = "stylelora_bake.json"
 
 
 def blend_record(blender: Blender) -> list[dict]:
-    """The active adapters as [{name, sshs_model_hash, weight}] (weight: number, or {unet, text_encoder})."""
+    """The active adapters as [{name, sshs_model_hash, weight, [blocks,] file}] (weight: number, or {unet,
+    text_encoder}; blocks: the block-weight preset or values, as after ``lbw=``)."""
     rows = []
+    blocks = blender.blocks
     for name, (unet, te) in blender.active().items():
         loaded = blender.loaded[name]
         rows.append({"name": name, "sshs_model_hash": loaded.model_hash,
                      "weight": unet if unet == te else {"unet": unet, "text_encoder": te},
+                     **({"blocks": blocks[name].text()} if name in blocks else {}),
                      "file": str(loaded.path) if loaded.path else None})
     return rows
 
@@ -170,7 +173,7 @@ def bake(base, refs: list[LoraRef], output: str | Path, *, folders=(), single_fi
          dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Load ``refs`` onto ``base`` (a models.Base), fuse them at their weights and save the result."""
     if not refs:
-        raise ConfigError("bake needs at least one --lora FILE[:W[:W_TE]]")
+        raise ConfigError("bake needs at least one --lora FILE[:W[:W_TE]][@BLOCKS]")
     check_output(output, single_file=single_file, overwrite=overwrite, base_spec=getattr(base, "spec", None))
     _check_full_precision(base.pipe)  # before any adapter is loaded
     blender = Blender(base)

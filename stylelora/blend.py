@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter, LycoModule, TokenEmbedding
+from .blocks import Blocks, BlockWeight, block_of, check_fit, split_weight
 from .errors import AdapterError
 from .models import compatible  # which families' adapters fit which bases: read from the FAMILIES table
 
@@ -347,6 +348,8 @@ class Blender:
 
     ``blender.load("ink.safetensors"); blender.set({"ink": 0.8, "pastel": (0.4, 0.2)})`` — a pair is
     (UNet weight, text-encoder weight); adapters not named in ``set`` get weight 0 but stay loaded.
+    Per-block weights (A1111's LoRA Block Weight, stylelora/blocks.py): ``{"ink": (0.8, "INS")}`` or
+    ``{"ink": BlockWeight((0.8, 0.5), "1,0,0,…")}``; each layer's coefficient is its weight times its block's value.
     """
 
     def __init__(self, pipe, *, family=None, backup_device: str | None = None):
@@ -365,6 +368,9 @@ class Blender:
         self._targets: dict[tuple[str, str], _Target] = {}
         self._index: dict[str, set[tuple[str, str]]] = {}  # adapter name -> target keys it touches
         self._tokens: dict[str, list[TokenEmbedding]] = {}  # adapter name -> its embeddings now in the tokenizers
+        self._blocks: dict[str, Blocks] = {}  # adapter name -> its block-weight vector, if it has one
+        self._block_of: dict[tuple[str, str], str | None] = {}  # target key -> its A1111 block (blocks.block_of)
+        self._warned: set = set()
 
     # ------------------------------------------------------------------------------------------ adapters
     @property
@@ -375,6 +381,11 @@ class Blender:
     def weights(self) -> dict[str, tuple[float, float]]:
         """Current (unet, text_encoder) weight of every loaded adapter."""
         return dict(self._weights)
+
+    @property
+    def blocks(self) -> dict[str, Blocks]:
+        """The block-weight vector of each adapter that has one (the others: every block 1)."""
+        return dict(self._blocks)
 
     def active(self) -> dict[str, tuple[float, float]]:
         """Adapters with a nonzero weight, in load order."""
@@ -432,7 +443,8 @@ class Blender:
             name = self.load(resolve(ref, list(folders)))
             if name in weights:
                 raise AdapterError(f"adapter {name!r} is given twice; give it once with the weight you want")
-            weights[name] = as_pair(ref.weights, f"weight of {name!r}")
+            pair = as_pair(ref.weights, f"weight of {name!r}")
+            weights[name] = BlockWeight(pair, ref.blocks) if getattr(ref, "blocks", None) is not None else pair
         return weights
 
     def unload(self, name: str) -> None:
@@ -446,6 +458,7 @@ class Blender:
             target._deltas.pop(name, None)
             target._cat = None
         del self.loaded[name], self._weights[name]
+        self._blocks.pop(name, None)
 
     def _check_family(self, adapter: Adapter, path: Path | None) -> None:
         if not compatible(adapter.family, self.family):
@@ -499,12 +512,19 @@ class Blender:
 
     # ------------------------------------------------------------------------------------------ weights
     def set(self, weights: dict[str, Weight]) -> int:
-        """Make ``weights`` the blend (unnamed adapters -> 0); returns how many layers were rewritten."""
+        """Make ``weights`` the blend (unnamed adapters -> 0); returns how many layers were rewritten. A value may
+        carry block weights (``(w, "INS")``, ``BlockWeight``); a plain one means every block at 1."""
         self._require(weights)
         new = {n: (0.0, 0.0) for n in self.loaded}
-        new.update({n: as_pair(w, f"weight of {n!r}") for n, w in weights.items()})
-        changed = [n for n in new if new[n] != self._weights.get(n)]
-        self._weights = new
+        new_blocks = {}
+        for n, w in weights.items():
+            plain, vector = split_weight(w, f"weight of {n!r}")
+            new[n] = as_pair(plain, f"weight of {n!r}")
+            if vector is not None:
+                new_blocks[n] = vector
+                self._check_blocks(n, vector)
+        changed = [n for n in new if new[n] != self._weights.get(n) or new_blocks.get(n) != self._blocks.get(n)]
+        self._weights, self._blocks = new, new_blocks
         keys = set().union(*(self._index[n] for n in changed)) if changed else set()
         rewritten = sum(self._refresh(k) for k in keys)
         self._sync_tokens()
@@ -513,7 +533,8 @@ class Blender:
     def update(self, weights: dict[str, Weight]) -> int:
         """Change only the named adapters' weights."""
         self._require(weights)
-        return self.set({**self._weights, **weights})
+        current = {n: BlockWeight(w, self._blocks[n]) if n in self._blocks else w for n, w in self._weights.items()}
+        return self.set({**current, **weights})
 
     def reset(self) -> int:
         """All weights 0: every touched layer gets its pristine weight back, bit for bit, and every trigger token
@@ -547,8 +568,23 @@ class Blender:
         idx = 1 if key[0].startswith("text_encoder") else 0
         names = target.factors if not target.extra else [n for n in self.loaded if n in target.factors or
                                                            n in target.extra]  # load order: DoRA depends on it
-        coeffs = tuple((n, self._weights[n][idx]) for n in names if self._weights[n][idx] != 0.0)
-        return target.apply(coeffs, self.backup_device)
+        coeffs = tuple((n, self._weights[n][idx] * self._multiplier(n, key)) for n in names)
+        return target.apply(tuple((n, c) for n, c in coeffs if c != 0.0), self.backup_device)
+
+    def _multiplier(self, name: str, key: tuple[str, str]) -> float:
+        """The block multiplier of adapter ``name`` on target ``key`` (1.0 without block weights)."""
+        vector = self._blocks.get(name)
+        if vector is None:
+            return 1.0
+        if key not in self._block_of:
+            self._block_of[key] = block_of(key[0], key[1], self.pipe.unet.config)
+        return vector.multiplier(self._block_of[key])
+
+    def _check_blocks(self, name: str, vector: Blocks) -> None:
+        """Warn once per adapter and vector where the vector zeroes blocks the adapter has modules in."""
+        if (name, vector) not in self._warned:
+            self._warned.add((name, vector))
+            check_fit(name, self.loaded[name].adapter.modules, vector, self.pipe.unet.config, self.family)
 
     def delta(self, component: str, path: str) -> torch.Tensor:
         """The fused ΔW of one layer right now (fp32): current weight minus pristine weight."""
@@ -558,6 +594,7 @@ class Blender:
         return target.layer.weight.detach().float() - base.to(target.layer.weight.device).float()
 
     def __repr__(self) -> str:
-        ws = ", ".join(f"{n}={w[0]:g}" + (f"/{w[1]:g}" if w[1] != w[0] else "") for n, w in self._weights.items())
+        ws = ", ".join(f"{n}={w[0]:g}" + (f"/{w[1]:g}" if w[1] != w[0] else "")
+                       + (f"@{self._blocks[n]}" if n in self._blocks else "") for n, w in self._weights.items())
         return f"Blender({self.family}, {len(self._targets)} layers, {ws or 'no adapters'})"
 

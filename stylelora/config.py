@@ -35,6 +35,7 @@ def opt(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 D = DEFAULT.overrides  # the default recipe: field defaults below are read from it, never written here
+NETWORKS = ("lora", "adalora", "dora", "locon")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # Upper bounds that keep a typo from hanging a run or exhausting memory before anything is reported: no base
 # supported here samples beyond 4096 px (SDXL's native size is 1024), and 10M steps is years of training.
@@ -155,7 +156,18 @@ class NetworkConfig(_Validated):
     token_init: str | None = opt(None, "start the learnt tokens from this word's embedding (default: random vectors "
                                        "of the vocabulary's mean norm)")
     network: str = opt("lora", "lora: one fixed rank; adalora: per-module ranks chosen while training (AdaLoRA), "
-                               "--rank is then the target average rank (--rank auto is the same as --network adalora)")
+                               "--rank is then the target average rank (--rank auto is the same as --network adalora); "
+                               "dora: LoRA plus a trained magnitude per row or column (DoRA, --dora-layout); "
+                               "locon: LoRA also on the UNet's ResNet and up/downsampler convolutions (kohya LoCon, "
+                               "--conv-rank/--conv-alpha)")
+    dora_layout: str = opt("in", "dora: the axis of the trained magnitude (dora_scale). in: one per input column, "
+                                 "what AUTOMATIC1111, ComfyUI, LyCORIS and kohya-style DoRA files use; out: one per "
+                                 "output row, PEFT's own layout (lora_magnitude_vector), needed for --format peft "
+                                 "and diffusers (docs/formats.md)")
+    conv_rank: int | None = opt(None, "locon: rank of the 3x3 convolutions (kohya conv_dim; default: --rank); 1x1 "
+                                      "convolutions and Linear layers use --rank")
+    conv_alpha: float | None = opt(None, "locon: alpha of the 3x3 convolutions (kohya conv_alpha; default: "
+                                         "conv_rank, a scale of 1)")
     init_rank: int | None = opt(None, "adalora: every module's starting rank, pruned down to --rank on average "
                                       "(default: 2 x --rank)")
     adalora_tinit: int | None = opt(None, "adalora: steps before ranks are pruned (default: a tenth of --steps)")
@@ -174,7 +186,14 @@ class NetworkConfig(_Validated):
         _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
         _check(bool(self.unet_targets) or self.train_text_encoder, "nothing to train: unet_targets is empty")
         _check(0 <= self.train_tokens <= 64, f"train_tokens must be in 0..64, got {self.train_tokens}")
-        _check(self.network in ("lora", "adalora"), f"network must be lora or adalora, got {self.network!r}")
+        _check(self.network in NETWORKS, f"network must be one of {', '.join(NETWORKS)}, got {self.network!r}")
+        _check(self.dora_layout in ("in", "out"), f"dora_layout must be in or out, got {self.dora_layout!r}")
+        _check(self.conv_rank is None or 1 <= self.conv_rank <= 1024, f"conv_rank must be in 1..1024, got "
+                                                                        f"{self.conv_rank}")
+        _check(self.conv_alpha is None or self.conv_alpha > 0, "conv_alpha must be > 0")
+        _check((self.conv_rank is None and self.conv_alpha is None) or self.network == "locon",
+               f"conv_rank/conv_alpha size the LoRA on convolutions, which only network locon trains (network is "
+               f"{self.network}): add --network locon, or drop --conv-rank/--conv-alpha")
         _check(self.init_rank is None or 2 <= self.init_rank <= 1024,
                f"init_rank must be in 2..1024, got {self.init_rank}")
         _check(all(v is None or v >= 0 for v in (self.adalora_tinit, self.adalora_tfinal)),
@@ -189,6 +208,15 @@ class NetworkConfig(_Validated):
     @property
     def lora_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def conv_lora_rank(self) -> int:
+        """locon: the rank of the 3x3 convolutions."""
+        return int(self.rank if self.conv_rank is None else self.conv_rank)
+
+    @property
+    def conv_lora_alpha(self) -> float:
+        return float(self.conv_lora_rank if self.conv_alpha is None else self.conv_alpha)
 
 
 @dataclass
@@ -295,6 +323,13 @@ class TrainConfig(_Validated):
                f"train_tokens = {self.network.train_tokens} needs a trigger word ([data] trigger, --trigger WORD): "
                "the learnt tokens stand for it in captions and prompts")
 
+        _check(self.network.network != "dora" or self.network.dora_layout == "out" or self.run.format != "peft",
+               "format peft with network dora needs dora_layout out: PEFT's DoRA magnitude (lora_magnitude_vector) "
+               "is one per output row, and the two layouts are not convertible: add --dora-layout out, or write "
+               "--format kohya")
+        _check(self.network.network != "dora" or self.run.quantize_base is None,
+               f"network dora needs a full-precision base (quantize_base is {self.run.quantize_base}): DoRA normalises "
+               "the base weight plus the update on every step; drop --quantize-base or use --network lora")
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -4,6 +4,8 @@ The ``parameters`` PNG text chunk follows AUTOMATIC1111's infotext (modules/proc
 the prompt, an optional ``Negative prompt: …`` line, then ``Key: value`` pairs joined by ", ", with values that
 contain ',', ':' or a newline JSON-quoted. LoRA weights live in the prompt as ``<lora:name:w>`` tags (appended for
 adapters given with --lora, as A1111 does for its default LoRA) and ``Lora hashes`` lists ``alias: hash12``.
+Block weights are written as the LoRA Block Weight extension reads them: ``<lora:name:w:lbw=INS>`` (a preset name,
+or the 12/17/20/26 values), so reading the prompt back makes the same blend.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from . import __version__
 from .atomic import atomic_path
 from .blend import Blender
+from .blocks import BlockWeight
 from .errors import ConfigError
 from .prompt import LoraRef, parse_prompt
 from .quantize import quantization
@@ -133,7 +136,8 @@ def prompt_with_tags(prompt: str, blender: Blender | None) -> str:
         return prompt
     _, tagged = parse_prompt(prompt)
     mentioned = {r.source for r in tagged}
-    extra = [LoraRef(n, u, t).tag(n) for n, (u, t) in blender.active().items() if n not in mentioned]
+    blocks = blender.blocks
+    extra = [LoraRef(n, u, t, blocks.get(n)).tag(n) for n, (u, t) in blender.active().items() if n not in mentioned]
     return " ".join([prompt, *extra]) if extra else prompt
 
 
@@ -146,7 +150,7 @@ def apply_prompt_tags(prompt: str, blender: Blender | None, pipe, folders=()) ->
     weights = {}
     for ref in refs:
         name = ref.source if ref.source in blender.loaded else blender.load_refs([ref], folders).popitem()[0]
-        weights[name] = ref.weights
+        weights[name] = BlockWeight(ref.weights, ref.blocks) if ref.blocks is not None else ref.weights
     blender.update(weights)
     return clean, blender
 

@@ -4,6 +4,8 @@ With cᵢ = wᵢ·αᵢ/rᵢ per module (FORMATS.md, Merging):
 - exact: down = [sgn(cᵢ)·√|cᵢ|·Aᵢ] (rows), up = [√|cᵢ|·Bᵢ] (columns), alpha = rank = Σrᵢ, so up·down = Σ cᵢ BᵢAᵢ;
 - rank k: ΔW = Σ cᵢ BᵢAᵢ, truncated SVD, up = U_k·S_k, down = Vh_k, alpha = k; the kept energy ΣS²_k/ΣS² is reported.
 Summing factors instead (kohya's merge_lora.py) adds cross terms BᵢAⱼ; PEFT's "linear" mode is not ΣΔW either.
+With block weights (``A.safetensors:0.7@INS``, stylelora/blocks.py) cᵢ also carries the module's block multiplier,
+so the merge equals the blend with the same block weights.
 
 Learnt token embeddings are kept, every source's, unscaled (a weight scales ΔW, not what a word means; a source
 with both weights 0 is left out entirely). Two sources with the same word are an error unless one is renamed
@@ -21,6 +23,7 @@ import torch
 from . import __version__
 from .adapter import Adapter, LoraModule, TokenEmbedding, common_alpha
 from .blend import as_pair, compatible, file_digests, read_adapter
+from .blocks import Blocks, multipliers, split_weight, unet_config_for
 from .errors import AdapterError, ConfigError
 from .prompt import LoraRef
 
@@ -39,10 +42,20 @@ class Source:
     te: float
     model_hash: str = ""
     origin: str = ""  # the file it was read from, for messages
+    blocks: Blocks | None = None  # per-block multipliers (A1111 LoRA Block Weight), None: every block 1
+    # (component, path) -> block multiplier, filled by ``with_multipliers`` (the blocks need the UNet layout)
+    block_multipliers: dict | None = None
 
-    def coeff(self, component: str, module: LoraModule) -> float:
-        """cᵢ = wᵢ·αᵢ/rᵢ, with the UNet or text-encoder weight by component."""
-        return (self.unet if component == "unet" else self.te) * module.scale
+    def coeff(self, component: str, module: LoraModule, path: str | None = None) -> float:
+        """cᵢ = wᵢ·mᵢ·αᵢ/rᵢ, with the UNet or text-encoder weight by component and mᵢ the block multiplier of
+        module ``path`` (1 without block weights)."""
+        weight = self.unet if component == "unet" else self.te
+        if self.blocks is not None:
+            if self.block_multipliers is None or path is None:
+                raise AdapterError(f"{_label(self)} has block weights but its modules' blocks are not known "
+                                   "(merge.with_multipliers)")
+            weight = weight * self.block_multipliers[(component, path)]
+        return weight * module.scale
 
 
 @dataclass
@@ -52,16 +65,28 @@ class MergeResult:
 
 
 def as_sources(items) -> list[Source]:
-    """``[(Adapter, weight), ...]`` or ``Source``s -> Sources (weight: number or (unet, te))."""
+    """``[(Adapter, weight), ...]`` or ``Source``s -> Sources (weight: number, (unet, te), or with block weights
+    as ``Blender.set`` takes them: ``(w, "INS")``, ``blocks.BlockWeight``)."""
     out = []
     for item in items:
         if isinstance(item, Source):
             out.append(item)
             continue
         adapter, weight = item
-        unet, te = as_pair(weight, f"weight of {adapter.name!r}")
-        out.append(Source(adapter, unet, te, adapter.metadata.get("sshs_model_hash") or adapter.content_hash()))
+        plain, blocks = split_weight(weight, f"weight of {adapter.name!r}")
+        unet, te = as_pair(plain, f"weight of {adapter.name!r}")
+        out.append(Source(adapter, unet, te, adapter.metadata.get("sshs_model_hash") or adapter.content_hash(),
+                          blocks=blocks))
     return out
+
+
+def with_multipliers(sources: list[Source], pipe=None) -> list[Source]:
+    """Sources with block weights get each module's block multiplier, the blocks numbered by ``pipe``'s UNet (or,
+    without one, by the built-in tiny base or released architecture the adapter is for: ``blocks.unet_config_for``)."""
+    for s in sources:
+        if s.blocks is not None:
+            s.block_multipliers = multipliers(s.adapter.modules, s.blocks, unet_config_for(s.adapter, pipe))
+    return sources
 
 
 def _grouped(sources: list[Source]) -> dict[tuple[str, str], list[tuple[float, LoraModule]]]:
@@ -70,7 +95,7 @@ def _grouped(sources: list[Source]) -> dict[tuple[str, str], list[tuple[float, L
     for s in sources:
         for comp, mods in s.adapter.modules.items():
             for path, m in mods.items():
-                c = s.coeff(comp, m)
+                c = s.coeff(comp, m, path)
                 if c != 0.0:
                     groups.setdefault((comp, path), []).append((c, m))
     return groups
@@ -160,15 +185,15 @@ def _plain(sources: list[Source], pipe) -> list[Source]:
     ComfyUI's sequential result unless a DoRA source follows another source on the same layer."""
     from .resize import as_lora
 
-    return [Source(as_lora(s.adapter, pipe), s.unet, s.te, s.model_hash, s.origin) if s.adapter.lyco() else s
-            for s in sources]
+    return [Source(as_lora(s.adapter, pipe), s.unet, s.te, s.model_hash, s.origin, s.blocks) if s.adapter.lyco()
+            else s for s in sources]
 
 
 def merge(items, *, rank: int | None = None, name: str = "merged", rename=(), pipe=None) -> MergeResult:
     """Merge weighted adapters: exact (rank = Σ ranks) or, with ``rank``, the best rank-``rank`` approximation.
     Token embeddings are kept from every source (``rename``: ``[FILE:]OLD=NEW`` strings for clashing words).
     LyCORIS / DoRA sources are first made plain LoRA pairs (``_plain``; DoRA needs ``pipe``, the base)."""
-    sources = _plain(as_sources(items), pipe)
+    sources = with_multipliers(_plain(as_sources(items), pipe), pipe)
     family, dtype = _check(sources)
     if rank is not None and rank < 1:
         raise ConfigError(f"--rank must be >= 1, got {rank}")
@@ -235,7 +260,8 @@ def merged_from(sources: list[Source]) -> str:
     rows = []
     for s in sources:
         weight = s.unet if s.unet == s.te else {"unet": s.unet, "text_encoder": s.te}
-        rows.append({"name": s.adapter.name, "sshs_model_hash": s.model_hash, "weight": weight})
+        rows.append({"name": s.adapter.name, "sshs_model_hash": s.model_hash, "weight": weight,
+                     **({"blocks": s.blocks.text()} if s.blocks is not None else {})})
     return json.dumps(rows)
 
 
@@ -275,7 +301,7 @@ def load_sources(refs: list[LoraRef], *, folders=(), pipe=None) -> list[Source]:
         path = resolve(ref, list(folders))
         adapter = read_adapter(path, pipe=pipe)
         model_hash = adapter.metadata.get("sshs_model_hash") or file_digests(path)[1]
-        out.append(Source(adapter, ref.unet, ref.te, model_hash, origin=str(path)))
+        out.append(Source(adapter, ref.unet, ref.te, model_hash, origin=str(path), blocks=ref.blocks))
     return out
 
 
@@ -292,6 +318,11 @@ def merge_files(refs: list[LoraRef], output: str | Path, *, rank: int | None = N
     output = Path(output)
     if zip is not None:  # before any file is read: the combinations a ZipLoRA merge cannot do
         from .zipmerge import check_request
+
+        blocked = [ref.source for ref in refs if ref.blocks is not None]
+        if blocked:
+            raise ConfigError(f"--method zip learns its own per-column coefficients; block weights (@BLOCKS) on "
+                              f"{', '.join(blocked)} are for the exact merge: drop them or the --method zip")
 
         check_request(rank, rename, pipe)
     check_output(output, [resolve(ref, list(folders)) for ref in refs], overwrite=overwrite)

@@ -4,6 +4,10 @@ Two orders exist and both are kept on purpose:
 - ``--lora FILE:W_UNET:W_TE`` and ``Blender.set({"x": (w_unet, w_te)})`` put the UNet weight first (our API);
 - ``<lora:name:W_TE:W_UNET>`` follows AUTOMATIC1111 (extensions-builtin/Lora/extra_networks_lora.py): the first
   number is the text-encoder multiplier and the UNet one defaults to it; ``te=`` / ``unet=`` name them explicitly.
+
+Block weights (stylelora/blocks.py) are ``FILE:W@BLOCKS`` on the command line and, as A1111's LoRA Block Weight
+extension reads them, ``<lora:name:w:lbw=BLOCKS>`` in a prompt (or its older ``<lora:name:w:BLOCKS>``), where
+BLOCKS is a preset name or 12/17/20/26 comma-separated numbers.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .blocks import Blocks, parse_blocks, split_spec
 from .errors import AdapterError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -32,11 +37,12 @@ def is_run_folder(name: str) -> bool:
 
 @dataclass(frozen=True)
 class LoraRef:
-    """One adapter to blend: a file path or a name, and its UNet / text-encoder weights."""
+    """One adapter to blend: a file path or a name, its UNet / text-encoder weights and optional block weights."""
 
     source: str
     unet: float = 1.0
     te: float = 1.0
+    blocks: Blocks | None = None
 
     @property
     def weights(self) -> tuple[float, float]:
@@ -45,9 +51,10 @@ class LoraRef:
     def tag(self, name: str | None = None) -> str:
         """A1111 prompt tag for this reference (text-encoder weight first, as A1111 reads it)."""
         name = name or Path(self.source).stem
+        lbw = f":lbw={self.blocks.text()}" if self.blocks is not None else ""
         if self.unet == self.te:
-            return f"<lora:{name}:{_num(self.te)}>"
-        return f"<lora:{name}:{_num(self.te)}:{_num(self.unet)}>"
+            return f"<lora:{name}:{_num(self.te)}{lbw}>"
+        return f"<lora:{name}:{_num(self.te)}:{_num(self.unet)}{lbw}>"
 
 
 def _num(x: float) -> str:
@@ -73,9 +80,14 @@ def _is_number(text: str) -> bool:
 
 
 def parse_spec(spec: str, default: float = 1.0) -> LoraRef:
-    """``FILE``, ``FILE:W`` (UNet and TE) or ``FILE:W_UNET:W_TE``; the path itself may contain ':' (e.g. ``C:\\``)."""
+    """``FILE``, ``FILE:W`` (UNet and TE) or ``FILE:W_UNET:W_TE``, each optionally followed by ``@BLOCKS`` (a block
+    weight preset or comma list); the path itself may contain ':' (e.g. ``C:\\``)."""
     if Path(spec).exists():
         return LoraRef(spec, default, default)
+    head, blocks = split_spec(spec)
+    if blocks is not None:
+        ref = parse_spec(head, default)
+        return LoraRef(ref.source, ref.unet, ref.te, blocks)
     parts = spec.split(":")
     nums: list[str] = []
     while len(parts) > 1 and len(nums) < 2 and _is_number(parts[-1]):
@@ -107,12 +119,18 @@ def parse_prompt(prompt: str) -> tuple[str, list[LoraRef]]:
         where = f"prompt tag {m.group(0)!r}"
         te = _float(positional[1], where) if len(positional) > 1 else 1.0
         te = _float(named["te"], where) if "te" in named else te
+        blocks = None
+        if len(positional) > 2 and not _is_number(positional[2]) and "lbw" not in named:
+            # the LoRA Block Weight extension's older form <lora:name:w:BLOCKS> (its syntaxdealer reads item 2)
+            blocks = parse_blocks(positional.pop(2), f"{where}: block weights")
+        if "lbw" in named:
+            blocks = parse_blocks(named["lbw"], f"{where}: lbw")
         unet = _float(positional[2], where) if len(positional) > 2 else te
         unet = _float(named["unet"], where) if "unet" in named else unet
-        ignored = sorted(set(named) - {"te", "unet"}) + (["dyn (4th number)"] if len(positional) > 3 else [])
+        ignored = sorted(set(named) - {"te", "unet", "lbw"}) + (["dyn (4th number)"] if len(positional) > 3 else [])
         if ignored:
             log.warning("%s: ignoring %s (not supported by stylelora)", where, ", ".join(ignored))
-        refs.append(LoraRef(name, unet, te))
+        refs.append(LoraRef(name, unet, te, blocks))
         return ""
 
     clean = _TAG.sub(found, prompt)

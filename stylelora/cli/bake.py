@@ -1,4 +1,4 @@
-"""``stylelora bake --base BASE --lora FILE:W … -o ./my-model [--single-file]``."""
+"""``stylelora bake --base BASE --lora FILE:W[@BLOCKS] … -o ./my-model [--single-file]``."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def run(args) -> int:
 
     refs = [parse_spec(s) for s in args.lora]
     if not refs:
-        raise ConfigError("bake needs at least one --lora FILE[:W[:W_TE]]")
+        raise ConfigError("bake needs at least one --lora FILE[:W[:W_TE]][@BLOCKS]")
     check_output(args.output, single_file=args.single_file, overwrite=args.overwrite, base_spec=args.base)
     base = load_model(args)
     out = bake(base, refs, args.output, folders=args.adapters, single_file=args.single_file,

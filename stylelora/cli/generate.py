@@ -15,9 +15,12 @@ def add_model_args(p: argparse.ArgumentParser, *, device: str = "auto", quantize
     p.add_argument("--base", default="tiny", help="base model: 'tiny', a diffusers folder, a .safetensors checkpoint "
                                                   "or a hub id (default: tiny, as for train)")
     p.add_argument("--base-config", help="diffusers folder with the config of a single-file --base (offline use)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:W_TE]]",
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:W_TE]][@BLOCKS]",
                    help="adapter and weight (default 1); FILE:W_UNET:W_TE sets UNet and text encoder apart; "
-                        "negative weights allowed; FILE may be a name found in --adapters. Repeatable.")
+                        "negative weights allowed; FILE may be a name found in --adapters; @BLOCKS adds per-block "
+                        "weights as A1111's LoRA Block Weight: a preset (NONE, ALL, INS, IND, INALL, MIDD, OUTD, "
+                        "OUTS, OUTALL, ALL0.5) or 17 (SD1/SD2), 12 (SDXL), 20 or 26 comma-separated values, "
+                        "e.g. ink.safetensors:0.8@OUTALL. Repeatable.")
     p.add_argument("--adapters", action="append", default=[], metavar="DIR",
                    help="folder to look adapter names up in (for <lora:name:w> prompt tags and --lora NAME:W)")
     p.add_argument("--device", default=device, help="cpu, cuda, cuda:1, mps … (default: "
@@ -92,8 +95,8 @@ def place_base(base, device):
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate images with a weighted blend of adapters",
                        description="Generate images; adapters come from --lora FILE:W and/or A1111 prompt tags "
-                                   "<lora:name:w> / <lora:name:w_te:w_unet> (names looked up in --adapters). "
-                                   "PNGs carry the parameters A1111-style.")
+                                   "<lora:name:w> / <lora:name:w_te:w_unet> / <lora:name:w:lbw=BLOCKS> (names "
+                                   "looked up in --adapters). PNGs carry the parameters A1111-style.")
     p.add_argument("prompt")
     add_model_args(p, quantize=True)
     p.add_argument("-o", "--output", default="out.png", help="output .png (several images: out-0.png, out-1.png, …)")
@@ -129,6 +132,7 @@ def run(args) -> int:
     images = generate(base, settings, blender, folders=args.adapters)
     if blender.active():
         print("blend: " + ", ".join(f"{n} {u:g}" + (f"/{t:g}" if t != u else "")
+                                    + (f"@{blender.blocks[n]}" if n in blender.blocks else "")
                                     for n, (u, t) in blender.active().items()))
     if blender.trigger_words():  # learnt tokens: the style comes with the word, so say which words there are
         print("trigger words: " + ", ".join(f"{w} ({n})" for w, n in blender.trigger_words().items()))

@@ -1,4 +1,4 @@
-"""``stylelora merge A.safetensors:0.6 B.safetensors:0.4 [--rank K] -o blend.safetensors``."""
+"""``stylelora merge A.safetensors:0.6[@BLOCKS] B.safetensors:0.4 [--rank K] -o blend.safetensors``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ def register(sub) -> None:
                        description="Merge adapters: exact by default (rank = sum of ranks, same result as blending "
                                    "them at these weights); --rank K re-factorizes each module by SVD and prints "
                                    "the energy kept.")
-    p.add_argument("adapters", nargs="+", metavar="FILE[:W[:W_TE]]",
-                   help="adapter and weight (default 1); FILE:W_UNET:W_TE sets UNet and text encoder apart")
+    p.add_argument("adapters", nargs="+", metavar="FILE[:W[:W_TE]][@BLOCKS]",
+                   help="adapter and weight (default 1); FILE:W_UNET:W_TE sets UNet and text encoder apart; "
+                        "@BLOCKS: per-block weights as A1111's LoRA Block Weight (a preset such as INS or OUTALL, or "
+                        "17 / 12 (SDXL) / 20 / 26 comma-separated values), e.g. a.safetensors:0.7@INS")
     p.add_argument("-o", "--output", required=True, help="output .safetensors")
     p.add_argument("--rank", type=int, help="bounded rank K (lossy, SVD per module)")
     p.add_argument("--adapters", dest="folders", action="append", default=[], metavar="DIR",
