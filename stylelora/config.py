@@ -322,7 +322,6 @@ class TrainConfig(_Validated):
         _check(not self.network.train_tokens or bool(self.data.trigger),
                f"train_tokens = {self.network.train_tokens} needs a trigger word ([data] trigger, --trigger WORD): "
                "the learnt tokens stand for it in captions and prompts")
-
         _check(self.network.network != "dora" or self.network.dora_layout == "out" or self.run.format != "peft",
                "format peft with network dora needs dora_layout out: PEFT's DoRA magnitude (lora_magnitude_vector) "
                "is one per output row, and the two layouts are not convertible: add --dora-layout out, or write "
@@ -331,6 +330,7 @@ class TrainConfig(_Validated):
                f"network dora needs a full-precision base (quantize_base is {self.run.quantize_base}): DoRA normalises "
                "the base weight plus the update on every step; drop --quantize-base or use --network lora")
     def to_dict(self) -> dict[str, Any]:
+
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:

@@ -338,8 +338,12 @@ def _inject_lora(pipe, cfg: TrainConfig, te_names: list[str]) -> tuple[list[str]
     trained = (["unet"] if net.unet_targets else []) + (te_names if train_te else [])
     ada = adalora.AdaLora(pipe, cfg, trained, ADAPTER_NAME) if net.network == "adalora" else None
     for n in trained if ada is None else []:
+        # locon: the UNet's ResNet and down/upsampler layers too, kohya's LoCon set (lora.locon_targets)
+        sized = lora.locon_targets(pipe.unet, rank=net.rank, alpha=net.lora_alpha, conv_rank=net.conv_lora_rank,
+                                   conv_alpha=net.conv_lora_alpha) if n == "unet" and net.network == "locon" else None
         lora.inject(getattr(pipe, n), rank=net.rank, alpha=net.lora_alpha, dropout=net.dropout,
-                    targets=net.unet_targets if n == "unet" else net.te_targets, adapter_name=ADAPTER_NAME)
+                    targets=net.unet_targets if n == "unet" else net.te_targets, adapter_name=ADAPTER_NAME,
+                    dora=net.dora_layout if net.network == "dora" else None, sized=sized)
     cast_training_params([getattr(pipe, n) for n in trained], dtype=torch.float32)
     if net.slot is not None:  # orthogonal slots: A frozen to the slot's basis rows (recomputed on resume)
         from . import orthogonal
