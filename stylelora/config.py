@@ -329,8 +329,8 @@ class TrainConfig(_Validated):
         _check(self.network.network != "dora" or self.run.quantize_base is None,
                f"network dora needs a full-precision base (quantize_base is {self.run.quantize_base}): DoRA normalises "
                "the base weight plus the update on every step; drop --quantize-base or use --network lora")
-    def to_dict(self) -> dict[str, Any]:
 
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
