@@ -36,11 +36,20 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     if config is not None:
         cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, t in sorted(module.state_dict().items()):
+    for name, t in sorted(p for item in module.state_dict().items() for p in _stored(*item)):
         t = t.detach().contiguous().cpu()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _stored(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """(name, plain tensor) pairs for a state-dict entry: a tensor subclass (torchao's int8 weights of a
+    --quantize-base int8-torchao text encoder) by the inner tensors it stores, which can be viewed as bytes."""
+    if type(t) is torch.Tensor or not hasattr(t, "__tensor_flatten__"):
+        return [(name, t)]
+    inner = [(f"{name}.{n}", getattr(t, n, None)) for n in t.__tensor_flatten__()[0]]
+    return [p for n, u in inner if isinstance(u, torch.Tensor) for p in _stored(n, u)]
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -264,8 +264,9 @@ class RunConfig(_Validated):
     grad_accum: int = opt(1, "gradient accumulation steps")
     mixed_precision: str = opt("no", "no | fp16 | bf16 (LoRA weights always stay fp32)")
     quantize_base: str | None = opt(None, "store the frozen base quantized (QLoRA): fp8 (float8 weights with "
-                                          "per-channel scales, CPU and GPU) | int8 | nf4 (bitsandbytes, CUDA only); "
-                                          "the adapter stays fp32 and loads on any base")
+                                          "per-channel scales, CPU and GPU) | int8 | nf4 (bitsandbytes, CUDA only) | "
+                                          "int8-torchao (torchao int8 weight-only Linear layers; pip install "
+                                          "torchao); the adapter stays fp32 and loads on any base")
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet")
     channels_last: bool = opt(False, "channels-last memory format for the UNet (often faster convolutions on GPU)")
     compile: bool = opt(False, "torch.compile the UNet forward (pays off on long GPU runs; slow first steps)")
@@ -292,8 +293,8 @@ class RunConfig(_Validated):
         _check(1 <= self.sample_steps <= 1000, f"sample_steps must be in 1..1000, got {self.sample_steps}")
         _check(0 <= self.seed < 2**63, f"seed must be in 0..2**63-1, got {self.seed}")
         _check(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision must be no, fp16 or bf16")
-        _check(self.quantize_base in (None, "fp8", "int8", "nf4"),
-               f"quantize_base must be fp8, int8 or nf4 (or left out for a full-precision base), "
+        _check(self.quantize_base in (None, "fp8", "int8", "nf4", "int8-torchao"),
+               f"quantize_base must be fp8, int8, nf4 or int8-torchao (or left out for a full-precision base), "
                f"got {self.quantize_base!r}")
         _check(self.format in ("kohya", "peft"), f"format must be kohya or peft, got {self.format!r}")
         _check(self.prediction_type in (None, "epsilon", "v_prediction"), "prediction_type must be epsilon or v_prediction")

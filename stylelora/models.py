@@ -558,8 +558,8 @@ def load_base(spec: str, *, dtype: torch.dtype = torch.float32, base_config: str
     else:
         pipe = _load_hub(spec, dtype, bnb)
         name = spec
-    if quantize == "fp8":
-        q.quantize_pipe_fp8(pipe)
+    if quantize in q.AFTER_LOAD:  # fp8, int8-torchao: quantized once loaded in full precision
+        q.quantize_pipe(pipe, quantize)
     elif quantize is not None:
         pipe._stylelora_quantized = quantize
     return Base(pipe=pipe, family=detect_family(pipe), spec=spec, name=name, quantize=quantize)

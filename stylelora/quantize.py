@@ -1,5 +1,5 @@
-"""A quantized frozen base (QLoRA for diffusion): ``fp8`` storage of Linear/Conv2d weights, or bitsandbytes ``nf4`` /
-``int8`` through diffusers' ``BitsAndBytesConfig``.
+"""A quantized frozen base (QLoRA for diffusion): ``fp8`` storage of Linear/Conv2d weights, bitsandbytes ``nf4`` /
+``int8`` through diffusers' ``BitsAndBytesConfig``, or torchao's int8 weight-only Linear layers (``int8-torchao``).
 
 ``fp8`` is ours, and works on CPU and GPU: each Linear and Conv2d weight of the UNet and text encoders is stored as
 float8 (e4m3fn) with one fp32 scale per output channel, and dequantized per layer, inside the forward, to the
@@ -15,6 +15,13 @@ relies on CUDA autocast to upcast, so it does not run on a CPU. Scales, measured
 A layer's backward recomputes the weight from its fp8 storage (``_Fp8LinearFn``, ``_Fp8Conv2dFn``): autograd keeps
 no full-precision copy of the base between forward and backward, and nothing of the input (the weight is frozen:
 only the input's gradient flows), so the memory saved in storage is not spent again on saved tensors.
+
+``int8-torchao`` is torchao's ``Int8WeightOnlyConfig`` through its ``quantize_``: every Linear weight of the UNet and
+text encoders becomes an ``Int8Tensor`` (int8 values, one fp32 scale per output row: max|w| / 127.5), on CPU and GPU.
+PEFT wraps such a layer in its ``TorchaoLoraLinear`` and trains the LoRA factors on top (checked: torchao 0.18,
+PEFT 0.21, CPU); torchao's tensor has its own autograd (the input's gradient through the dequantized weight).
+It quantizes Linear layers only, so a UNet that is mostly convolutions (SD1.x) keeps most of its bytes; torchao is
+an optional dependency (``pip install torchao``).
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-MODES = ("fp8", "int8", "nf4")
+TORCHAO = "int8-torchao"
+MODES = ("fp8", "int8", "nf4", TORCHAO)
+AFTER_LOAD = ("fp8", TORCHAO)  # quantized here once the base is loaded in full precision (bitsandbytes: while loading)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # what is quantized; the VAE stays as loaded
@@ -48,9 +57,13 @@ def check_mode(mode: str | None) -> str | None:
 
 
 def check_available(mode: str | None) -> None:
-    """Refuse, before any model is loaded, a mode this machine cannot run: nf4/int8 need CUDA and bitsandbytes."""
+    """Refuse, before any model is loaded, a mode this machine cannot run: nf4/int8 need CUDA and bitsandbytes,
+    int8-torchao the torchao package."""
     check_mode(mode)
     if mode in (None, "fp8"):
+        return
+    if mode == TORCHAO:
+        _check_torchao()
         return
     missing = []
     if not torch.cuda.is_available():
@@ -60,6 +73,21 @@ def check_available(mode: str | None) -> None:
     if missing:
         raise QuantizationError(f"--quantize-base {mode} (bitsandbytes) needs {' and '.join(missing)}; "
                                 "on this machine use --quantize-base fp8, which runs on CPU and GPU")
+
+
+def _check_torchao() -> None:
+    if importlib.util.find_spec("torchao") is None:
+        raise QuantizationError(f"--quantize-base {TORCHAO} needs the torchao package (pip install torchao), which "
+                                "is not installed; or use --quantize-base fp8, which needs nothing more")
+    from peft.import_utils import is_torchao_available
+
+    try:  # PEFT wraps torchao layers only from the version it supports (it raises for an older one)
+        ok = is_torchao_available()
+    except ImportError as e:
+        raise QuantizationError(f"--quantize-base {TORCHAO}: {e} (pip install -U torchao)") from e
+    if not ok:
+        raise QuantizationError(f"--quantize-base {TORCHAO}: PEFT cannot use the installed torchao "
+                                "(pip install -U torchao)")
 
 
 # ------------------------------------------------------------------------------------------------ fp8 tensors
@@ -230,6 +258,13 @@ def is_bnb_layer(layer: nn.Module) -> bool:
     return type(layer._parameters.get("weight")).__name__ in ("Params4bit", "Int8Params")  # never fp8's property
 
 
+def is_torchao_layer(layer: nn.Module) -> bool:
+    """A layer whose weight is a torchao quantized tensor (int8 values and scales: no in-place add either). Told by
+    the class's ancestry, so torchao is never imported for a base that does not use it."""
+    weight = layer._parameters.get("weight")
+    return weight is not None and any(c.__name__ == "TorchAOBaseTensor" for c in type(weight).__mro__)
+
+
 def weight_shape(layer: nn.Module) -> tuple[int, ...] | None:
     """The shape of ``layer``'s weight as the model uses it, without dequantizing an fp8 one or reading a packed
     4-bit one as its storage shape ([n, 1] bytes); None for a layer without weight."""
@@ -246,11 +281,13 @@ def weight_shape(layer: nn.Module) -> tuple[int, ...] | None:
 def delta_setter(layer: nn.Module):
     """How a fused blend puts ΔW = up @ down into ``layer`` when it must not rewrite the weight (None: a plain layer,
     whose weight the Blender rewrites itself). fp8 layers take the factors into their dequantization
-    (``set_delta``); bitsandbytes layers get a forward hook adding ``(x @ downᵀ) @ upᵀ`` to the output: the unfused
-    LoRA computation (costs a low-rank pass over the activations per forward, as PEFT's layers do)."""
+    (``set_delta``); bitsandbytes and torchao layers get a forward hook adding ``(x @ downᵀ) @ upᵀ`` to the output:
+    the unfused LoRA computation (costs a low-rank pass over the activations per forward, as PEFT's layers do).
+    Fusing into an int8 weight would mean dequantize-add-requantize: the int8 step (max|w| / 127.5 per row) rounds
+    small deltas away, and W₀ could not be restored exactly."""
     if is_fp8(layer):
         return layer.set_delta
-    if not is_bnb_layer(layer):
+    if not (is_bnb_layer(layer) or is_torchao_layer(layer)):
         return None
 
     def set_delta(delta):
@@ -283,6 +320,37 @@ def quantize_pipe_fp8(pipe, *, per_channel: bool = True) -> int:
     return n
 
 
+def quantize_pipe_torchao(pipe) -> int:
+    """torchao int8 weight-only storage for every Linear of the UNet and text encoder(s); returns how many layers."""
+    import warnings
+
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    n = 0
+    for name in COMPONENTS:
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        before = sum(is_torchao_layer(m) for m in module.modules())
+        quantize_(module, Int8WeightOnlyConfig())  # its default filter: nn.Linear modules
+        n += sum(is_torchao_layer(m) for m in module.modules()) - before
+    # PEFT warns per LoRA layer that merge()/unmerge() need the requantizing config of a transformers-loaded model;
+    # we never merge through PEFT (adapters are read out as factors; the Blender adds them in a forward hook).
+    warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without", category=UserWarning)
+    pipe._stylelora_quantized = TORCHAO
+    return n
+
+
+def quantize_pipe(pipe, mode: str) -> int:
+    """Quantize a loaded full-precision pipeline in one of the AFTER_LOAD modes; returns how many layers."""
+    if mode == "fp8":
+        return quantize_pipe_fp8(pipe)
+    if mode == TORCHAO:
+        return quantize_pipe_torchao(pipe)
+    raise QuantizationError(f"--quantize-base {mode!r} is not applied after loading (expected one of "
+                            f"{', '.join(AFTER_LOAD)})")
+
+
 def bnb_config(mode: str, compute_dtype: torch.dtype):
     """diffusers' PipelineQuantizationConfig for ``nf4`` / ``int8`` on the UNet and text encoder(s)."""
     from diffusers.quantizers import PipelineQuantizationConfig
@@ -297,7 +365,7 @@ def bnb_config(mode: str, compute_dtype: torch.dtype):
 
 
 def quantization(pipe) -> str | None:
-    """How the pipeline's base is stored: "fp8", "nf4", "int8", or None (full precision)."""
+    """How the pipeline's base is stored: "fp8", "nf4", "int8", "int8-torchao", or None (full precision)."""
     mode = getattr(pipe, "_stylelora_quantized", None)
     if mode:
         return mode
@@ -322,12 +390,19 @@ def place(module: nn.Module, device, dtype) -> None:
 
 def parameter_bytes(module: nn.Module) -> int:
     """Bytes of the module's parameters and buffers as stored (fp8 values, scales, fp32/fp16 rest), with the
-    quantization constants bitsandbytes keeps beside a packed weight (``quant_state`` block maxima, ``SCB``)."""
+    quantization constants bitsandbytes keeps beside a packed weight (``quant_state`` block maxima, ``SCB``), and
+    the inner tensors of a torchao one (int8 values, scales)."""
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
         if id(t) in seen:
             continue
         seen.add(id(t))
+        if any(c.__name__ == "TorchAOBaseTensor" for c in type(t).__mro__):
+            # a tensor subclass reports its logical size (numel × the original dtype's bytes); what is stored are
+            # the inner tensors that __tensor_flatten__ names (for Int8Tensor: qdata, scale, zero_point if set)
+            inner = [getattr(t, name, None) for name in t.__tensor_flatten__()[0]]
+            total += sum(i.numel() * i.element_size() for i in inner if isinstance(i, torch.Tensor))
+            continue
         total += t.numel() * t.element_size()
         state = getattr(t, "quant_state", None)
         state2 = getattr(state, "state2", None)  # double quantization: the block maxima quantized in turn

@@ -3,6 +3,7 @@ bit-exact), its adapters on a full base and in diffusers, blending into it, and 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import numpy as np
@@ -235,9 +236,9 @@ def test_images_from_a_quantized_base_say_so_in_their_infotext(full_and_fp8):
 
 # ------------------------------------------------------------------------------------------------ wrong combinations
 def test_unknown_quantize_mode_is_a_config_error():
-    with pytest.raises(ConfigError, match="quantize_base must be fp8, int8 or nf4"):
+    with pytest.raises(ConfigError, match="quantize_base must be fp8, int8, nf4 or int8-torchao"):
         quick_config(".", "/tmp/x.safetensors", quantize_base="int4")
-    with pytest.raises(quantize.QuantizationError, match="expected one of fp8, int8, nf4"):
+    with pytest.raises(quantize.QuantizationError, match="expected one of fp8, int8, nf4, int8-torchao"):
         load_base("tiny-random", quantize="fp4")
 
 
@@ -381,3 +382,135 @@ def test_bitsandbytes_base_blends_through_the_forward_hook_and_restores(mode):
     blender.reset()
     with torch.no_grad():
         assert torch.equal(layer(x), out0)
+
+
+# ------------------------------------------------------------------------------------------------ torchao (optional)
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="torchao is not installed (optional: pip install torchao)")
+AO_LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def stored_int8(weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, scale) of a torchao Int8Tensor: what is kept in memory."""
+    return weight.qdata, weight.scale
+
+
+@needs_torchao
+def test_torchao_int8_base_layers_forward_and_input_gradient_equal_the_stored_int8_reference():
+    """Every Linear of the UNet and text encoder is stored as int8 with one scale per output row, max|w| / 127.5
+    (symmetric over int8's 255 steps); the forward and the input's gradient are those of the weight rebuilt from
+    that storage; convolutions stay as loaded; parameter bytes count the storage exactly."""
+    full, ao = load_base("tiny-random"), load_base("tiny-random", quantize=quantize.TORCHAO)
+    assert ao.quantize == quantize.TORCHAO and quantize.quantization(ao.pipe) == quantize.TORCHAO
+    for comp in ("unet", "text_encoder"):
+        saved = 0
+        for name, m in getattr(full.pipe, comp).named_modules():
+            layer = getattr(ao.pipe, comp).get_submodule(name)
+            if type(m) is not torch.nn.Linear:
+                assert not quantize.is_torchao_layer(layer), name
+                continue
+            assert quantize.is_torchao_layer(layer), name
+            w0 = m.weight.detach()
+            q, scale = stored_int8(layer.weight)
+            assert q.dtype == torch.int8 and scale.shape == (w0.shape[0], 1)
+            torch.testing.assert_close(scale, w0.abs().amax(1, keepdim=True) / 127.5, rtol=1e-6, atol=0)
+            # round to the nearest step; a row's largest positive weight (127.5 steps) is clamped to 127: half a step
+            assert ((w0 - q.float() * scale).abs() <= scale * (0.5 + 1e-4)).all(), name
+            out_f, in_f = w0.shape
+            saved += out_f * in_f * 4 - (out_f * in_f + out_f * 4 + out_f)  # int8 values, fp32 scale, int8 zero point
+        assert quantize.parameter_bytes(getattr(ao.pipe, comp)) == quantize.parameter_bytes(
+            getattr(full.pipe, comp)) - saved
+    layer = ao.pipe.unet.get_submodule(AO_LAYER)
+    q, scale = stored_int8(layer.weight)
+    ref_w = q.float() * scale
+    x1 = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    out, ref = layer(x1), F.linear(x2, ref_w, layer.bias)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=1e-5)
+
+
+@needs_torchao
+def test_torchao_base_trains_only_lora_and_its_adapter_loads_on_a_full_base(style_dir, tmp_path, caplog):
+    base = load_base("tiny-random", quantize=quantize.TORCHAO)
+    before = {n: {k: v.detach().clone() for k, v in getattr(base.pipe, n).named_parameters()}
+              for n in ("unet", "text_encoder")}
+    cfg = quick_config(style_dir, tmp_path / "q.safetensors", steps=3, quantize_base=quantize.TORCHAO).replace(lr=1e-2)
+    cfg.network.train_text_encoder = True
+    seen = set()
+
+    def on_step(info):
+        for m in info.models.values():
+            seen.update(type(p).__name__ for p in m.parameters() if p.requires_grad)
+
+    out = train(cfg, base=base, on_step=on_step)
+    assert seen == {"Parameter"}  # the LoRA factors (fp32), never a torchao tensor
+    for n, params in before.items():
+        after = dict(getattr(base.pipe, n).named_parameters())
+        for k, v in params.items():
+            a = after[k]
+            same = (torch.equal(a.qdata, v.qdata) and torch.equal(a.scale, v.scale)) if hasattr(v, "qdata") \
+                else torch.equal(a, v)
+            assert same, f"{n}.{k} changed"
+    tensors = load_file(str(out))
+    assert all(v.dtype == torch.float32 for v in tensors.values())
+    assert any("lora_up" in k and v.abs().sum() > 0 for k, v in tensors.items())
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["stylelora.quantize_base"] == quantize.TORCHAO
+    with caplog.at_level(logging.WARNING, logger="stylelora.quantize"):
+        ours, theirs = ours_and_diffusers(out, load_base("tiny-random"))
+    assert any("int8-torchao-quantized base" in r.getMessage() for r in caplog.records)
+    assert np.abs(theirs - ours).max() <= 2.5 / 255
+
+
+@needs_torchao
+def test_resume_equals_uninterrupted_on_torchao_base(style_dir, tmp_path):
+    def config(name):
+        cfg = quick_config(style_dir, tmp_path / name / "x.safetensors", steps=4,
+                           quantize_base=quantize.TORCHAO).replace(lr=1e-3)
+        cfg.data.cache_dir = str(tmp_path / "cache")
+        return cfg
+
+    straight, resumed = straight_and_resumed(config)
+    ta, tb = load_file(str(straight)), load_file(str(resumed))
+    assert ta.keys() == tb.keys() and len(ta) > 0
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@needs_torchao
+def test_torchao_base_blends_through_the_forward_hook_and_restores_exactly():
+    """An int8 weight is never rewritten: the blend adds x·(c·B·A)ᵀ after the layer; reset gives the same outputs."""
+    base = load_base("tiny-random", quantize=quantize.TORCHAO)
+    layer = base.pipe.unet.get_submodule(AO_LAYER)
+    x = torch.randn(2, 5, layer.in_features)
+    with torch.no_grad():
+        out0 = layer(x)
+    q0, s0 = (t.clone() for t in stored_int8(layer.weight))
+    g = torch.Generator().manual_seed(0)
+    m = LoraModule(down=torch.randn(4, layer.in_features, generator=g) * 0.1,
+                   up=torch.randn(layer.out_features, 4, generator=g) * 0.1, alpha=2.0)
+    blender = Blender(base)
+    blender.load(Adapter(name="a", modules={"unet": {AO_LAYER: m}}, family=base.family.key), weight=0.7)
+    with torch.no_grad():
+        out1 = layer(x)
+    q, scale = stored_int8(layer.weight)
+    expected = F.linear(x, q.float() * scale + 0.7 * (2.0 / 4) * (m.up @ m.down), layer.bias)
+    torch.testing.assert_close(out1, expected, rtol=0, atol=1e-5)
+    assert rel(out1, out0) > 1e-3
+    blender.reset()
+    with torch.no_grad():
+        assert torch.equal(layer(x), out0)
+    assert torch.equal(stored_int8(layer.weight)[0], q0) and torch.equal(stored_int8(layer.weight)[1], s0)
+
+
+def test_torchao_mode_without_torchao_names_the_package(monkeypatch, style_dir, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(quantize.QuantizationError, match=r"needs the torchao package \(pip install torchao\)"):
+        load_base("tiny-random", quantize=quantize.TORCHAO)
+    with pytest.raises(quantize.QuantizationError, match="pip install torchao"):
+        train(quick_config(style_dir, tmp_path / "a.safetensors", quantize_base=quantize.TORCHAO))
+    assert not (tmp_path / "a.safetensors").exists()

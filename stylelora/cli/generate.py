@@ -32,10 +32,11 @@ def add_model_args(p: argparse.ArgumentParser, *, device: str = "auto", quantize
 
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantize-base", choices=["fp8", "int8", "nf4"], default=None,
+    p.add_argument("--quantize-base", choices=["fp8", "int8", "nf4", "int8-torchao"], default=None,
                    help="keep the base's UNet and text encoders quantized in memory: fp8 (float8 weights, "
                         "per-channel scales; CPU and GPU; --dtype is then the compute dtype) | int8 | nf4 "
-                        "(bitsandbytes, CUDA only). Adapters still load and blend (default: full precision)")
+                        "(bitsandbytes, CUDA only) | int8-torchao (torchao int8 weight-only Linear layers; pip "
+                        "install torchao). Adapters still load and blend (default: full precision)")
 
 
 def check_refs(args) -> None:
