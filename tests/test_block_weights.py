@@ -376,3 +376,19 @@ def test_bake_with_blocks(files, tmp_path):
             assert torch.equal(state[f"{path}.weight"], t.layer.weight), path
     info = json.loads((out / BAKE_INFO).read_text())
     assert [a.get("blocks") for a in info["adapters"]] == [s.split("@")[1] for s in SPECS.values()]
+
+
+def test_generate_cli_writes_lbw_and_refuses_bad_blocks_before_torch(files, tmp_path, capsys):
+    from PIL import Image
+
+    from stylelora.cli import main
+    from test_cli_startup import probe
+
+    out = tmp_path / "x.png"
+    assert main(["generate", "a lighthouse", "--base", "tiny-random", "--lora", f"{files['ink']}:0.7@OUTD",
+                 "--steps", "1", "--width", "32", "--height", "32", "--seed", "1", "--device", "cpu",
+                 "-o", str(out)]) == 0
+    assert "blend: ink 0.7@OUTD" in capsys.readouterr().out
+    assert "<lora:ink:0.7:lbw=OUTD>" in Image.open(out).info["parameters"]
+    line, err = probe("generate", "a lighthouse", "--lora", f"{files['ink']}:0.5@FOO")
+    assert line == "RC 2 TORCH False" and "unknown preset 'FOO'" in err and "OUTALL" in err
