@@ -123,7 +123,7 @@ def test_rank_auto_and_bad_schedule(style_dir, tmp_path):
     from stylelora.cli.train import recipe_of
 
     assert cfg.network.network == "adalora" and cfg.network.rank == recipe_of(args)["rank"] == 8
-    with pytest.raises(ConfigError, match="network must be lora or adalora"):
+    with pytest.raises(ConfigError, match="network must be one of lora, adalora"):
         cfg.replace(network="adalorra")
     with pytest.raises(ConfigError, match="init-rank 2 must be larger"):
         train(ada_config(style_dir, tmp_path / "x.safetensors", init_rank=2))

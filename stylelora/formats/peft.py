@@ -15,7 +15,7 @@ from collections import Counter
 
 import torch
 
-from ..adapter import Adapter
+from ..adapter import Adapter, LoraModule, LycoModule
 from ..errors import AdapterError
 from .arch import ArchTable, peft_name
 
@@ -37,15 +37,22 @@ def to_state_dict(adapter: Adapter, table: ArchTable | None) -> tuple[dict[str, 
     """(tensors, value of ``lora_adapter_metadata``)."""
     tensors: dict[str, torch.Tensor] = {}
     config: dict[str, object] = {}
-    if adapter.lyco():
-        raise AdapterError("the PEFT layout holds LoRA pairs only, and this adapter has LyCORIS / full-difference / "
-                           "DoRA modules: write the kohya layout, or a plain LoRA (stylelora convert --to lora)")
+    _check_peft_modules(adapter)
     for comp in adapter.components():
-        mods = adapter.modules[comp]
+        mods = {p: _pair(m) for p, m in adapter.modules[comp].items()}
+        dora = {p for p, m in adapter.modules[comp].items() if isinstance(m, LycoModule)}
         for path, m in mods.items():
             name = f"{comp}.{peft_name(comp, path, table)}"
             tensors[f"{name}.lora_A.weight"] = m.down.detach().cpu().contiguous()
             tensors[f"{name}.lora_B.weight"] = m.up.detach().cpu().contiguous()
+            if path in dora:  # PEFT's save drops the ".weight" of the DoRA magnitude (one value per output row)
+                scale = adapter.modules[comp][path].tensors["dora_scale"]
+                tensors[f"{name}.lora_magnitude_vector"] = scale.detach().cpu().reshape(-1).contiguous()
+        if dora and len(dora) != len(mods):  # PEFT's use_dora holds for a whole LoraConfig
+            raise AdapterError(f"{comp}: PEFT's use_dora is one setting per component, and only some modules have a "
+                               "DoRA magnitude: write the kohya layout")
+        if dora:
+            config[f"{comp}.use_dora"] = True
         r = int(_most_common(m.rank for m in mods.values()))
         alpha = float(_most_common(float(m.alpha) for m in mods.values()))
         targets = {path: _target(comp, peft_name(comp, path, table)) for path in mods}
@@ -58,6 +65,30 @@ def to_state_dict(adapter: Adapter, table: ArchTable | None) -> tuple[dict[str, 
                                       if float(m.alpha) != alpha},
         })
     return tensors, json.dumps(config, indent=2, sort_keys=True)
+
+
+def _check_peft_modules(adapter: Adapter) -> None:
+    """PEFT's layout holds LoRA pairs, and DoRA pairs with the magnitude per output row; anything else is refused."""
+    for comp in adapter.components():
+        for path, m in adapter.modules[comp].items():
+            if not isinstance(m, LycoModule):
+                continue
+            if m.kind != "lora" or not m.dora:
+                raise AdapterError("the PEFT layout holds LoRA (and DoRA) pairs only, and this adapter has LyCORIS / "
+                                   "full-difference modules: write the kohya layout, or a plain LoRA (stylelora "
+                                   "convert --to lora)")
+            if m.dora_axis != "out":
+                raise AdapterError(f"{comp}.{path}: the DoRA magnitude is per input column ([1, in], kohya/A1111 "
+                                   "layout), and PEFT's lora_magnitude_vector is per output row; the two are not "
+                                   "convertible: write the kohya layout, or train with --dora-layout out")
+
+
+def _pair(m):
+    """The LoRA pair of a module (a ``LoraModule``, or the down/up/alpha of a DoRA ``LycoModule``)."""
+    if isinstance(m, LycoModule):
+        return LoraModule(down=m.tensors["down"], up=m.tensors["up"], alpha=float(m.alpha if m.alpha is not None
+                                                                                   else m.rank))
+    return m
 
 
 def read_configs(file, metadata: dict[str, str]) -> dict[str, dict]:
