@@ -392,3 +392,28 @@ def test_generate_cli_writes_lbw_and_refuses_bad_blocks_before_torch(files, tmp_
     assert "<lora:ink:0.7:lbw=OUTD>" in Image.open(out).info["parameters"]
     line, err = probe("generate", "a lighthouse", "--lora", f"{files['ink']}:0.5@FOO")
     assert line == "RC 2 TORCH False" and "unknown preset 'FOO'" in err and "OUTALL" in err
+
+
+def test_merge_without_base_numbers_blocks_by_the_released_layout():
+    """No base: an SD1.5-sized adapter's blocks come from the released SD1.5 layout; a module of another width
+    (a model of another size) is refused, asking for --base."""
+    from stylelora.errors import AdapterError
+    from stylelora.merge import merge
+
+    g = torch.Generator().manual_seed(0)
+    paths = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 320,  # IN01
+             "up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_q": 320,  # OUT11
+             "mid_block.attentions.0.transformer_blocks.0.attn1.to_q": 1280}  # M00
+    adapter = Adapter(name="sd15", family="sd1")
+    adapter.modules["unet"] = {p: LoraModule(torch.randn(1, n, generator=g), torch.randn(n, 1, generator=g), 1.0)
+                               for p, n in paths.items()}
+    merged = merge([(adapter, (0.5, "OUTALL"))]).adapter  # OUTALL: IN01 0, M00 0, OUT11 1
+    assert list(merged.modules["unet"]) == ["up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_q"]
+    torch.testing.assert_close(merged.modules["unet"][list(merged.modules["unet"])[0]].delta(),
+                               0.5 * adapter.modules["unet"]["up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_q"]
+                               .delta())
+    small = Adapter(name="small", family="sd1")
+    small.modules["unet"] = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q":
+                             LoraModule(torch.randn(1, 32), torch.randn(32, 1), 1.0)}
+    with pytest.raises(AdapterError, match="pass --base"):
+        merge([(small, (1.0, "INS"))])
