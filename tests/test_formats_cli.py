@@ -66,6 +66,7 @@ def test_inspect_json(trained, capsys):
     assert t["resolution"] == "512x512" and t["top_tags"][0] == ["inkwash", 3] and round(t["duration_s"]) == 90
     assert t["config"]["data"]["trigger"] == "inkwash"
     assert t["network_dim"] == 4 and t["network_alpha"] == 2.0  # the tensors win over the config (rank 16)
+    assert info["readers"] == {"diffusers": "yes", "ComfyUI": "yes", "A1111": "yes", "kohya": "yes"}
 
 
 def test_inspect_text(trained, capsys):
@@ -84,10 +85,35 @@ def test_inspect_peft_and_bad_file(trained, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "peft" and info["components"]["text_encoder"]["alpha"] == 6.0
     assert info["components"]["unet"]["scale"] == 0.5 and info["unet_naming"] is None
+    assert info["readers"] == {"diffusers": "yes", "ComfyUI": "yes", "A1111": "no", "kohya": "no"}
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\xff" * 64)
     assert main(["inspect", str(broken)]) == 2
     assert str(broken) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["in", "out"])
+def test_inspect_readers_of_dora_and_loha_files(tmp_path, capsys, layout):
+    """The readers line follows docs/formats.md: an input-axis DoRA file is read right by A1111 and ComfyUI, an
+    output-axis one is not; diffusers drops dora_scale (plain LoRA); a LoHa is refused by diffusers."""
+    from safetensors.torch import save_file
+
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    dora = {f"{name}.lora_down.weight": torch.randn(2, 32), f"{name}.lora_up.weight": torch.randn(32, 2),
+            f"{name}.alpha": torch.tensor(2.0),
+            f"{name}.dora_scale": torch.rand(1, 32) if layout == "in" else torch.rand(32, 1)}
+    save_file(dora, str(tmp_path / "d.safetensors"))
+    assert main(["inspect", str(tmp_path / "d.safetensors"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["readers"]
+    a1111_comfy = "yes" if layout == "in" else "wrong result"
+    assert got == {"diffusers": "as plain LoRA", "ComfyUI": a1111_comfy, "A1111": a1111_comfy,
+                   "kohya": "with LyCORIS"}
+    loha = {f"{name}.hada_w1_a": torch.randn(32, 2), f"{name}.hada_w1_b": torch.randn(2, 32),
+            f"{name}.hada_w2_a": torch.randn(32, 2), f"{name}.hada_w2_b": torch.randn(2, 32),
+            f"{name}.alpha": torch.tensor(2.0)}
+    save_file(loha, str(tmp_path / "h.safetensors"))
+    assert main(["inspect", str(tmp_path / "h.safetensors")]) == 0
+    assert "readers         diffusers no; ComfyUI yes; A1111 yes; kohya with LyCORIS" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------- convert

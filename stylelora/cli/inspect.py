@@ -41,6 +41,14 @@ def _components(info: dict) -> list[str]:
     return rows
 
 
+def _readers(info: dict) -> list[str]:
+    """Which tools read the file (formats.summary.READERS; the README's table gives the sources)."""
+    r = info.get("readers")
+    if not r:
+        return []
+    return ["readers         " + "; ".join(f"{tool} {verdict}" for tool, verdict in r.items())]
+
+
 def _training(t: dict | None) -> list[str]:
     if not t:
         return ["training        (no training metadata)"]
@@ -106,6 +114,7 @@ def format_text(info: dict) -> str:
         f"family          {fam}",
         f"modules         {info['num_modules']} ({counts or 'none'})",
         *_components(info),
+        *_readers(info),
         f"trigger         {info['trigger'] or '-'}",
         *_merged(info.get("merged_from")),
         *_embeddings(info),

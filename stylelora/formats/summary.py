@@ -148,6 +148,60 @@ def _components(file, parsed, entries, alphas, configs) -> dict:
     return out
 
 
+# Which tools read which file, from their sources (docs/formats.md and the README's table name them):
+# verdict per (layout, type); a file gets, per tool, the worst verdict over the types it holds.
+READERS = ("diffusers", "ComfyUI", "A1111", "kohya")
+_VERDICTS = ("yes", "with LyCORIS", "as plain LoRA", "wrong result", "no", "not checked")  # best to worst
+_YES = {t: "yes" for t in READERS}
+_LYCO = {"diffusers": "no", "ComfyUI": "yes", "A1111": "yes", "kohya": "with LyCORIS"}
+_RULES = {
+    # kohya layout. Plain LoRA and LoCon conv pairs: A1111 network_lora.py, ComfyUI weight_adapter/lora.py,
+    # diffusers' kohya converter, sd-scripts networks/lora.py (conv_dim).
+    ("kohya", "lora"): _YES,
+    # LyCORIS types: A1111 network_hada/lokr/full/norm.py and lora_mid in network_lora.py; ComfyUI loha.py, lokr.py,
+    # lora.py; sd-scripts' networks/lora.py reads LoRA pairs only (the lycoris package plugs in as lycoris.kohya);
+    # diffusers' kohya converter leaves their keys unconverted and refuses the file.
+    **{("kohya", t): _LYCO for t in ("loha", "lokr", "tucker", "full", "norm")},
+    # DoRA, input-axis magnitude [1, in]: what A1111 computes (its norm is always per input column) and ComfyUI
+    # reads correctly; diffusers drops dora_scale keys with a warning; sd-scripts has no DoRA (LyCORIS dora_wd has).
+    ("kohya", "dora-in"): {"diffusers": "as plain LoRA", "ComfyUI": "yes", "A1111": "yes", "kohya": "with LyCORIS"},
+    # output-axis [out, 1]: A1111 takes the input-axis norm anyway, ComfyUI divides by ‖W‖ instead of ‖W + ΔW‖.
+    ("kohya", "dora-out"): {"diffusers": "as plain LoRA", "ComfyUI": "wrong result", "A1111": "wrong result",
+                            "kohya": "with LyCORIS"},
+    # PEFT layout: diffusers' own (load_lora_weights; DoRA through PEFT's use_dora); ComfyUI maps "{}.lora_A/B.weight"
+    # keys (weight_adapter/lora.py); A1111 and sd-scripts match kohya key names only.
+    ("peft", "lora"): {"diffusers": "yes", "ComfyUI": "yes", "A1111": "no", "kohya": "no"},
+    ("peft", "dora-out"): {"diffusers": "yes", "ComfyUI": "not checked", "A1111": "no", "kohya": "no"},
+    # the older diffusers spellings: diffusers' own loaders (lora_conversion_utils.py); the others not checked
+    **{(layout, "lora"): {"diffusers": "yes"} for layout in ("diffusers", "diffusers-old")},
+}
+
+
+def readers(file_format: str, kinds: set[str]) -> dict[str, str]:
+    """Per tool (diffusers, ComfyUI, A1111, kohya sd-scripts), how it reads a file of this layout holding these
+    module kinds ("lora", "loha", ..., "dora-in", "dora-out"): one of ``_VERDICTS``."""
+    layout = file_format if file_format in ("kohya", "peft", "diffusers", "diffusers-old") else "other"
+    out = {}
+    for tool in READERS:
+        found = [_RULES.get((layout, k), {}).get(tool, "not checked") for k in kinds] or ["not checked"]
+        out[tool] = max(found, key=_VERDICTS.index)
+    return out
+
+
+def _file_kinds(file, parsed, entries) -> set[str]:
+    """The module kinds of a file for ``readers``: DoRA ones by their magnitude's axis ([1, in] is "in")."""
+    kinds = set()
+    for _, group in parsed.groups.items():
+        kind = _kind(file, group)
+        if kind is None:
+            continue
+        if "dora_scale" in group.keys:
+            shape = list(entries[group.keys["dora_scale"]][0])
+            kind = "dora-in" if len(shape) >= 2 and shape[0] == 1 and shape[1] > 1 else "dora-out"
+        kinds.add(kind)
+    return kinds
+
+
 def _kind(file, group) -> str | None:
     """lora | loha | lokr | tucker | full for a module's keys; None for keys that make no module (a lone alpha,
     a broken LyCORIS module: loading reports those)."""
@@ -280,6 +334,7 @@ def describe(path, *, hashes: bool = True) -> dict:
         "num_modules": sum(c["modules"] for c in components.values()),
         "components": components,
         "supported": not parsed.unsupported and bool(components),
+        "readers": readers(parsed.layout, _file_kinds(file, parsed, entries)) if components else None,
         "unsupported_keys": sorted(parsed.unsupported),
         "unrecognized_keys": sorted(parsed.unrecognized),
         "trigger": _trigger(md),
