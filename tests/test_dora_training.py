@@ -10,6 +10,7 @@ keys with each layer's live ΔW (PEFT's ``get_delta_weight``), and the file rend
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -75,7 +76,9 @@ def test_kohya_file_fused_equals_live_dora_weights(runs, layout):
         down, up = tensors[k.replace("dora_scale", "lora_down.weight")], tensors[k.replace("dora_scale", "lora_up.weight")]
         assert tuple(v.shape) == ((1, down.shape[1]) if layout == "in" else (up.shape[0], 1)), k
     with safe_open(str(out), "pt") as f:
-        assert f.metadata()["stylelora.format"] == "kohya"
+        md = f.metadata()
+    assert md["stylelora.format"] == "kohya" and md["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(md["ss_network_args"]) == {"algo": "lora", "dora_wd": "True", "wd_on_out": str(layout == "out")}
 
     base = load_base("tiny-random")
     adapter = load_adapter(out, pipe=base.pipe)

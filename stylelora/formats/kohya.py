@@ -7,7 +7,7 @@ from collections import Counter
 
 import torch
 
-from ..adapter import Adapter, LycoModule
+from ..adapter import Adapter, LoraModule, LycoModule
 from ..errors import AdapterError
 from ..models import Family, family_with_component
 from .arch import ArchTable, kohya_name
@@ -55,7 +55,12 @@ def _most_common(values) -> float:
 
 def summary_metadata(adapter: Adapter, family: Family | None) -> dict[str, str]:
     """kohya's minimum metadata, from the tensors themselves (so it never disagrees with them)."""
-    mods = [m for c in adapter.components() for m in adapter.modules[c].values() if not isinstance(m, LycoModule)]
+    every = [m for c in adapter.components() for m in adapter.modules[c].values()]
+    # DoRA pairs (what `train --network dora` writes) count for dim/alpha like plain ones
+    dora = [m for m in every if isinstance(m, LycoModule) and m.kind == "lora" and m.dora]
+    mods = [m for m in every if not isinstance(m, LycoModule)] + \
+        [LoraModule(down=m.tensors["down"], up=m.tensors["up"], alpha=float(m.alpha if m.alpha is not None
+                                                                             else m.rank)) for m in dora]
     md = {"ss_network_module": "lycoris.kohya" if adapter.lyco() else "networks.lora"}
     if mods:
         md["ss_network_dim"] = str(int(_most_common(m.rank for m in mods)))
@@ -64,6 +69,11 @@ def summary_metadata(adapter: Adapter, family: Family | None) -> dict[str, str]:
         if convs:
             md["ss_network_args"] = json.dumps({"conv_dim": str(int(_most_common(m.rank for m in convs))),
                                                 "conv_alpha": str(float(_most_common(m.alpha for m in convs)))})
+    if dora and len(dora) == len(every):  # LyCORIS' network args for such a file (lycoris/kohya.py)
+        axes = {m.dora_axis for m in dora}
+        args = json.loads(md.get("ss_network_args", "{}"))
+        md["ss_network_args"] = json.dumps({**args, "algo": "lora", "dora_wd": "True",
+                                            **({"wd_on_out": str(axes == {"out"})} if len(axes) == 1 else {})})
     if family is not None:
         md["ss_v2"] = str(family.spec.ss_v2)
         md["ss_base_model_version"] = family.ss_base_model_version

@@ -83,7 +83,8 @@ def training_metadata(config, family: Family, *, items: list, base_name: str, st
     title = Path(run.output).stem
     md = {
         # kohya minimum
-        "ss_network_module": "networks.lora",
+        # a DoRA file is LyCORIS' (lycoris.kohya, algo lora + dora_wd): sd-scripts' networks.lora has no DoRA
+        "ss_network_module": "lycoris.kohya" if net.network == "dora" else "networks.lora",
         "ss_network_dim": str(int(net.rank)),
         "ss_network_alpha": str(float(net.lora_alpha)),
         "ss_network_dropout": str(float(net.dropout)),
