@@ -331,14 +331,29 @@ def quantize_pipe_torchao(pipe) -> int:
         module = getattr(pipe, name, None)
         if module is None:
             continue
-        before = sum(is_torchao_layer(m) for m in module.modules())
         quantize_(module, Int8WeightOnlyConfig())  # its default filter: nn.Linear modules
-        n += sum(is_torchao_layer(m) for m in module.modules()) - before
+        for layer in module.modules():
+            if is_torchao_layer(layer) and not getattr(layer, "_stylelora_autocast", False):
+                layer.register_forward_pre_hook(_autocast_input)
+                layer._stylelora_autocast = True
+                n += 1
     # PEFT warns per LoRA layer that merge()/unmerge() need the requantizing config of a transformers-loaded model;
     # we never merge through PEFT (adapters are read out as factors; the Blender adds them in a forward hook).
     warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without", category=UserWarning)
     pipe._stylelora_quantized = TORCHAO
     return n
+
+
+def _autocast_input(layer, args):
+    """Under autocast, the input in the autocast dtype, as autocast gives an ``nn.Linear``: torchao's tensor takes
+    ``F.linear`` before autocast sees it and computes in the input's dtype, so an fp32 activation stayed fp32 next to
+    bf16 layers and the next GroupNorm failed ("mixed dtype (CPU): expect parameter to have scalar type of Float",
+    bf16 training samples on CPU, torchao 0.18)."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or not torch.is_autocast_enabled(x.device.type):
+        return None
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return None if x.dtype == dtype else (x.to(dtype), *args[1:])
 
 
 def quantize_pipe(pipe, mode: str) -> int:

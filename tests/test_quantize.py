@@ -506,6 +506,29 @@ def test_torchao_base_blends_through_the_forward_hook_and_restores_exactly():
     assert torch.equal(stored_int8(layer.weight)[0], q0) and torch.equal(stored_int8(layer.weight)[1], s0)
 
 
+@needs_torchao
+def test_torchao_base_follows_autocast_like_plain_layers():
+    """Mixed-precision training places the base in bf16 and samples under autocast with fp32 activations coming in:
+    torchao's int8 layer computes in its input's dtype, so without the cast to the autocast dtype (a pre-hook) its
+    fp32 output met a bf16 GroupNorm ("mixed dtype"). Reference: the full base, same dtype, same autocast."""
+    full, ao = load_base("tiny-random"), load_base("tiny-random", quantize=quantize.TORCHAO)
+    layer = ao.pipe.unet.get_submodule(AO_LAYER)
+    x = torch.randn(2, 5, layer.in_features)
+    q, scale = stored_int8(layer.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        ref = F.linear(x, q.float() * scale, layer.bias)  # autocast casts a plain linear's operands to bf16
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    outs = []
+    for base in (full, ao):
+        unet = base.pipe.unet.to(torch.bfloat16)
+        xs, t, c = unet_inputs(unet, n=2)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(unet(xs, t, c).sample.float())
+    assert rel(outs[1], outs[0]) < 0.05
+
+
 def test_torchao_mode_without_torchao_names_the_package(monkeypatch, style_dir, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
