@@ -220,3 +220,19 @@ def test_cli_flags(style_dir):
     args = argparse.Namespace(config=None, recipe=None, folder=str(style_dir), network="dora", dora_layout="out")
     net = config_from_args(args).network
     assert (net.network, net.dora_layout) == ("dora", "out")
+
+
+def test_borrowed_base_is_given_back_without_dora_layers(style_dir, tmp_path):
+    """The input-axis magnitude lives on PEFT's layer (with its forward hook): removing the layers removes it."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = load_base("tiny-random")
+    before = {n: {k: v.clone() for k, v in getattr(base.pipe, n).state_dict().items()} for n in ("unet", "text_encoder")}
+    plain = render(base.pipe)
+    train(dora_config(style_dir, tmp_path / "b.safetensors", steps=1, train_text_encoder=True), base=base)
+    for n, state in before.items():
+        model = getattr(base.pipe, n)
+        assert not any(isinstance(m, BaseTunerLayer) or m._forward_pre_hooks for m in model.modules())
+        after = model.state_dict()
+        assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert np.array_equal(render(base.pipe), plain)
