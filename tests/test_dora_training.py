@@ -236,3 +236,30 @@ def test_borrowed_base_is_given_back_without_dora_layers(style_dir, tmp_path):
         after = model.state_dict()
         assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
     assert np.array_equal(render(base.pipe), plain)
+
+
+@pytest.mark.parametrize("layout", ["in", "out"])
+def test_inspect_readers_diffusers_verdicts_hold_in_diffusers(runs, tmp_path, layout):
+    """What inspect says of diffusers, checked against diffusers itself: a kohya DoRA file loads as a plain LoRA
+    (dora_scale dropped), a kohya LoHa file is refused."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import save_file
+
+    from stylelora.formats import describe
+
+    out, live = runs[layout]
+    assert describe(out, hashes=False)["readers"]["diffusers"] == "as plain LoRA"
+    pipe = load_base("tiny-random").pipe
+    pipe.load_lora_weights(str(out))
+    layers = [m for _, m in pipe.unet.named_modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == sum(k.startswith("unet.") for k in live) and not any(any(m.use_dora.values()) for m in layers)
+
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    o, i = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.get_base_layer().weight.shape
+    loha = {f"{name}.hada_w1_a": torch.randn(o, 2), f"{name}.hada_w1_b": torch.randn(2, i),
+            f"{name}.hada_w2_a": torch.randn(o, 2), f"{name}.hada_w2_b": torch.randn(2, i),
+            f"{name}.alpha": torch.tensor(2.0)}
+    save_file(loha, str(tmp_path / "loha.safetensors"))
+    assert describe(tmp_path / "loha.safetensors", hashes=False)["readers"]["diffusers"] == "no"
+    with pytest.raises(ValueError, match="not been correctly renamed"):
+        load_base("tiny-random").pipe.load_lora_weights(str(tmp_path / "loha.safetensors"))
