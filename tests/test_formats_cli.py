@@ -85,7 +85,7 @@ def test_inspect_peft_and_bad_file(trained, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "peft" and info["components"]["text_encoder"]["alpha"] == 6.0
     assert info["components"]["unet"]["scale"] == 0.5 and info["unet_naming"] is None
-    assert info["readers"] == {"diffusers": "yes", "ComfyUI": "yes", "A1111": "no", "kohya": "no"}
+    assert info["readers"] == {"diffusers": "yes", "ComfyUI": "partly", "A1111": "no", "kohya": "no"}
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\xff" * 64)
     assert main(["inspect", str(broken)]) == 2

@@ -151,7 +151,7 @@ def _components(file, parsed, entries, alphas, configs) -> dict:
 # Which tools read which file, from their sources (docs/formats.md and the README's table name them):
 # verdict per (layout, type); a file gets, per tool, the worst verdict over the types it holds.
 READERS = ("diffusers", "ComfyUI", "A1111", "kohya")
-_VERDICTS = ("yes", "with LyCORIS", "as plain LoRA", "wrong result", "no", "not checked")  # best to worst
+_VERDICTS = ("yes", "with LyCORIS", "as plain LoRA", "partly", "wrong result", "no", "not checked")  # best to worst
 _YES = {t: "yes" for t in READERS}
 _LYCO = {"diffusers": "no", "ComfyUI": "yes", "A1111": "yes", "kohya": "with LyCORIS"}
 _RULES = {
@@ -168,10 +168,13 @@ _RULES = {
     # output-axis [out, 1]: A1111 takes the input-axis norm anyway, ComfyUI divides by ‖W‖ instead of ‖W + ΔW‖.
     ("kohya", "dora-out"): {"diffusers": "as plain LoRA", "ComfyUI": "wrong result", "A1111": "wrong result",
                             "kohya": "with LyCORIS"},
-    # PEFT layout: diffusers' own (load_lora_weights; DoRA through PEFT's use_dora); ComfyUI maps "{}.lora_A/B.weight"
-    # keys (weight_adapter/lora.py); A1111 and sd-scripts match kohya key names only.
-    ("peft", "lora"): {"diffusers": "yes", "ComfyUI": "yes", "A1111": "no", "kohya": "no"},
-    ("peft", "dora-out"): {"diffusers": "yes", "ComfyUI": "not checked", "A1111": "no", "kohya": "no"},
+    # PEFT layout: diffusers' own (load_lora_weights; DoRA through PEFT's use_dora). ComfyUI reads "{}.lora_A/B.weight"
+    # pairs (weight_adapter/lora.py) but its SD UNet key map (lora.py model_lora_keys_unet) knows "unet.…" names only
+    # in the old attention-processor spelling ("attn1.processor.to_q"), so PEFT's "attn1.to_q" UNet pairs are not
+    # loaded (text-encoder and other UNet modules are), and it has no name for lora_magnitude_vector. A1111
+    # (networks.py load_network cuts a key at its first dot) and sd-scripts match kohya key names only.
+    ("peft", "lora"): {"diffusers": "yes", "ComfyUI": "partly", "A1111": "no", "kohya": "no"},
+    ("peft", "dora-out"): {"diffusers": "yes", "ComfyUI": "partly", "A1111": "no", "kohya": "no"},
     # the older diffusers spellings: diffusers' own loaders (lora_conversion_utils.py); the others not checked
     **{(layout, "lora"): {"diffusers": "yes"} for layout in ("diffusers", "diffusers-old")},
 }
