@@ -91,7 +91,8 @@ def recipe_key(config) -> str:
     d = config.to_dict()
     for section, key in OUTPUT_FIELDS:
         d[section].pop(key)
-    pictures = [_folder_digest(f) for f in (config.data.folder, config.data.reg_folder) if f]
+    pictures = [_folder_digest(f) for f in (config.data.folder, toyworld.resolve_reg_folder(config.data.reg_folder))
+                if f]
     blob = json.dumps([d, base_identity(config.run.base), pictures], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

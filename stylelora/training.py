@@ -109,8 +109,11 @@ def train(config: TrainConfig, *, base: Base | None = None, progress: Callable[[
                              repeats=cfg.data.repeats, default_repeats=cfg.data.default_repeats,
                              skip_bad_images=cfg.data.skip_bad_images, report=(report := {}))
     if cfg.data.reg_folder:
-        items += regularization_items(cfg.data.reg_folder, skip_bad_images=cfg.data.skip_bad_images,
-                                      report=report)
+        from .toy.world import resolve_reg_folder  # "toy:plain": the tiny-scaled recipes' built-in set
+
+        with accelerator.main_process_first():  # the built-in set is written once, by the first process
+            reg_folder = resolve_reg_folder(cfg.data.reg_folder)
+        items += regularization_items(reg_folder, skip_bad_images=cfg.data.skip_bad_images, report=report)
     if on_data is not None and accelerator.is_main_process:
         on_data(data.summarize(items, resolution=cfg.data.resolution, bucket_step=cfg.data.bucket_step,
                                upscale=cfg.data.upscale, **report))

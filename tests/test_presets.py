@@ -148,3 +148,24 @@ def test_web_ui_presets_on_the_tiny_base_train_the_tiny_scale(name):
     steps, rank = presets.TINY_STEPS_RANK[name]
     assert (cfg.run.steps, cfg.network.rank, cfg.optim.lr, cfg.data.resolution) == (steps, rank, 1e-3, 64)
     assert cfg.network.train_text_encoder and cfg.network.train_tokens == 2 and cfg.run.batch_size == 4
+
+
+def test_on_tiny_the_toy_plain_pictures_are_the_default_regularization_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("STYLELORA_HOME", str(tmp_path / "home"))
+    assert presets.for_base("quick", "tiny")["reg_folder"] == presets.TOY_PLAIN
+    assert presets.for_base("quick", "./sd15")["reg_folder"] is None
+    _, cfg = _cli_config(["imgs", "-o", "o.safetensors", "--trigger", "zz"])
+    assert cfg.data.reg_folder == presets.TOY_PLAIN
+    _, cfg = _cli_config(["imgs", "-o", "o.safetensors", "--trigger", "zz", "--reg-folder", "none"])
+    assert cfg.data.reg_folder is None
+    _, cfg = _cli_config(["imgs", "-o", "o.safetensors", "--reg-folder", str(tmp_path)])
+    assert cfg.data.reg_folder == str(tmp_path)
+    # resolved to the toy world's 24 plain pictures, written once under $STYLELORA_HOME
+    folder = Path(world.resolve_reg_folder(presets.TOY_PLAIN))
+    assert folder.parent == tmp_path / "home" and world.resolve_reg_folder(str(tmp_path)) == str(tmp_path)
+    reference = world.write_plain_folder(tmp_path / "reference")
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(p.name for p in reference.iterdir()) and len(names) == 48
+    assert all((folder / n).read_bytes() == (reference / n).read_bytes() for n in names)
+    stamp = (folder / "plain_00.png").stat().st_mtime_ns
+    assert world.plain_folder() == folder and (folder / "plain_00.png").stat().st_mtime_ns == stamp  # reused

@@ -42,6 +42,9 @@ def register(sub) -> None:
                 kw["action"] = argparse.BooleanOptionalAction
             elif isinstance(default, list):
                 kw["type"] = _comma_list
+            elif f.name == "reg_folder":
+                kw["type"] = _str_or_none
+                kw["help"] += "; none = no regularization images; toy:plain = the toy world's plain pictures"
             elif f.name == "rank":
                 kw["type"] = _rank
                 kw["help"] += "; auto = AdaLoRA (--network adalora) with the default target rank"
@@ -63,6 +66,10 @@ def _lines(s: str) -> list[str]:
 
 def _comma_list(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _str_or_none(s: str):
+    return None if s.strip().lower() in ("none", "off", "") else s
 
 
 def _float_or_none(s: str):
@@ -118,8 +125,10 @@ def check_paths(cfg: TrainConfig) -> None:
 
     from ..errors import ConfigError, DataError
 
+    from ..presets import TOY_PLAIN
+
     for label, folder in (("dataset", cfg.data.folder), ("regularization", cfg.data.reg_folder)):
-        if not folder:
+        if not folder or folder == TOY_PLAIN:  # the built-in toy set is written when training starts
             continue
         root = Path(folder).expanduser().absolute()
         if not root.exists():

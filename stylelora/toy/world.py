@@ -302,6 +302,27 @@ def write_plain_folder(folder: str | Path, *, n: int = 24, seed: int = 0, size: 
     return write_style_folder(folder, None, n=n, seed=seed, size=size)
 
 
+def plain_folder() -> Path:
+    """The toy world's plain pictures (``write_plain_folder`` defaults: the same 24 as examples/plain) in a folder
+    under $STYLELORA_HOME, written once (atomically) and reused: what ``reg_folder = "toy:plain"``
+    (``presets.TOY_PLAIN``, the tiny-scaled recipes' default) trains on."""
+    from ..atomic import atomic_folder
+    from ..models import stylelora_home
+
+    dest = stylelora_home() / f"toy-plain-{SIZE}px"
+    if not (dest / "plain_23.txt").exists():
+        with atomic_folder(dest) as tmp:
+            write_plain_folder(tmp)
+    return dest
+
+
+def resolve_reg_folder(value: str | None) -> str | None:
+    """``reg_folder`` as a path: ``"toy:plain"`` becomes ``plain_folder()``; anything else is returned as is."""
+    from ..presets import TOY_PLAIN
+
+    return str(plain_folder()) if value == TOY_PLAIN else value
+
+
 def held_out_scenes(n: int, seed: int = 0) -> list[Scene]:
     """Scenes of held-out (shape, colour) pairs only, with every pair equally often."""
     rng = random.Random(f"held-out:{seed}")
