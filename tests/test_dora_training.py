@@ -73,7 +73,8 @@ def test_kohya_file_fused_equals_live_dora_weights(runs, layout):
     scales = {k: v for k, v in tensors.items() if k.endswith(".dora_scale")}
     assert len(scales) == len(live) > 0
     for k, v in scales.items():  # the layout asked for: [1, in] (kohya/A1111) or [out, 1] (LyCORIS wd_on_out)
-        down, up = tensors[k.replace("dora_scale", "lora_down.weight")], tensors[k.replace("dora_scale", "lora_up.weight")]
+        down = tensors[k.replace("dora_scale", "lora_down.weight")]
+        up = tensors[k.replace("dora_scale", "lora_up.weight")]
         assert tuple(v.shape) == ((1, down.shape[1]) if layout == "in" else (up.shape[0], 1)), k
     with safe_open(str(out), "pt") as f:
         md = f.metadata()
@@ -227,7 +228,8 @@ def test_borrowed_base_is_given_back_without_dora_layers(style_dir, tmp_path):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     base = load_base("tiny-random")
-    before = {n: {k: v.clone() for k, v in getattr(base.pipe, n).state_dict().items()} for n in ("unet", "text_encoder")}
+    before = {n: {k: v.clone() for k, v in getattr(base.pipe, n).state_dict().items()}
+              for n in ("unet", "text_encoder")}
     plain = render(base.pipe)
     train(dora_config(style_dir, tmp_path / "b.safetensors", steps=1, train_text_encoder=True), base=base)
     for n, state in before.items():
