@@ -161,9 +161,9 @@ class NetworkConfig(_Validated):
                                "locon: LoRA also on the UNet's ResNet and up/downsampler convolutions (kohya LoCon, "
                                "--conv-rank/--conv-alpha)")
     dora_layout: str = opt("in", "dora: the axis of the trained magnitude (dora_scale). in: one per input column, "
-                                 "what AUTOMATIC1111, ComfyUI, LyCORIS and kohya-style DoRA files use; out: one per "
-                                 "output row, PEFT's own layout (lora_magnitude_vector), needed for --format peft "
-                                 "and diffusers (docs/formats.md)")
+                                 "the layout AUTOMATIC1111 computes and ComfyUI reads right (OneTrainer writes it); "
+                                 "out: one per output row, PEFT's own (lora_magnitude_vector), needed for --format "
+                                 "peft and diffusers (docs/formats.md)")
     conv_rank: int | None = opt(None, "locon: rank of the 3x3 convolutions (kohya conv_dim; default: --rank); 1x1 "
                                       "convolutions and Linear layers use --rank")
     conv_alpha: float | None = opt(None, "locon: alpha of the 3x3 convolutions (kohya conv_alpha; default: "

@@ -138,9 +138,10 @@ def test_peft_format_renders_in_diffusers_like_our_blend(tmp_path):
     blender.reset()
 
 
-def test_dora_resume_equals_uninterrupted(style_dir, tmp_path):
+@pytest.mark.parametrize("layout", ["in", "out"])
+def test_dora_resume_equals_uninterrupted(style_dir, tmp_path, layout):
     def config(name):
-        cfg = dora_config(style_dir, tmp_path / name / "x.safetensors", steps=4)
+        cfg = dora_config(style_dir, tmp_path / name / "x.safetensors", steps=4, dora_layout=layout)
         cfg.data.cache_dir = str(tmp_path / "cache")
         return cfg
 
