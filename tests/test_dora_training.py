@@ -266,3 +266,33 @@ def test_inspect_readers_diffusers_verdicts_hold_in_diffusers(runs, tmp_path, la
     assert describe(tmp_path / "loha.safetensors", hashes=False)["readers"]["diffusers"] == "no"
     with pytest.raises(ValueError, match="not been correctly renamed"):
         load_base("tiny-random").pipe.load_lora_weights(str(tmp_path / "loha.safetensors"))
+
+
+def test_convert_output_axis_kohya_dora_to_peft_and_back(runs, tmp_path, capsys):
+    """convert --to peft of an output-axis DoRA file: the same modules (factors, alpha, magnitude) read back, and
+    diffusers builds PEFT DoRA layers from it; an input-axis file is refused naming the layout."""
+    from peft.tuners.lora import LoraLayer
+
+    from stylelora.cli import main
+    from stylelora.formats import load_adapter
+
+    base = load_base("tiny-random")
+    out, _ = runs["out"]
+    peft_file = tmp_path / "p.safetensors"
+    assert main(["convert", str(out), "--to", "peft", "-o", str(peft_file)]) == 0
+    a, b = load_adapter(out, pipe=base.pipe), load_adapter(peft_file, pipe=base.pipe)
+    assert a.modules.keys() == b.modules.keys()
+    for comp, mods in a.modules.items():
+        assert mods.keys() == b.modules[comp].keys()
+        for path, m in mods.items():
+            n = b.modules[comp][path]
+            assert (n.kind, n.dora_axis, n.alpha) == (m.kind, m.dora_axis, m.alpha) == ("lora", "out", m.alpha)
+            for role in ("down", "up"):
+                assert torch.equal(n.tensors[role], m.tensors[role]), (path, role)
+            assert torch.equal(n.tensors["dora_scale"].flatten(), m.tensors["dora_scale"].flatten()), path
+    pipe = load_base("tiny-random").pipe
+    pipe.load_lora_weights(str(peft_file))
+    assert all(any(m.use_dora.values()) for _, m in pipe.unet.named_modules() if isinstance(m, LoraLayer))
+    capsys.readouterr()
+    assert main(["convert", str(runs["in"][0]), "--to", "peft", "-o", str(tmp_path / "q.safetensors")]) != 0
+    assert "per input column" in capsys.readouterr().err
