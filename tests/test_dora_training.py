@@ -296,3 +296,25 @@ def test_convert_output_axis_kohya_dora_to_peft_and_back(runs, tmp_path, capsys)
     capsys.readouterr()
     assert main(["convert", str(runs["in"][0]), "--to", "peft", "-o", str(tmp_path / "q.safetensors")]) != 0
     assert "per input column" in capsys.readouterr().err
+
+
+def test_sdxl_locon_file_has_ldm_names_and_renders_in_diffusers(tmp_path):
+    """On SDXL the UNet keys are kohya's ldm names (in_layers_2, out_layers_3, emb_layers_1, skip_connection, op),
+    which diffusers' converter maps back: the same images as our blend."""
+    from peft.tuners.lora import LoraLayer
+
+    style = make_style_images(tmp_path / "style")
+    cfg = quick_config(style, tmp_path / "x.safetensors", steps=2, base="tiny-sdxl")
+    out = train(cfg.replace(network="locon", conv_rank=2, lr=2e-2))
+    keys = {k.rsplit(".", 2)[0] for k in load_file(str(out)) if k.endswith("lora_down.weight")}
+    for part in ("_in_layers_2", "_out_layers_3", "_emb_layers_1", "_0_op"):
+        assert any(k.endswith(part) for k in keys), part
+    assert not any("resnets" in k or "downsamplers" in k for k in keys)
+    base = load_base("tiny-sdxl")
+    plain = render(base.pipe)
+    ours, theirs = ours_and_diffusers(out, base, "tiny-sdxl")
+    assert np.abs(theirs - ours).max() <= 2.5 / 255
+    assert np.abs(theirs - plain).max() > 1e-3
+    pipe = load_base("tiny-sdxl").pipe
+    pipe.load_lora_weights(str(out))
+    assert sum(isinstance(m, LoraLayer) for m in pipe.unet.modules()) == len(keys)
