@@ -55,20 +55,23 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dora")
     style = make_style_images(tmp / "style")
     done = {}
-    for layout in ("in", "out"):
+    for case in ("in", "out", "in-sdxl"):  # SDXL: both text encoders, ldm UNet names
         live = {}
-        cfg = dora_config(style, tmp / f"{layout}.safetensors", dora_layout=layout, train_text_encoder=True)
+        layout, _, family = case.partition("-")
+        cfg = dora_config(style, tmp / f"{case}.safetensors", dora_layout=layout, train_text_encoder=True,
+                          **({"base": "tiny-sdxl"} if family else {}))
         out = train(cfg, on_step=lambda info, live=live: info.step == STEPS and live.update(live_weights(info.models)))
-        done[layout] = (out, live)
+        done[case] = (out, live)
     return done
 
 
-@pytest.mark.parametrize("layout", ["in", "out"])
-def test_kohya_file_fused_equals_live_dora_weights(runs, layout):
+@pytest.mark.parametrize("case", ["in", "out", "in-sdxl"])
+def test_kohya_file_fused_equals_live_dora_weights(runs, case):
     from stylelora.blend import Blender
     from stylelora.formats import load_adapter
 
-    out, live = runs[layout]
+    out, live = runs[case]
+    layout, _, family = case.partition("-")
     tensors = load_file(str(out))
     scales = {k: v for k, v in tensors.items() if k.endswith(".dora_scale")}
     assert len(scales) == len(live) > 0
@@ -81,7 +84,9 @@ def test_kohya_file_fused_equals_live_dora_weights(runs, layout):
     assert md["stylelora.format"] == "kohya" and md["ss_network_module"] == "lycoris.kohya"
     assert json.loads(md["ss_network_args"]) == {"algo": "lora", "dora_wd": "True", "wd_on_out": str(layout == "out")}
 
-    base = load_base("tiny-random")
+    base = load_base("tiny-sdxl" if family else "tiny-random")
+    assert {k.partition(".")[0] for k in live} == ({"unet", "text_encoder", "text_encoder_2"} if family else
+                                                   {"unet", "text_encoder"})
     adapter = load_adapter(out, pipe=base.pipe)
     w0 = {key: _module(base.pipe, key).weight.detach().double().clone() for key in live}
     blender = Blender(base)
