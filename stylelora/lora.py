@@ -118,8 +118,12 @@ def add_input_dora(module: torch.nn.Module, adapter_name: str) -> int:
     count = 0
     for _, layer in lora_layers(module, adapter_name):
         weight = layer.get_base_layer().weight
-        if not isinstance(layer.get_base_layer(), (torch.nn.Linear, torch.nn.Conv2d)) or weight.dim() not in (2, 4):
-            raise AdapterError(f"DoRA on {type(layer.get_base_layer()).__name__}: only Linear and Conv2d layers")
+        kind = layer.get_base_layer()
+        if not isinstance(kind, (torch.nn.Linear, torch.nn.Conv2d)) or weight.dim() not in (2, 4) or \
+                getattr(kind, "groups", 1) != 1:
+            raise AdapterError(f"DoRA with --dora-layout in on {type(kind).__name__} (groups "
+                               f"{getattr(kind, 'groups', 1)}): only Linear and ungrouped Conv2d layers; check "
+                               "--unet-targets/--te-targets or use --dora-layout out")
         if not hasattr(layer, DORA_IN):
             setattr(layer, DORA_IN, torch.nn.ParameterDict())
             layer.register_forward_pre_hook(_dora_in_hook)
@@ -168,7 +172,7 @@ def extract(pipe, adapter_name: str = "default", *, dtype: torch.dtype = torch.f
             axis, m = dora
             shape = tuple(layer.get_base_layer().weight.shape)
             ones = [1] * (len(shape) - 1)
-            # the kohya dora_scale shapes: [out, 1(, 1, 1)] (LyCORIS wd_on_out) or [1, in(, 1, 1)] (kohya/OneTrainer)
+            # dora_scale as LyCORIS shapes it: [out, 1(, 1, 1)] (wd_on_out) or [1, in(, 1, 1)] (as OneTrainer's)
             m = m.detach().to("cpu", dtype).clone()
             scale = m.reshape(shape[0], *ones) if axis == "out" else m.reshape(1, shape[1], *ones[1:])
             mods[path] = LycoModule("lora", {"down": down, "up": up, "dora_scale": scale}, alpha, shape, axis)

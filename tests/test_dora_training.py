@@ -41,11 +41,16 @@ def live_weights(models) -> dict[str, torch.Tensor]:
             for path, layer in model.named_modules():
                 if isinstance(layer, LoraLayer) and ADAPTER_NAME in layer.lora_A:
                     base = layer.get_base_layer()
-                    assert isinstance(base, torch.nn.Linear), path  # the default targets are Linear layers
-                    y = layer(torch.eye(base.in_features, dtype=base.weight.dtype, device=base.weight.device))
+                    n = base.weight.shape[1]
+                    eye = torch.eye(n, dtype=base.weight.dtype, device=base.weight.device)
+                    if isinstance(base, torch.nn.Conv2d):  # a 1x1 conv: one-hot 1x1 images, one per input channel
+                        assert base.kernel_size == (1, 1), path
+                        y = layer(eye.reshape(n, n, 1, 1)).flatten(1)
+                    else:
+                        y = layer(eye)
                     if base.bias is not None:
                         y = y - base.bias
-                    out[f"{comp}.{path}"] = y.T.double().cpu().clone()
+                    out[f"{comp}.{path}"] = y.T.reshape(base.weight.shape).double().cpu().clone()
     return out
 
 
@@ -55,30 +60,35 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dora")
     style = make_style_images(tmp / "style")
     done = {}
-    for case in ("in", "out", "in-sdxl"):  # SDXL: both text encoders, ldm UNet names
+    # SDXL: both text encoders, ldm UNet names; conv: SD1's 1x1 proj_in/proj_out convolutions as targets too
+    for case in ("in", "out", "in-sdxl", "in-conv", "out-conv"):
         live = {}
-        layout, _, family = case.partition("-")
+        layout, _, variant = case.partition("-")
+        extra = {"sdxl": {"base": "tiny-sdxl"},
+                 "conv": {"unet_targets": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"]}}
         cfg = dora_config(style, tmp / f"{case}.safetensors", dora_layout=layout, train_text_encoder=True,
-                          **({"base": "tiny-sdxl"} if family else {}))
+                          **extra.get(variant, {}))
         out = train(cfg, on_step=lambda info, live=live: info.step == STEPS and live.update(live_weights(info.models)))
         done[case] = (out, live)
     return done
 
 
-@pytest.mark.parametrize("case", ["in", "out", "in-sdxl"])
+@pytest.mark.parametrize("case", ["in", "out", "in-sdxl", "in-conv", "out-conv"])
 def test_kohya_file_fused_equals_live_dora_weights(runs, case):
     from stylelora.blend import Blender
     from stylelora.formats import load_adapter
 
     out, live = runs[case]
-    layout, _, family = case.partition("-")
+    layout, _, variant = case.partition("-")
+    family = variant == "sdxl"
     tensors = load_file(str(out))
     scales = {k: v for k, v in tensors.items() if k.endswith(".dora_scale")}
     assert len(scales) == len(live) > 0
     for k, v in scales.items():  # the layout asked for: [1, in] (kohya/A1111) or [out, 1] (LyCORIS wd_on_out)
         down = tensors[k.replace("dora_scale", "lora_down.weight")]
         up = tensors[k.replace("dora_scale", "lora_up.weight")]
-        assert tuple(v.shape) == ((1, down.shape[1]) if layout == "in" else (up.shape[0], 1)), k
+        ones = (1,) * (down.dim() - 2)  # [1, in(, 1, 1)] or [out, 1(, 1, 1)]
+        assert tuple(v.shape) == ((1, down.shape[1], *ones) if layout == "in" else (up.shape[0], 1, *ones)), k
     with safe_open(str(out), "pt") as f:
         md = f.metadata()
     assert md["stylelora.format"] == "kohya" and md["ss_network_module"] == "lycoris.kohya"
@@ -100,9 +110,11 @@ def test_kohya_file_fused_equals_live_dora_weights(runs, case):
         comp, _, path = key.partition(".")
         m = adapter.modules[comp][path]
         assert m.dora_axis == layout
-        plain = w0[key] + m.alpha / m.rank * (m.tensors["up"].double() @ m.tensors["down"].double())
+        up, down = m.tensors["up"].double().flatten(1), m.tensors["down"].double().flatten(1)
+        plain = w0[key] + m.alpha / m.rank * (up @ down).reshape(w0[key].shape)
         rescaled += int((want - plain).norm() / want.norm() > 1e-3)
     assert rescaled > len(live) // 2
+    assert (variant == "conv") == any(w.dim() == 4 for w in live.values())
     blender.reset()
     assert all(torch.equal(_module(base.pipe, k).weight.double(), w) for k, w in w0.items())
 
