@@ -23,7 +23,7 @@ import gradio as gr  # noqa: E402
 from stylelora.errors import StyleloraError  # noqa: E402
 from stylelora.blend import MAX_WEIGHT  # noqa: E402
 from stylelora.generate import SAMPLERS  # noqa: E402
-from stylelora.presets import WEBUI_DEFAULT  # noqa: E402
+from stylelora.presets import WEBUI_DEFAULT, for_base  # noqa: E402
 
 from .handlers import RESIZE_RULES, GenerateRequest, GridRequest, Studio, insert_triggers, parse_values  # noqa: E402
 from .library import TABLE_HEADERS  # noqa: E402
@@ -245,6 +245,18 @@ def _wire_generate(studio: Studio, c: SimpleNamespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- Train
+def preset_choices(spec: str) -> list[tuple[str, str]]:
+    """The preset radio's (label, key) pairs with the numbers a run on base ``spec`` trains with (on the toy
+    ``tiny`` base the tiny-scaled ones, ``presets.for_base``; the page showed the real-base numbers there)."""
+    return [(f"{k}: {p['steps']} steps · rank {p['rank']} · lr {p['lr']:g}", k)
+            for k, p in ((k, for_base(r, spec)) for k, r in PRESETS.items())]
+
+
+def preset_info(key: str, spec: str) -> str:
+    """What preset ``key`` trains on base ``spec`` (``Recipe.describe`` of its version for that base)."""
+    return for_base(PRESETS[key], spec).describe()
+
+
 def _train_tab(studio: Studio, c: SimpleNamespace) -> None:
     native = studio.native_size
     folders = studio.image_folders()
@@ -265,10 +277,9 @@ def _train_tab(studio: Studio, c: SimpleNamespace) -> None:
             with gr.Row():
                 c.name = gr.Textbox(label="Adapter name", placeholder="my-style", elem_id="train-name")
                 c.trigger = gr.Textbox(label="Trigger word", placeholder="mystyle", elem_id="train-trigger")
-            choices = [(f"{k}: {p['steps']} steps · rank {p['rank']} · lr {p['lr']:g}", k)
-                       for k, p in PRESETS.items()]
-            c.preset = gr.Radio(choices, value=WEBUI_DEFAULT, label="Preset", elem_id="train-preset")
-            c.preset_info = gr.Markdown(PRESETS[WEBUI_DEFAULT].describe(), elem_id="train-preset-info")
+            spec = studio.base.spec
+            c.preset = gr.Radio(preset_choices(spec), value=WEBUI_DEFAULT, label="Preset", elem_id="train-preset")
+            c.preset_info = gr.Markdown(preset_info(WEBUI_DEFAULT, spec), elem_id="train-preset-info")
             with gr.Accordion("Advanced (0 = the preset's value)", open=False, elem_id="train-advanced"):
                 with gr.Row():
                     c.t_steps = gr.Number(0, label="Steps", precision=0, minimum=0, maximum=MAX_STEPS,
@@ -328,7 +339,7 @@ def _bar(s: dict | None) -> str:
 
 
 def _wire_train(studio: Studio, c: SimpleNamespace, lib_outputs: list, lib_refresh) -> None:
-    c.preset.change(lambda k: PRESETS[k].describe(), c.preset, c.preset_info, queue=False)
+    c.preset.change(lambda k: preset_info(k, studio.base.spec), c.preset, c.preset_info, queue=False)
     c.source.change(lambda s: (gr.Row(visible=s == SOURCES[0]), gr.File(visible=s == SOURCES[1])), c.source,
                     [c.folder_row, c.uploads], queue=False)
     c.refresh_folders.click(_ui(lambda: gr.Dropdown(choices=studio.image_folders())), outputs=c.folder)
@@ -562,12 +573,15 @@ def build_app(studio: Studio) -> gr.Blocks:
         _wire_train(studio, c, lib_outputs, lib_refresh)
 
         @_ui
-        def switch(label):
+        def switch(label, preset):
             name = studio.switch_base(label)
             gr.Info(f"base {name} loaded")
-            return gr.Slider(value=studio.native_size), gr.Slider(value=studio.native_size)
+            spec = studio.base.spec
+            return (gr.Slider(value=studio.native_size), gr.Slider(value=studio.native_size),
+                    gr.Radio(choices=preset_choices(spec)), preset_info(preset, spec))
 
-        c.switch.click(switch, c.base, [c.width, c.height], concurrency_id="model")
+        c.switch.click(switch, [c.base, c.preset], [c.width, c.height, c.preset, c.preset_info],
+                       concurrency_id="model")
 
         def on_load(version):
             s = studio.training_status()

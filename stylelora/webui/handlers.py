@@ -575,15 +575,26 @@ class Studio:
         return self._launch(job.name, job.config.replace(resume="latest"), recipe=job.recipe,
                             overwrite=getattr(job, "overwrite", False))
 
-    def _scan_roots(self, folder) -> list[Path]:
-        """Where a training folder's files may resolve to: the training roots, or the upload folder itself."""
-        return [*self.train_roots, Path(folder)]
+    def _scan_roots(self, folder, reg_folder: str | None = None) -> list[Path]:
+        """Where a training folder's files may resolve to: the training roots, or the upload folder itself; with
+        ``reg_folder`` "toy:plain" (the tiny-scaled presets' default) also the toy world's own plain pictures, which
+        live under $STYLELORA_HOME, outside every training root (refused there, every preset run on ``tiny``
+        failed at step 0)."""
+        from stylelora.presets import TOY_PLAIN
+
+        extra = []
+        if reg_folder == TOY_PLAIN:
+            from stylelora.toy.world import plain_folder
+
+            extra.append(plain_folder())
+        return [*self.train_roots, Path(folder), *extra]
 
     def _train_locked(self, config, progress, should_stop) -> Path:
         import stylelora
         from stylelora.data import confined_to
 
-        with self._lock, confined_to(self._scan_roots(config.data.folder)):  # train()'s own scan is confined too
+        roots = self._scan_roots(config.data.folder, config.data.reg_folder)
+        with self._lock, confined_to(roots):  # train()'s own scan is confined too
             self.blender.reset()  # train on the plain base, not on today's blend
             pipe = self.base.pipe
             placement = {n: (m.device, m.dtype) for n, m in _parts(pipe).items()}
