@@ -119,6 +119,63 @@ def test_prompt_tags_are_looked_up_in_the_library_only(studio):
             studio.generate(request(prompt=f"a lighthouse {bad}"))
 
 
+def test_block_weights_equal_the_python_api_and_bad_vectors_change_nothing(studio):
+    from stylelora.blend import Blender
+    from stylelora.generate import Settings, generate
+    from stylelora.models import load_base
+
+    req = request(adapters={"ink": 0.8, "pastel": (0.3, 0.5)}, blocks={"ink": "INS", "pastel": ""})
+    res = studio.generate(req)
+    text = res.infotexts[0]
+    assert "<lora:ink:0.8:lbw=INS>" in text and "<lora:pastel:0.5:0.3>" in text, text
+    assert res.notes == []
+    # the reference: the Python API on a base of its own, the adapters read from the library's files
+    base = load_base("tiny-random")
+    base.pipe.set_progress_bar_config(disable=True)
+    blender = Blender(base)
+    for name in ("ink", "pastel"):
+        blender.load(studio.library.path(name), name=name)
+    vector = "1,0,0,0,0,0,0,1,0,0,0,1,1,0,0,0,1"
+    blender.set({"ink": ((0.8, 0.8), "INS"), "pastel": (0.3, 0.5)})
+    want = generate(base, Settings(prompt="a lighthouse", seed=3, steps=STEPS, guidance=7.0, width=SIZE,
+                                   height=SIZE), blender)[0]
+    assert np.array_equal(pixels(res.paths[0]), np.asarray(want.convert("RGB"), dtype=np.int16))
+    assert want.info["parameters"] == text
+    plain = studio.generate(request(adapters={"ink": 0.8, "pastel": (0.3, 0.5)}))  # the vector matters
+    assert np.abs(pixels(plain.paths[0]) - pixels(res.paths[0])).max() > 0
+    # a comma list, and the X/Y grid keeps the swept adapter's blocks in every cell
+    listed = studio.generate(request(adapters={"ink": 0.8}, blocks={"ink": vector}))
+    assert f"<lora:ink:0.8:lbw={vector}>" in listed.infotexts[0]
+    grid = studio.grid(GridRequest(request(adapters={"ink": 0.8}, blocks={"ink": vector}), x_adapter="ink",
+                                   x_values=[0.8], y_kind="none"))
+    blender.set({"ink": (0.8, vector)})
+    want = generate(base, Settings(prompt="a lighthouse", seed=3, steps=STEPS, guidance=7.0, width=SIZE,
+                                   height=SIZE), blender)[0]
+    assert np.array_equal(pixels(grid.cells[0]), np.asarray(want.convert("RGB"), dtype=np.int16))
+    assert f"lbw={vector}" in Image.open(grid.cells[0]).info["parameters"]
+    # a vector for another family is allowed (A1111 zeroes the unlisted blocks) but the page says so
+    sdxl = studio.generate(request(adapters={"ink": 0.8}, blocks={"ink": "1,1,1,1,1,1,1,1,1,1,1,1"}))
+    assert len(sdxl.notes) == 1 and "'ink'" in sdxl.notes[0] and "17" in sdxl.notes[0], sdxl.notes
+    # bad vectors: a clear message naming the adapter and the problem; no image, the blend and seed unchanged
+    before = (studio.blender.weights, studio.blender.blocks, sorted(studio.outputs.iterdir()), studio.last_seed)
+    for bad, words in (("1,2,3", "3 values"), ("ins", "presets are case-sensitive: 'INS'"),
+                       ("BOGUS", "unknown preset 'BOGUS'"), ("1,nan" + ",1" * 15, "finite"),
+                       ("1,x" + ",1" * 15, "value 2 ('x') is not a number")):
+        with pytest.raises(ConfigError, match="block weights of 'ink'") as err:
+            studio.generate(request(adapters={"ink": 0.8}, blocks={"ink": bad}, seed=99))
+        assert words in str(err.value), (bad, str(err.value))
+    with pytest.raises(ConfigError, match="'pastel', which is not picked"):
+        studio.generate(request(adapters={"ink": 0.8}, blocks={"pastel": "INS"}))
+    with pytest.raises(ConfigError, match="block weights of 'ink'"):
+        studio.grid(GridRequest(request(adapters={"ink": 0.8}, blocks={"ink": "1,2"}), x_adapter="ink",
+                                x_values=[0.5], y_kind="none"))
+    assert (studio.blender.weights, studio.blender.blocks, sorted(studio.outputs.iterdir()),
+            studio.last_seed) == before
+    # the prompt's own lbw tag works too (it was read without its blocks before)
+    tagged = studio.generate(request(prompt="a lighthouse <lora:ink:0.8:lbw=INS> <lora:pastel:0.5:0.3>"))
+    assert np.array_equal(pixels(tagged.paths[0]), pixels(res.paths[0]))
+
+
 def test_generate_refuses_bad_settings_with_messages(studio):
     for kw, words in (({"prompt": " "}, "prompt"), ({"steps": 0}, "steps"), ({"width": 100}, "multiples of 8"),
                       ({"num_images": 99}, "number of images"), ({"sampler": "magic"}, "scheduler"),

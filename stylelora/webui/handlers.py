@@ -39,11 +39,15 @@ class BusyError(StyleloraError):
 
 @dataclass
 class GenerateRequest:
-    """One Generate click. ``adapters``: {library name: weight or (unet weight, text-encoder weight)}."""
+    """One Generate click. ``adapters``: {library name: weight or (unet weight, text-encoder weight)};
+    ``blocks``: {library name: block weights} for some of them, as the page's block editor sends them (a preset name
+    such as ``INS`` or a comma list of 17 (SD1/SD2) or 12 (SDXL) values; empty = every block at 1), the same as
+    ``Blender.set({name: (weight, blocks)})`` and ``<lora:name:w:lbw=…>``."""
 
     prompt: str
     negative_prompt: str = ""
     adapters: dict = field(default_factory=dict)
+    blocks: dict = field(default_factory=dict)
     seed: int = -1  # -1: a random seed (the one used is returned and written into the PNGs)
     steps: int = 20
     guidance: float = 7.0
@@ -58,6 +62,7 @@ class GenerateResult:
     paths: list[Path]  # PNGs with the A1111 ``parameters`` chunk
     infotexts: list[str]
     seed: int
+    notes: list[str] = field(default_factory=list)  # e.g. a block vector that zeroes blocks the adapter uses
 
 
 @dataclass
@@ -287,18 +292,54 @@ class Studio:
             self.blender.load(path, name=name)
             self._loaded_sha[name] = file_digests(path)[0]
 
-    def _weights(self, adapters: dict, prompt: str) -> tuple[dict, str]:
-        """{name: (unet, te)} for the picked adapters and the prompt's ``<lora:name:w>`` tags, and the prompt
-        without its tags. Tag names are looked up in the library only, never as paths on the server; the tags
-        come back in the PNG parameters from the blend itself."""
+    def _weights(self, adapters: dict, prompt: str, blocks: dict | None = None) -> tuple[dict, str]:
+        """{name: (unet, te) or ``BlockWeight``} for the picked adapters (with their block weights from ``blocks``)
+        and the prompt's ``<lora:name:w>`` / ``<lora:name:w:lbw=…>`` tags, and the prompt without its tags. Every
+        block vector is parsed here, before the model is touched: a bad one changes nothing. Tag names are looked up
+        in the library only, never as paths on the server; the tags come back in the PNG parameters from the blend
+        itself."""
         from stylelora.blend import as_pair
+        from stylelora.blocks import BlockWeight, parse_blocks, split_weight
         from stylelora.prompt import parse_prompt
 
-        weights = {self.library.find(n): as_pair(w, f"weight of {n!r}") for n, w in adapters.items()}
+        weights = {}
+        for n, w in adapters.items():
+            name = self.library.find(n)
+            plain, vector = split_weight(w, f"weight of {n!r}")  # the Python form (w, "INS") works here too
+            pair = as_pair(plain, f"weight of {n!r}")
+            weights[name] = BlockWeight(pair, vector) if vector is not None else pair
+        for n, text in (blocks or {}).items():
+            if text is None or not str(text).strip():
+                continue  # an empty editor: every block at 1
+            name = self.library.find(n)
+            if name not in weights:
+                raise ConfigError(f"block weights are given for {name!r}, which is not picked: pick it, or clear "
+                                  "its block weights")
+            w = weights[name]
+            pair = w.weight if isinstance(w, BlockWeight) else w
+            weights[name] = BlockWeight(pair, parse_blocks(str(text), f"block weights of {name!r}"))
         clean, refs = parse_prompt(prompt)
         for ref in refs:
-            weights[self.library.find(ref.source)] = ref.weights
+            weights[self.library.find(ref.source)] = (BlockWeight(ref.weights, ref.blocks) if ref.blocks is not None
+                                                      else ref.weights)
         return weights, clean
+
+    def _block_notes(self, weights: dict) -> list[str]:
+        """A line per adapter whose block vector is made for another model family and so zeroes blocks that hold
+        some of its modules (allowed, as in A1111, but rarely meant). The adapters are loaded."""
+        from stylelora.blocks import FAMILY_LENGTHS, SD_LENGTHS, BlockWeight, unlisted
+
+        notes = []
+        expected = FAMILY_LENGTHS.get(self.blender.family or "", SD_LENGTHS)
+        for name, w in weights.items():
+            if not isinstance(w, BlockWeight) or len(w.blocks.values) in expected:
+                continue
+            missing = unlisted(self.blender.loaded[name].adapter.modules, w.blocks, self.base.pipe.unet.config)
+            if missing:
+                notes.append(f"block weights of {name!r}: {len(w.blocks.values)} values, but this "
+                             f"{self.blender.family} base takes {' or '.join(str(n) for n in expected)}; blocks "
+                             f"{', '.join(missing)} hold some of its layers and get 0")
+        return notes
 
     def _check(self, req: GenerateRequest) -> GenerateRequest:
         from stylelora.generate import SAMPLERS
@@ -337,11 +378,12 @@ class Studio:
     def generate(self, req: GenerateRequest, progress: Progress | None = None) -> GenerateResult:
         """Generate ``num_images`` images (seeds seed, seed+1, …) with the picked adapters at their weights."""
         req = self._check(req)
-        weights, prompt = self._weights(req.adapters, req.prompt)
+        weights, prompt = self._weights(req.adapters, req.prompt, req.blocks)
         out, texts = [], []
         self._acquire()
         try:
             self._sync_adapters(weights)
+            notes = self._block_notes(weights)
             for i in range(req.num_images):
                 if progress:
                     progress(i, req.num_images, f"image {i + 1}/{req.num_images}")
@@ -351,7 +393,7 @@ class Studio:
         finally:
             self._lock.release()
         self.last_seed = req.seed
-        return GenerateResult(out, texts, req.seed)
+        return GenerateResult(out, texts, req.seed, notes)
 
     def grid(self, req: GridRequest, progress: Progress | None = None) -> GridResult:
         """Sweep one adapter's weight (columns) against seeds or another adapter's weight (rows): one labelled grid."""
@@ -359,7 +401,7 @@ class Studio:
         from stylelora.grid import image_grid
 
         settings = self._check(replace(req.settings, num_images=1))
-        weights, prompt = self._weights(settings.adapters, settings.prompt)
+        weights, prompt = self._weights(settings.adapters, settings.prompt, settings.blocks)
         x_name = self.library.find(req.x_adapter)
         if not req.x_values:
             raise ConfigError("give the X weights, e.g. 0, 0.25, 0.5, 0.75, 1")
@@ -388,10 +430,10 @@ class Studio:
                 for x in req.x_values:
                     if progress:
                         progress(done, total, f"image {done + 1}/{total}")
-                    w = {**weights, x_name: (float(x), float(x))}
+                    w = {**weights, x_name: _swept(weights.get(x_name), x)}  # a swept adapter keeps its blocks
                     seed = settings.seed
                     if req.y_kind == "adapter":
-                        w[y_name] = (float(y), float(y))
+                        w[y_name] = _swept(weights.get(y_name), y)
                     elif req.y_kind == "seed":
                         seed = y
                     image = self._render(settings, w, prompt, seed)
@@ -616,6 +658,15 @@ class Studio:
 
     def training_status(self) -> dict | None:
         return self.job.status() if self.job else None
+
+
+def _swept(current, value: float):
+    """A grid axis's weight ``value`` for an adapter whose weight now is ``current``: both weights ``value``, its
+    block vector (if it has one) kept."""
+    from stylelora.blocks import BlockWeight
+
+    pair = (float(value), float(value))
+    return BlockWeight(pair, current.blocks) if isinstance(current, BlockWeight) else pair
 
 
 def _hide_folder(message: str, folder: Path) -> str:
