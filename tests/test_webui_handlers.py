@@ -176,6 +176,72 @@ def test_block_weights_equal_the_python_api_and_bad_vectors_change_nothing(studi
     assert np.array_equal(pixels(tagged.paths[0]), pixels(res.paths[0]))
 
 
+def test_blend_report_table_equals_the_interference_api(studio):
+    import re
+
+    from stylelora.blend import read_adapter
+    from stylelora.formats import save_adapter
+    from stylelora.interference import report
+
+    save_adapter(random_adapter(studio.base.pipe, "ochre", 3, 5), studio.library.root / "ochre.safetensors",
+                 pipe=studio.base.pipe)
+    try:
+        names = ["ink", "pastel", "ochre"]
+        got = studio.blend_report(names)
+        want = report([(n, read_adapter(studio.library.path(n), pipe=studio.base.pipe)) for n in names])
+        assert got.result == want and got.grid is None
+        assert [(p["a"], p["b"]) for p in want["pairs"]] == [("ink", "pastel"), ("ink", "ochre"), ("pastel", "ochre")]
+        # every row of the page's table shows the API's numbers
+        rows = {}
+        pair = None
+        for line in got.table.splitlines():
+            head = re.match(r"\*\*(\S+)\*\* vs \*\*(\S+)\*\*", line)
+            if head:
+                pair = head.groups()
+            elif line.startswith("| ") and not line.startswith("| block"):
+                cells = [x.strip() for x in line.strip("|").split("|")]
+                rows[(*pair, cells[0])] = cells[1:]
+        expected = {}
+        for p in want["pairs"]:
+            for block, f in [*p["blocks"].items(), ("total", p["total"])]:
+                expected[(p["a"], p["b"], block)] = [str(f["modules"]), f"{f['cosine']:+.3f}", f"{f['input']:.3f}",
+                                                     f"{f['output']:.3f}", f"{f['norm_a']:.3g}", f"{f['norm_b']:.3g}"]
+        assert rows == expected
+        assert {"unet down", "unet mid", "unet up", "text_encoder"} <= {k[2] for k in rows}
+        # every module of the pair is compared
+        total = want["pairs"][0]["total"]
+        assert total["modules"] == sum(len(m) for m in read_adapter(studio.library.path("ink")).modules.values())
+        with pytest.raises(ConfigError, match="the weight sweep takes two adapters, 3 are picked"):
+            studio.blend_report(names, sweep=True)
+    finally:
+        studio.delete_adapter("ochre")
+    for bad, words in ((["ink"], "pick two or more"), (["ink", "ink"], "pick two or more")):
+        with pytest.raises(ConfigError, match=words):
+            studio.blend_report(bad)
+    with pytest.raises(StyleloraError, match="nosuch"):
+        studio.blend_report(["ink", "nosuch"])
+
+
+def test_blend_report_sweep_grid_equals_interference_sweep(studio):
+    from stylelora.blend import read_adapter
+    from stylelora.interference import sweep
+
+    before = studio.generate(request(adapters={"ink": 0.8, "pastel": 0.4}))
+    got = studio.blend_report(["ink", "pastel"], sweep=True, weights="0, 1", prompt="a lighthouse", steps=STEPS,
+                              seed=1)
+    assert got.grid is not None and got.grid.parent == studio.outputs
+    adapters = [(n, read_adapter(studio.library.path(n), pipe=studio.base.pipe)) for n in ("ink", "pastel")]
+    want, _ = sweep(studio.base, adapters, weights=[0.0, 1.0], prompt="a lighthouse", steps=STEPS, seed=1)
+    assert np.array_equal(pixels(got.grid), np.asarray(want.convert("RGB"), dtype=np.int16))
+    assert "rows ink weight, columns pastel weight" in Image.open(got.grid).info["parameters"]
+    after = studio.generate(request(adapters={"ink": 0.8, "pastel": 0.4}))  # the blend comes back
+    assert np.array_equal(pixels(after.paths[0]), pixels(before.paths[0]))
+    for kw, words in ((dict(weights="a, b"), "give numbers"), (dict(weights="0:1:0.1"), "at most 64"),
+                      (dict(steps=0), "steps must be")):
+        with pytest.raises(ConfigError, match=words):
+            studio.blend_report(["ink", "pastel"], sweep=True, **kw)
+
+
 def test_generate_refuses_bad_settings_with_messages(studio):
     for kw, words in (({"prompt": " "}, "prompt"), ({"steps": 0}, "steps"), ({"width": 100}, "multiples of 8"),
                       ({"num_images": 99}, "number of images"), ({"sampler": "magic"}, "scheduler"),

@@ -22,6 +22,7 @@ import gradio as gr  # noqa: E402
 
 from stylelora.errors import StyleloraError  # noqa: E402
 from stylelora.blend import MAX_WEIGHT  # noqa: E402
+from stylelora.blocks import PRESETS as BLOCK_PRESETS  # noqa: E402
 from stylelora.generate import SAMPLERS  # noqa: E402
 from stylelora.presets import WEBUI_DEFAULT, for_base  # noqa: E402
 
@@ -172,8 +173,8 @@ def _generate_tab(studio: Studio, c: SimpleNamespace) -> None:
 def _weight_rows(studio: Studio, c: SimpleNamespace) -> None:
     """One weight row per picked adapter (re-rendered when the pick changes); Generate and grid read them."""
 
-    def request(d: dict, weights: dict) -> GenerateRequest:
-        return GenerateRequest(prompt=d[c.prompt], negative_prompt=d[c.negative], adapters=weights,
+    def request(d: dict, weights: dict, blocks: dict) -> GenerateRequest:
+        return GenerateRequest(prompt=d[c.prompt], negative_prompt=d[c.negative], adapters=weights, blocks=blocks,
                                seed=int(d[c.seed] if d[c.seed] is not None else -1), steps=int(d[c.steps]),
                                guidance=float(d[c.guidance]), width=int(d[c.width]), height=int(d[c.height]),
                                sampler=d[c.sampler], num_images=int(d[c.num_images]))
@@ -192,24 +193,33 @@ def _weight_rows(studio: Studio, c: SimpleNamespace) -> None:
                                elem_id=f"te-{_slug(name)}", scale=3, visible=False, interactive=True,
                                preserved_by_key=["value", "visible"])
                 sep.change(lambda on: gr.Slider(visible=on), sep, te, queue=False)
-            rows.append((name, w, sep, te))
+                # block weights (A1111's LoRA Block Weight): a preset or a typed comma list, checked on Generate
+                bl = gr.Dropdown(list(BLOCK_PRESETS), value=None, allow_custom_value=True, label=f"{name}: blocks",
+                                 info="empty = every block 1; a preset, or 17 (SD1/SD2) / 12 (SDXL) values",
+                                 key=f"bl:{name}", elem_id=f"blocks-{_slug(name)}", scale=3, min_width=180,
+                                 interactive=True)
+            rows.append((name, w, sep, te, bl))
 
         def weights(d: dict) -> dict:
-            return {n: (d[w], d[te]) if d[sep] else d[w] for n, w, sep, te in rows}
+            return {n: (d[w], d[te]) if d[sep] else d[w] for n, w, sep, te, _ in rows}
+
+        def blocks(d: dict) -> dict:
+            return {n: d[bl] for n, *_, bl in rows if d[bl] and str(d[bl]).strip()}
 
         @_ui
         def run(d, progress=gr.Progress()):
             start = time.time()
-            res = studio.generate(request(d, weights(d)), progress=_progress(progress))
+            res = studio.generate(request(d, weights(d), blocks(d)), progress=_progress(progress))
             gallery = [(str(p), f"seed {res.seed + i}") for i, p in enumerate(res.paths)]
             done = f"{len(res.paths)} image(s), seed {res.seed}, {time.time() - start:.1f} s"
+            done += "".join(f"  \n⚠ {html.escape(n)}" for n in res.notes)
             return gallery, res.infotexts[0], [str(p) for p in res.paths], res.seed, res.infotexts, done
 
         @_ui
         def run_grid(d, progress=gr.Progress()):
             x_values = parse_values(d[c.x_values])
             y_values = parse_values(d[c.y_values], integers=d[c.y_kind] == "seed") if d[c.y_kind] != "none" else []
-            req = GridRequest(request(d, weights(d)), x_adapter=d[c.x_adapter] or "", x_values=x_values,
+            req = GridRequest(request(d, weights(d), blocks(d)), x_adapter=d[c.x_adapter] or "", x_values=x_values,
                               y_kind=d[c.y_kind], y_adapter=d[c.y_adapter], y_values=y_values)
             start = time.time()
             res = studio.grid(req, progress=_progress(progress))
@@ -219,7 +229,7 @@ def _weight_rows(studio: Studio, c: SimpleNamespace) -> None:
 
         # this body runs on page load and pick changes, when every component of the page exists
         common = {c.prompt, c.negative, c.seed, c.steps, c.guidance, c.width, c.height, c.sampler, c.num_images,
-                  *(x for _, w, sep, te in rows for x in (w, sep, te))}
+                  *(x for _, *parts in rows for x in parts)}
         outs = [c.gallery, c.infotext, c.files, c.last_seed, c.texts, c.gen_status]
         kw = {"outputs": outs, "concurrency_id": "model", "show_progress_on": [c.gen_status]}  # keep the images
         c.generate_btn.click(run, inputs=common, **kw)
@@ -477,14 +487,14 @@ def _merge_weights(names: list[str], text: str) -> dict:
 
 def _wire_library(studio: Studio, c: SimpleNamespace) -> tuple[list, callable]:
     outputs = [c.lib_table, c.lib_thumbs, c.lib_pick, c.merge_pick, c.picked, c.x_adapter, c.y_adapter,
-               c.lib_version]
+               c.br_pick, c.lib_version]
 
     def refresh(version=None, force=False):
         if not force and version == studio.library.version:
             return tuple(gr.skip() for _ in outputs)
         names = studio.adapters()
         choice = gr.Dropdown(choices=names)
-        return (studio.library_rows(), studio.thumbnails(), choice, choice, choice, choice, choice,
+        return (studio.library_rows(), studio.thumbnails(), choice, choice, choice, choice, choice, choice,
                 studio.library.version)
 
     def after(message: str):
@@ -550,6 +560,47 @@ def _wire_library(studio: Studio, c: SimpleNamespace) -> tuple[list, callable]:
     return outputs, refresh
 
 
+# ---------------------------------------------------------------------------------------------- Blend report
+def _report_tab(studio: Studio, c: SimpleNamespace) -> None:
+    gr.Markdown("How much the picked adapters' weight updates overlap, per UNet block and text encoder (`stylelora "
+                "blend-report`); with two adapters, optionally a grid of pictures at every pair of weights.")
+    with gr.Row():
+        with gr.Column(scale=5):
+            c.br_pick = gr.Dropdown(studio.adapters(), value=[], multiselect=True, allow_custom_value=True,
+                                    label="Adapters to compare (two or more)", elem_id="report-pick")
+            with gr.Accordion("Weight sweep (two adapters; uses the model)", open=False, elem_id="report-sweep"):
+                c.br_sweep = gr.Checkbox(False, label="render the weight-sweep grid", elem_id="report-sweep-on")
+                with gr.Row():
+                    c.br_weights = gr.Textbox("0, 0.5, 1", label="Weights of both (a, b, … or start:stop:step)",
+                                              elem_id="report-weights")
+                    c.br_prompt = gr.Textbox("", label="Prompt after both trigger words (empty: a house by a lake)",
+                                             elem_id="report-prompt")
+                with gr.Row():
+                    c.br_steps = gr.Number(20, label="Steps", precision=0, minimum=1, maximum=150,
+                                           elem_id="report-steps")
+                    c.br_cfg = gr.Number(5.0, label="Guidance (CFG)", minimum=0, elem_id="report-cfg")
+                    c.br_seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="report-seed")
+            c.br_btn = gr.Button("Compare", variant="primary", elem_id="report-btn")
+            c.br_status = gr.Markdown("", elem_id="report-status", min_height=24, elem_classes=["status-line"])
+            c.br_table = gr.Markdown("", elem_id="report-table")
+        with gr.Column(scale=4):
+            c.br_grid = gr.Image(label="Weight sweep (rows: first adapter's weight, columns: second's)",
+                                 interactive=False, type="filepath", elem_id="report-grid")
+
+    @_ui
+    def compare(names, sweep, weights, prompt, steps, cfg, seed):
+        start = time.time()
+        rep = studio.blend_report(names or [], sweep=bool(sweep), weights=weights or "", prompt=prompt or "",
+                                  steps=int(steps if steps is not None else 20),
+                                  guidance=float(cfg if cfg is not None else 5.0),
+                                  seed=int(seed if seed is not None else 0))
+        done = f"{len(rep.result['pairs'])} pair(s) compared" + (", sweep grid rendered" if rep.grid else "")
+        return rep.table, (str(rep.grid) if rep.grid else None), f"{done}, {time.time() - start:.1f} s"
+
+    c.br_btn.click(compare, [c.br_pick, c.br_sweep, c.br_weights, c.br_prompt, c.br_steps, c.br_cfg, c.br_seed],
+                   [c.br_table, c.br_grid, c.br_status], concurrency_id="model", show_progress_on=[c.br_status])
+
+
 # ---------------------------------------------------------------------------------------------- the page
 def build_app(studio: Studio) -> gr.Blocks:
     """The whole page for ``studio``."""
@@ -568,6 +619,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 _train_tab(studio, c)
             with gr.Tab("Library", id="library"):
                 _library_tab(studio, c)
+            with gr.Tab("Blend report", id="report"):
+                _report_tab(studio, c)
         lib_outputs, lib_refresh = _wire_library(studio, c)
         _wire_generate(studio, c)
         _wire_train(studio, c, lib_outputs, lib_refresh)

@@ -85,6 +85,36 @@ class GridResult:
     seed: int
 
 
+@dataclass
+class BlendReport:
+    """The Blend report panel: ``interference.report`` of the picked adapters, as a Markdown table per pair, and
+    the weight-sweep grid (two adapters, optional)."""
+
+    result: dict  # interference.report(...): {"adapters": [...], "pairs": [...]}
+    table: str  # Markdown
+    grid: Path | None = None  # the labelled sweep grid (PNG); rows: the first adapter's weight, columns: the second's
+
+
+def report_table(result: dict) -> str:
+    """``interference.report``'s figures as Markdown: per pair a row per block (UNet down/mid/up, text encoders)
+    and the total, the numbers rounded as ``stylelora blend-report`` prints them."""
+    lines = []
+    for pair in result["pairs"]:
+        lines += [f"**{pair['a']}** vs **{pair['b']}**", "",
+                  "| block | modules | cosine | input | output | ‖ΔW_a‖ | ‖ΔW_b‖ |", "|---|--:|--:|--:|--:|--:|--:|"]
+        for name, f in [*pair["blocks"].items(), ("total", pair["total"])]:
+            lines.append(f"| {name} | {f['modules']} | {f['cosine']:+.3f} | {f['input']:.3f} | {f['output']:.3f} | "
+                         f"{f['norm_a']:.3g} | {f['norm_b']:.3g} |")
+        if pair["only_a"] or pair["only_b"]:
+            lines.append(f"\nModules in one adapter only (no overlap): {pair['only_a']} / {pair['only_b']}")
+        lines.append("")
+    lines.append("cosine: the updates push the same weights the same way (+1), unrelated ways (0) or opposite ways "
+                 "(−1); input / output: 0 = they read / write orthogonal directions, 1 = the same ones (blocks "
+                 "weighted by ‖ΔW_a‖·‖ΔW_b‖). High overlap in a block: try block weights that keep one adapter out "
+                 "of it, or adapters trained in different orthogonal slots.")
+    return "\n".join(lines)
+
+
 def insert_triggers(prompt: str, triggers) -> str:
     """``prompt`` with the trigger words it does not already say put in front (``a, b, prompt``); a trigger
     phrase of several comma-separated words is checked word by word, case-insensitively."""
@@ -523,6 +553,56 @@ class Studio:
             raise ConfigError(_page_words(str(e))) from None
         return new, resize_table(result, self.library.path(name).stat().st_size,
                                  self.library.path(new).stat().st_size)
+
+    def blend_report(self, names, *, sweep: bool = False, weights="0, 0.5, 1", prompt: str = "", steps: int = 20,
+                     guidance: float = 5.0, seed: int = 0) -> BlendReport:
+        """How much the picked library adapters' updates overlap (``stylelora blend-report``): every pair, by block.
+        ``sweep`` (two adapters) also renders the weight-sweep grid on the UI's base (``interference.sweep``: both
+        trigger words and ``prompt``, every pair of ``weights``); it takes the model, so it waits for generation
+        and is refused during training."""
+        from stylelora.blend import read_adapter
+        from stylelora import interference
+
+        picked = []
+        for n in names or []:
+            name = self.library.find(n)
+            if name not in picked:
+                picked.append(name)
+        if len(picked) < 2:
+            raise ConfigError("pick two or more adapters to compare")
+        if sweep:
+            if len(picked) != 2:
+                raise ConfigError(f"the weight sweep takes two adapters, {len(picked)} are picked: pick two, or "
+                                  "untick the sweep for the overlap table of more")
+            values = parse_values(weights) if isinstance(weights, str) else [float(w) for w in weights]
+            if not values:
+                raise ConfigError("give the sweep's weights, e.g. 0, 0.5, 1")
+            if len(values) ** 2 > MAX_CELLS:
+                raise ConfigError(f"{len(values)} weights make a grid of {len(values) ** 2} images; at most "
+                                  f"{MAX_CELLS} ({int(MAX_CELLS ** 0.5)} weights)")
+            if not 1 <= int(steps) <= MAX_STEPS:
+                raise ConfigError(f"steps must be 1..{MAX_STEPS}")
+        adapters = [(name, read_adapter(self.library.path(name), pipe=self.base.pipe)) for name in picked]
+        result = interference.report(adapters)
+        report = BlendReport(result, report_table(result))
+        if not sweep:
+            return report
+        from stylelora.generate import save_png
+
+        self._acquire()
+        try:
+            self.blender.reset()  # the sweep blends on the plain base; the next generation re-blends its adapters
+            self.base.pipe.scheduler = self._default_scheduler
+            grid, _ = interference.sweep(self.base, adapters, weights=values, prompt=prompt.strip() or None,
+                                         steps=int(steps), cfg=float(guidance), seed=int(seed))
+        finally:
+            self._lock.release()
+        grid.info["parameters"] = (f"blend-report weight sweep: rows {picked[0]} weight, columns {picked[1]} weight "
+                                   f"({', '.join(f'{v:g}' for v in values)}); prompt: both trigger words, "
+                                   f"{prompt.strip() or 'a house by a lake'}; Steps: {int(steps)}, CFG scale: "
+                                   f"{float(guidance):g}, Seed: {int(seed)}")
+        report.grid = save_png(grid, self.outputs / f"{next(self._counter):05d}-blend-report.png")
+        return report
 
     def delete_adapter(self, name: str) -> str:
         name = self.library.find(name)
