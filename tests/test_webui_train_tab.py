@@ -43,6 +43,18 @@ def test_new_fields_reach_the_config(tmp_path):
             check_request(TrainRequest(name="x", **bad), native=64)
 
 
+def test_orthogonal_slot_reaches_the_config_and_bad_slots_are_refused(tmp_path):
+    def config(**kw):
+        return build_config(TrainRequest(name="x", preset="quick", **kw), tmp_path, tmp_path / "x.safetensors",
+                            base=_Base, native=64)
+
+    assert config(slot=3).network.slot == 3 and config(slot=0).network.slot == 0
+    assert config().network.slot is None  # empty field: off
+    for bad in (-1, 1.5, 1024, float("nan"), True):
+        with pytest.raises(ConfigError, match="orthogonal slot .empty = off. must be a whole number from 0 to 1023"):
+            config(slot=bad)
+
+
 def test_loss_frame_and_sample_caption(tmp_path):
     frame = loss_frame({"losses": [(1, 0.5), (2, 0.25)]})
     assert list(frame.columns) == ["step", "loss"] and frame["loss"].tolist() == [0.5, 0.25]
@@ -100,3 +112,37 @@ def test_stop_save_what_was_learnt_then_resume(studio):
     assert not any(k.endswith(("-checkpoints", "-samples")) for k in studio.adapters())
     with pytest.raises(ConfigError, match="no stopped"):
         studio.resume_stopped()
+
+
+def test_orthogonal_slot_that_does_not_fit_is_refused_as_train_refuses_it(studio):
+    import stylelora
+    from stylelora.orthogonal import slot_rows
+
+    folders = {Path(f).name: f for f in studio.image_folders()}
+    req = TrainRequest(name="slotted", folder=folders["stripes"], trigger="strp", preset="quick", steps=1, rank=4,
+                       resolution=64, sample_every=0, sample_steps=2, skip_bad_images=True)
+    # tiny-random's layers take 32 inputs: slots 0..7 fit at rank 4; slot 8 is refused before any run starts,
+    # with the message train() itself gives (the reference: the same config trained directly)
+    config = build_config(TrainRequest(**{**req.__dict__, "slot": 8}), Path(folders["stripes"]),
+                          studio.work_dir / "direct.safetensors", base=studio.base, native=studio.native_size)
+    with pytest.raises(ConfigError) as direct:
+        stylelora.train(config)
+    assert "slot 8 at rank 4 needs 36 input dimensions" in str(direct.value)
+    def runs():
+        return set((studio.work_dir / "train").glob("*"))
+
+    before = runs()
+    with pytest.raises(ConfigError) as page:
+        studio.start_training(TrainRequest(**{**req.__dict__, "slot": 8}))
+    assert str(page.value) == str(direct.value)
+    assert studio.job is None or studio.job.name != "slotted"
+    assert runs() == before  # no run folder left behind
+    # slot 7 fits: the adapter's lora_down rows are the slot's rows of each layer's fixed basis
+    done = studio.start_training(TrainRequest(**{**req.__dict__, "slot": 7})).join(timeout=600)
+    assert done["status"] == "done", done
+    from stylelora.formats import load_adapter
+
+    adapter = load_adapter(studio.library.files()["slotted"], pipe=studio.base.pipe)
+    path, m = next(iter(adapter.modules["unet"].items()))
+    want = slot_rows(f"unet.{path}", m.down[0].numel(), 4, 7)
+    assert m.down.double().flatten(1).sub(want).abs().max() < 1e-6

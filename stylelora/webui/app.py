@@ -323,6 +323,10 @@ def _train_tab(studio: Studio, c: SimpleNamespace) -> None:
                                           elem_id="train-reg", visible=bool(studio.train_roots))
                     c.t_skip = gr.Checkbox(False, label="Skip unreadable images (listed in the status)",
                                            elem_id="train-skip-bad")
+                    c.t_slot = gr.Number(None, label="Orthogonal slot (empty = off)", precision=0, minimum=0,
+                                         maximum=1023, elem_id="train-slot",
+                                         info="adapters trained in different slots at the same rank do not "
+                                              "overlap when blended (train --slot)")
                 c.t_prompts = gr.Textbox("", lines=3, label="Sample prompts (one per line; empty = the trigger)",
                                          elem_id="train-sample-prompts")
             with gr.Row():
@@ -356,7 +360,7 @@ def _wire_train(studio: Studio, c: SimpleNamespace, lib_outputs: list, lib_refre
 
     @_ui
     def start(source, folder, uploads, name, trigger, preset, steps, rank, lr, res, sample_every, sample_steps,
-              tokens, te, te_lr, batch, alpha, dropout, sched, reg, skip, prompts):
+              tokens, te, te_lr, batch, alpha, dropout, sched, reg, skip, prompts, slot):
         upload = source == SOURCES[1]
         if upload and not uploads:
             raise gr.Error("choose images (or a .zip) to upload first")
@@ -370,7 +374,8 @@ def _wire_train(studio: Studio, c: SimpleNamespace, lib_outputs: list, lib_refre
                            train_text_encoder=True if te else None, te_lr=te_lr or None, batch_size=batch or None,
                            alpha=alpha or None, caption_dropout=dropout or None,
                            lr_scheduler=None if sched in (None, "", "(preset)") else sched,
-                           reg_folder=reg or None, skip_bad_images=bool(skip), sample_prompts=prompts or "")
+                           reg_folder=reg or None, skip_bad_images=bool(skip), sample_prompts=prompts or "",
+                           slot=None if slot is None or slot == "" else slot)
         studio.start_training(req)
         s = studio.training_status()
         return format_status(s), _bar(s), [], gr.Timer(active=True)
@@ -378,7 +383,7 @@ def _wire_train(studio: Studio, c: SimpleNamespace, lib_outputs: list, lib_refre
     c.start.click(start, inputs=[c.source, c.folder, c.uploads, c.name, c.trigger, c.preset, c.t_steps, c.t_rank,
                                  c.t_lr, c.t_res, c.t_sample_every, c.t_sample_steps, c.t_tokens, c.t_te,
                                  c.t_te_lr, c.t_batch, c.t_alpha, c.t_dropout, c.t_sched, c.t_reg, c.t_skip,
-                                 c.t_prompts],
+                                 c.t_prompts, c.t_slot],
                   outputs=[c.status, c.bar, c.samples, c.timer], concurrency_id="train-start",
                   show_progress_on=[c.status])
     c.stop.click(_ui(lambda: (studio.stop_training(), format_status(studio.training_status()))[1]),

@@ -25,7 +25,7 @@ from stylelora.errors import AdapterError, ConfigError, DataError, StyleloraErro
 
 from . import paths
 from .library import Library
-from .training import TrainJob, TrainRequest, build_config, prepare_uploads
+from .training import TrainJob, TrainRequest, build_config, check_slot_fits, prepare_uploads
 
 log = logging.getLogger(__name__)
 
@@ -640,6 +640,7 @@ class Studio:
                     raise paths.UnsafePathError(f"{req.reg_folder!r} is not a folder")
             config = build_config(req, folder, run_dir / f"{name}.safetensors", base=self.base,
                                   native=self.native_size, reg_folder=reg)
+            check_slot_fits(config, self.base.pipe)  # the error train() would give at its start, before it starts
             try:
                 scan_folder(folder, trigger=config.data.trigger, caption_template=config.data.caption_template,
                             roots=self._scan_roots(folder), skip_bad_images=config.data.skip_bad_images)

@@ -56,6 +56,7 @@ class TrainRequest:
     reg_folder: str | None = None  # a server folder inside a training root (checked by the Studio)
     sample_prompts: str = ""  # one per line; empty: the trigger word
     skip_bad_images: bool = False
+    slot: int | None = None  # orthogonal slot (train --slot K); None: off
 
 
 def prepare_uploads(files: list[str], dest: Path, *, max_bytes: int) -> Path:
@@ -134,6 +135,7 @@ def check_request(req: TrainRequest, *, native: int) -> None:
     whole(req.train_tokens, "learnt trigger tokens (0 = off)", 0, 64)
     whole(req.seed, "seed", 0, 2**32 - 1)
     whole(req.batch_size or None, "batch size", 1, MAX_BATCH)
+    whole(req.slot, "orthogonal slot (empty = off)", 0, 1023)  # TrainConfig's own range (--slot)
     for value, what, top in ((req.te_lr, "text-encoder learning rate", 1), (req.alpha, "alpha", 4 * MAX_RANK)):
         if value not in (None, 0) and (isinstance(value, bool) or not isinstance(value, (int, float))
                                        or not math.isfinite(value) or not 0 < value <= top):
@@ -190,7 +192,37 @@ def _extras(req: TrainRequest, recipe, reg_folder: Path | None) -> dict:
         out["lr_scheduler"] = req.lr_scheduler
     if reg_folder is not None:
         out["reg_folder"] = str(reg_folder)
+    if req.slot is not None:
+        out["slot"] = int(req.slot)
     return out
+
+
+def check_slot_fits(config, pipe) -> None:
+    """Refuse an orthogonal slot that does not fit a layer the run would train, before the run starts, with the
+    error ``train`` gives at its start (``orthogonal.slot_rows`` names the layer and the slots that fit): a slot
+    K at rank r needs (K+1)·r input dimensions in every layer. The layers are the ones PEFT would wrap for the
+    config's targets (``check_target_module_exists``, the test ``LoraConfig`` itself uses)."""
+    net = config.network
+    if net.slot is None:
+        return
+    import math
+
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from stylelora.lora import components
+    from stylelora.orthogonal import slot_rows
+    from stylelora.quantize import weight_shape
+
+    for comp, module in components(pipe).items():
+        targets = net.unet_targets if comp == "unet" else net.te_targets if net.train_text_encoder else []
+        if not targets:
+            continue
+        peft_config = LoraConfig(r=net.rank, target_modules=list(targets))
+        for path, layer in module.named_modules():
+            shape = weight_shape(layer) if path and check_target_module_exists(peft_config, path) else None
+            if shape is not None and len(shape) >= 2 and (net.slot + 1) * net.rank > math.prod(shape[1:]):
+                slot_rows(f"{comp}.{path}", math.prod(shape[1:]), net.rank, net.slot)  # raises, naming the layer
 
 
 class TrainJob:
