@@ -397,3 +397,37 @@ def test_train_tab_flow_stop_save_then_generate_with_it(page, server):
     text = page.input_value("#infotext textarea")
     assert text.startswith("flw, a lighthouse") and f"<lora:{saved}:1>" in text, text
     shot(page, "train-flow-generate")
+
+
+def test_block_preset_reaches_the_infotext_and_the_blend_report_shows_a_table(page, server):
+    """Generate: a block preset picked for one adapter is in the picture's lbw= tag. Blend report: two adapters
+    give a table per block."""
+    _, studio = server
+    fresh(page)
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.get_by_role("tab", name="Generate").click()
+    pick(page, "#adapters", "ink")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#blocks-ink input")
+    pick(page, "#blocks-ink", "INS")
+    page.keyboard.press("Escape")
+    page.fill("#prompt textarea", "a lighthouse")
+    for sel, v in (("#steps input[type=number]", 2), ("#width input[type=number]", 64),
+                   ("#height input[type=number]", 64), ("#seed input", 5)):
+        set_number(page, sel, v)
+    page.click("#generate-btn")
+    page.wait_for_function("document.querySelector('#infotext textarea').value.includes('Seed: 5')",
+                           timeout=TIMEOUT_MS)
+    text = page.input_value("#infotext textarea")
+    assert "<lora:ink:1:lbw=INS>" in text, text
+    assert studio.blender.blocks["ink"].text() == "INS"
+    shot(page, "block-weights")
+    page.get_by_role("tab", name="Blend report").click()
+    pick(page, "#report-pick", "ink")
+    pick(page, "#report-pick", "pastel")
+    page.keyboard.press("Escape")
+    page.click("#report-btn")
+    wait_text(page, "#report-table", "total", timeout=TIMEOUT_MS)
+    table = page.inner_text("#report-table")
+    assert "ink vs pastel" in table and "unet down" in table, table
+    shot(page, "blend-report")
