@@ -53,3 +53,15 @@ def test_quick_preset_on_tiny_trains_with_the_plain_pictures(tmp_path):
         assert "stripes" in studio.adapters()
     finally:
         studio.close()
+
+
+def test_insert_triggers_after_the_prompt_for_the_toy_base():
+    """The toy base's text encoder reads a word in front as part of the content (measured: "strpz, <held-out
+    prompt>" drew stripes on the bare base in 8 of 12 pictures), so on tiny the page inserts triggers after it."""
+    from stylelora.webui.handlers import insert_triggers
+
+    caption = "a small red circle on a white background, in the center"
+    assert insert_triggers(caption, ["strpz"], at_end=True) == f"{caption}, strpz"
+    assert insert_triggers(caption, ["strpz"]) == f"strpz, {caption}"  # any other base: in front, as before
+    assert insert_triggers(f"{caption}, STRPZ", ["strpz, ink"], at_end=True) == f"{caption}, STRPZ, ink"
+    assert insert_triggers("", ["strpz"], at_end=True) == "strpz"

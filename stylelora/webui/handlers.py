@@ -115,16 +115,19 @@ def report_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def insert_triggers(prompt: str, triggers) -> str:
-    """``prompt`` with the trigger words it does not already say put in front (``a, b, prompt``); a trigger
-    phrase of several comma-separated words is checked word by word, case-insensitively."""
+def insert_triggers(prompt: str, triggers, *, at_end: bool = False) -> str:
+    """``prompt`` with the trigger words it does not already say put in front (``a, b, prompt``), or with
+    ``at_end`` after it (``prompt, a, b``: for the toy ``tiny`` base, whose small text encoder garbles a prompt
+    with a word in front, see ``stylelora.toy.world.captioned``); a trigger phrase of several comma-separated words
+    is checked word by word, case-insensitively."""
     said = {w.strip().lower() for w in re.split(r"[,\s]+", prompt or "") if w.strip()}
     missing = []
     for phrase in triggers:
         for word in (w.strip() for w in phrase.split(",")):
             if word and not set(word.lower().split()) <= said and word not in missing:
                 missing.append(word)
-    return ", ".join(missing + ([prompt.strip()] if (prompt or "").strip() else []))
+    said_prompt = [prompt.strip()] if (prompt or "").strip() else []
+    return ", ".join(said_prompt + missing if at_end else missing + said_prompt)
 
 
 RESIZE_RULES = {  # the page's rule -> (resize keyword, how its value is read, what it means)
