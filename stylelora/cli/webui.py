@@ -55,36 +55,40 @@ def run(args) -> int:
 
     from ..webui import Studio, launch
 
-    labels = {}
-    for spec in args.base:
-        labels.setdefault(spec, spec)
-    print(f"loading base {args.base[0]} …", flush=True)
-    studio = Studio(loader(args.base[0]), args.adapters, args.train_root, bases=labels, loader=loader,
-                    work_dir=args.outputs, max_upload_mb=args.max_upload_mb)
+    terminated = []
+
+    def on_term(signum, frame):
+        # SIGTERM (systemd, docker stop, kill) ends the server like Ctrl+C does, so the finally below runs and the
+        # temporary work folder (stylelora-webui-*) is removed instead of left behind. Installed before anything is
+        # loaded: a SIGTERM that came between the "press Ctrl+C" line and a later install ended the process at once.
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
+        labels = {}
+        for spec in args.base:
+            labels.setdefault(spec, spec)
+        print(f"loading base {args.base[0]} …", flush=True)
+        studio = Studio(loader(args.base[0]), args.adapters, args.train_root, bases=labels, loader=loader,
+                        work_dir=args.outputs, max_upload_mb=args.max_upload_mb)
         try:
-            demo, url, share_url = launch(studio, host=args.host, port=args.port, share=args.share, block=False,
-                                          quiet=True)
-        except OSError as e:
-            raise ConfigError(f"cannot serve on {args.host}:{args.port} ({e}); pass another --port") from None
-        print(f"stylelora web UI on {url}" + (f" and {share_url} (public link)" if share_url else ""), flush=True)
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"warning: listening on {args.host}: anyone who can reach this machine can use the UI",
-                  flush=True)
-        print("press Ctrl+C to stop", flush=True)
-        terminated = []
-
-        def on_term(signum, frame):
-            # SIGTERM (systemd, docker stop, kill) ends the server like Ctrl+C does, so the finally below runs and
-            # the temporary work folder (stylelora-webui-*) is removed instead of left behind
-            terminated.append(signum)
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGTERM, on_term)
-        try:
-            demo.block_thread()  # returns on Ctrl+C, after closing the server
+            try:
+                demo, url, share_url = launch(studio, host=args.host, port=args.port, share=args.share, block=False,
+                                              quiet=True)
+            except OSError as e:
+                raise ConfigError(f"cannot serve on {args.host}:{args.port} ({e}); pass another --port") from None
+            print(f"stylelora web UI on {url}" + (f" and {share_url} (public link)" if share_url else ""), flush=True)
+            if args.host not in ("127.0.0.1", "localhost", "::1"):
+                print(f"warning: listening on {args.host}: anyone who can reach this machine can use the UI",
+                      flush=True)
+            print("press Ctrl+C to stop", flush=True)
+            demo.block_thread()  # returns on Ctrl+C (or SIGTERM), after closing the server
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            studio.close()
+    except KeyboardInterrupt:
+        if not terminated:
+            raise
     finally:
-        studio.close()
+        signal.signal(signal.SIGTERM, previous)
     return 128 + signal.SIGTERM if terminated else 0
