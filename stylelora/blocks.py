@@ -180,12 +180,13 @@ def split_weight(value, what: str = "weight"):
     if isinstance(value, BlockWeight):
         return value.weight, value.blocks
     if isinstance(value, (tuple, list)) and len(value) == 2 and (
-            isinstance(value[1], (Blocks, tuple, list)) or isinstance(value[1], str) and not _is_number(value[1])):
+            isinstance(value[1], (Blocks, tuple, list)) or isinstance(value[1], str) and not is_number(value[1])):
         return value[0], as_blocks(value[1], f"block weights of {what}")
     return value, None
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """Whether ``text`` reads as a float (weights in specs and prompt tags)."""
     try:
         float(text)
     except ValueError:

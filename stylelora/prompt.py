@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .blocks import Blocks, parse_blocks, split_spec
+from .blocks import Blocks, is_number, parse_blocks, split_spec
 from .errors import AdapterError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,6 @@ def _float(text: str, what: str) -> float:
     return value
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def parse_spec(spec: str, default: float = 1.0) -> LoraRef:
     """``FILE``, ``FILE:W`` (UNet and TE) or ``FILE:W_UNET:W_TE``, each optionally followed by ``@BLOCKS`` (a block
     weight preset or comma list); the path itself may contain ':' (e.g. ``C:\\``)."""
@@ -90,7 +82,7 @@ def parse_spec(spec: str, default: float = 1.0) -> LoraRef:
         return LoraRef(ref.source, ref.unet, ref.te, blocks)
     parts = spec.split(":")
     nums: list[str] = []
-    while len(parts) > 1 and len(nums) < 2 and _is_number(parts[-1]):
+    while len(parts) > 1 and len(nums) < 2 and is_number(parts[-1]):
         nums.insert(0, parts.pop())
     source = ":".join(parts)
     if not source:
@@ -120,7 +112,7 @@ def parse_prompt(prompt: str) -> tuple[str, list[LoraRef]]:
         te = _float(positional[1], where) if len(positional) > 1 else 1.0
         te = _float(named["te"], where) if "te" in named else te
         blocks = None
-        if len(positional) > 2 and not _is_number(positional[2]) and "lbw" not in named:
+        if len(positional) > 2 and not is_number(positional[2]) and "lbw" not in named:
             # the LoRA Block Weight extension's older form <lora:name:w:BLOCKS> (its syntaxdealer reads item 2)
             blocks = parse_blocks(positional.pop(2), f"{where}: block weights")
         if "lbw" in named:
