@@ -43,8 +43,9 @@ def test_style_quality_scores_a_user_recipe_and_resized_adapters(tmp_path, monke
     monkeypatch.setattr(stylelora, "train", lambda cfg: trained.append(cfg) or real_train(cfg))
     results = sq.main(["--styles", "stripes", "--n", "2", "--train-steps", "2", "--steps", "2", "--recipe", "quick",
                        "--resize", "rank=2", "--out", str(tmp_path), "--threads", "1"])
-    cfg = trained[0]  # the web UI's quick preset as scaled for tiny: style folder alone, no token_init
-    assert (cfg.network.rank, cfg.data.reg_folder, cfg.network.token_init, cfg.run.base) == (4, None, None, "tiny")
+    cfg = trained[0]  # the web UI's quick preset as scaled for tiny: its built-in plain pictures, no token_init
+    assert (cfg.network.rank, cfg.data.reg_folder, cfg.network.token_init, cfg.run.base) == (4, "toy:plain", None,
+                                                                                             "tiny")
     m = results["styles"]["stripes"]
     name = results["adapters"]["stripes"]
     assert name.endswith("-resize-rank2.safetensors") and (tmp_path / name).exists()
