@@ -99,8 +99,7 @@ def _recipe_and_plain(args):
 def config_from_args(args) -> TrainConfig:
     recipe, plain = _recipe_and_plain(args)
     # the final trigger goes in with the recipe: a scaled recipe's learnt tokens need it from the first layer on
-    return plain if recipe.name == RECIPES[getattr(args, "recipe", None) or "default"].name else \
-        _layered(args, recipe, trigger=plain.data.trigger)
+    return _layered(args, recipe, trigger=plain.data.trigger)
 
 
 def _layered(args, recipe, **first) -> TrainConfig:
