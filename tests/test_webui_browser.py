@@ -30,14 +30,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The app on 127.0.0.1:<free port> in this process, with two adapters and one image folder."""
+def require_browser() -> None:
+    """Skip (with the reason) where Chromium, playwright or gradio is missing; no gradio analytics calls."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set STYLELORA_CHROMIUM)")
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
     pytest.importorskip("gradio", reason="gradio is not installed")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The app on 127.0.0.1:<free port> in this process, with two adapters and one image folder."""
+    require_browser()
     from conftest import make_style_images
     from stylelora.models import load_base
     from test_webui_handlers import make_library
@@ -279,6 +284,16 @@ def test_library_table_fits_a_1024_px_page(page, server):
         studio.delete_adapter(long)
 
 
+def generate_small(page, *, seed: int) -> None:
+    """Generate one 64 px picture in 2 steps with ``seed`` and wait until its infotext is shown."""
+    for sel, v in (("#steps input[type=number]", 2), ("#width input[type=number]", 64),
+                   ("#height input[type=number]", 64), ("#seed input", seed)):
+        set_number(page, sel, v)
+    page.click("#generate-btn")
+    page.wait_for_function(f"document.querySelector('#infotext textarea').value.includes('Seed: {seed}')",
+                           timeout=TIMEOUT_MS)
+
+
 def fresh(page) -> None:
     """A reloaded page: nothing picked or typed by an earlier test."""
     page.reload(wait_until="load")
@@ -315,12 +330,7 @@ def test_error_badge_leaves_the_status_text_readable(page):
 def test_grid_is_shown_whole_and_small_pictures_stay_sharp(page):
     fresh(page)
     page.fill("#prompt textarea", "a lighthouse")
-    for sel, v in (("#steps input[type=number]", 2), ("#width input[type=number]", 64),
-                   ("#height input[type=number]", 64), ("#seed input", 5)):
-        set_number(page, sel, v)
-    page.click("#generate-btn")
-    page.wait_for_function("document.querySelector('#infotext textarea').value.includes('Seed: 5')",
-                           timeout=TIMEOUT_MS)
+    generate_small(page, seed=5)
     img = page.locator("#gallery img").first
     page.wait_for_function("(i => i && i.complete && i.naturalWidth > 0)(document.querySelector('#gallery img'))")
     assert img.evaluate("i => [i.naturalWidth, i.getBoundingClientRect().width > i.naturalWidth]") == [64, True]
@@ -388,12 +398,7 @@ def test_train_tab_flow_stop_save_then_generate_with_it(page, server):
     page.fill("#prompt textarea", "a lighthouse")
     page.click("#insert-triggers")
     page.wait_for_function("document.querySelector('#prompt textarea').value === 'flw, a lighthouse'")
-    for sel, v in (("#steps input[type=number]", 2), ("#width input[type=number]", 64),
-                   ("#height input[type=number]", 64), ("#seed input", 7)):
-        set_number(page, sel, v)
-    page.click("#generate-btn")
-    page.wait_for_function("document.querySelector('#infotext textarea').value.includes('Seed: 7')",
-                           timeout=TIMEOUT_MS)
+    generate_small(page, seed=7)
     text = page.input_value("#infotext textarea")
     assert text.startswith("flw, a lighthouse") and f"<lora:{saved}:1>" in text, text
     shot(page, "train-flow-generate")
@@ -412,12 +417,7 @@ def test_block_preset_reaches_the_infotext_and_the_blend_report_shows_a_table(pa
     pick(page, "#blocks-ink", "INS")
     page.keyboard.press("Escape")
     page.fill("#prompt textarea", "a lighthouse")
-    for sel, v in (("#steps input[type=number]", 2), ("#width input[type=number]", 64),
-                   ("#height input[type=number]", 64), ("#seed input", 5)):
-        set_number(page, sel, v)
-    page.click("#generate-btn")
-    page.wait_for_function("document.querySelector('#infotext textarea').value.includes('Seed: 5')",
-                           timeout=TIMEOUT_MS)
+    generate_small(page, seed=5)
     text = page.input_value("#infotext textarea")
     assert "<lora:ink:1:lbw=INS>" in text, text
     assert studio.blender.blocks["ink"].text() == "INS"

@@ -9,11 +9,11 @@ are reused. About 1 minute on 2 CPU cores (150 training steps at one thread).
 from __future__ import annotations
 
 import io
-import os
 
 import pytest
 
-from test_webui_browser import ARGS, ARTIFACTS, CHROMIUM, TIMEOUT_MS, _free_port, pick, set_number, shot, wait_text
+from test_webui_browser import (ARGS, ARTIFACTS, CHROMIUM, TIMEOUT_MS, _free_port, pick, require_browser, set_number,
+                                shot, wait_text)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -24,11 +24,7 @@ N_IMAGES = 6
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory):
     """The app on the ``tiny`` base (switchable to ``tiny-random``), with the stripes style set in its train root."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set STYLELORA_CHROMIUM)")
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
-    pytest.importorskip("gradio", reason="gradio is not installed")
+    require_browser()
     import torch
 
     from stylelora.models import load_base
