@@ -130,6 +130,12 @@ class Loaded:
     model_hash: str  # sshs_model_hash (A1111 shows its first 12 hex digits)
 
 
+def _rank_coefficients(coeffs, scales: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """c for B_cat·diag(c)·A_cat: each adapter's weight × its alpha/r (in float64), repeated over its ranks, as fp32."""
+    per_name = torch.tensor([w for _, w in coeffs], dtype=torch.float64) * scales
+    return per_name.repeat_interleave(rows).to(torch.float32)
+
+
 @dataclass
 class _Target:
     """One layer that some adapter modifies: its pristine weight and each adapter's factors."""
@@ -165,8 +171,7 @@ class _Target:
             names = tuple(n for n, _ in coeffs)  # plain LoRA pairs only: Blender.load refuses other modules here
             if coeffs:
                 _, down, up, scales, rows = self._concat(names, torch.device("cpu"))
-                c = (torch.tensor([w for _, w in coeffs], dtype=torch.float64) * scales).repeat_interleave(rows)
-                set_delta((up * c.to(torch.float32), down))
+                set_delta((up * _rank_coefficients(coeffs, scales, rows), down))
             else:
                 set_delta(None)
             self.applied = coeffs
@@ -182,8 +187,7 @@ class _Target:
                              .to(weight.dtype))
             else:
                 _, down, up, scales, rows = self._concat(tuple(n for n, _ in coeffs), weight.device)
-                per_name = torch.tensor([w for _, w in coeffs], dtype=torch.float64) * scales
-                c = per_name.repeat_interleave(rows).to(weight.device, torch.float32)  # one small copy per layer
+                c = _rank_coefficients(coeffs, scales, rows).to(weight.device)  # one small copy per layer
                 # One matmul of concatenated factors: B_cat · diag(c) · A_cat, accumulated in fp32.
                 delta = (up * c) @ down
                 base = self.pristine.to(weight.device, torch.float32)
