@@ -284,3 +284,121 @@ def format_cells(cells: list[dict], labels: list[str]) -> str:
         lines.append(f"{c['weights'][0]:>10g} {c['weights'][1]:>10g} {100 * c['both']:>5.0f}% "
                      + " ".join(f"{100 * c[k]:>8.0f}%" for k in keys) + f" {100 * c['content']:>7.0f}%")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ block weights from the report
+def energy(module) -> float:
+    """‖ΔW‖² of one module, from its factors: s²·Σ (UᵀU)∘(D·Dᵀ)."""
+    f = factors(module)
+    return f.scale ** 2 * float((f.gram_up * f.gram_down).sum())
+
+
+def block_plan(adapters: list[tuple[str, Adapter]], weights: dict[str, float], unet_config, *,
+               threshold: float = 0.3, metric: str = "input") -> dict:
+    """``suggest_blocks`` with its reasons: ``{"blocks": {label: Blocks}, "length": n, "rows": [...]}``, a row per
+    A1111 block some adapter has modules in: ``block``, ``shares`` {label: energy share} of the adapters with modules
+    there, ``overlap`` (None where no two of them share a module), ``contested``, ``owner`` (None if not
+    contested). The rule is in ``suggest_blocks``."""
+    from .blocks import FAMILY_LENGTHS, ORDERS, SD_LENGTHS, Blocks
+    from .blocks import block_of as a1111_block
+
+    if len(adapters) < 2:
+        raise ConfigError(f"block weights from the report need at least two adapters, got {len(adapters)}")
+    if metric not in METRICS:
+        raise ConfigError(f"unknown overlap metric {metric!r}: choose one of {', '.join(METRICS)}")
+    if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+        raise ConfigError(f"block threshold {threshold!r}: give a number from 0 to 1 (the overlap from which a "
+                          "block counts as contested; 0.3 by default)")
+    labels = [label for label, _ in adapters]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"block weights from the report: adapter names repeat in {labels}; give each its own")
+    for label in labels:
+        if label not in weights:
+            raise ConfigError(f"block weights from the report: no weight for {label!r} (weights given for "
+                              f"{', '.join(map(repr, weights)) or 'none'})")
+        w = weights[label]
+        if not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise ConfigError(f"block weights from the report: the weight of {label!r} is {w!r}; give a number "
+                              "above 0 (an adapter at 0 or below takes no part in the blend's budget)")
+    families = {a.family for _, a in adapters if a.family}
+    if len(families) > 1:
+        raise ConfigError(f"block weights from the report: the adapters are for {', '.join(sorted(families))}; "
+                          "blend adapters of one model family")
+    family = families.pop() if families else None
+
+    # per adapter: {block: Σ‖ΔW‖²} and its total; modules in no block (time embedding, …) keep 1 and are left out
+    where: dict[tuple[str, str], str | None] = {}
+    block_energy: dict[str, dict[str, float]] = {}
+    total: dict[str, float] = {}
+    for label, a in adapters:
+        sums: dict[str, float] = {}
+        whole = 0.0
+        for comp, mods in a.modules.items():
+            for path, m in mods.items():
+                if (comp, path) not in where:
+                    where[(comp, path)] = a1111_block(comp, path, unet_config)
+                e = energy(m)
+                whole += e
+                if where[(comp, path)] is not None:
+                    sums[where[(comp, path)]] = sums.get(where[(comp, path)], 0.0) + e
+        block_energy[label], total[label] = sums, whole
+    used = {b for sums in block_energy.values() for b in sums}
+    # the family's own vector (17 for SD1/SD2, 12 for SDXL) when it lists every block the adapters use, else the
+    # longer one (26 / 20), else 26: a block the vector does not list would get 0 (as in A1111), not "no effect"
+    lengths = [*FAMILY_LENGTHS.get(family or "", SD_LENGTHS), 26]
+    length = next(n for n in lengths if used <= set(ORDERS[n]))
+
+    # per block and pair: the overlap figure, weighted over the shared modules as compare() does
+    pair_stats: dict[str, dict[tuple[str, str], Stats]] = {}
+    for (la, a), (lb, b) in itertools.combinations(adapters, 2):
+        for comp in sorted(set(a.modules) & set(b.modules)):
+            ma, mb = a.modules[comp], b.modules[comp]
+            for path in sorted(set(ma) & set(mb)):
+                block = where[(comp, path)]
+                if block is None:
+                    continue
+                try:
+                    stats = module_stats(ma[path], mb[path])
+                except ConfigError as e:
+                    raise ConfigError(f"{comp}.{path}: {e}") from None
+                pair_stats.setdefault(block, {}).setdefault((la, lb), Stats()).add(stats)
+
+    mult = {label: {} for label in labels}
+    rows = []
+    for block in [b for b in ORDERS[26] if b in used]:
+        present = [label for label in labels if block in block_energy[label]]
+        shares = {label: block_energy[label][block] / total[label] if total[label] > 0 else 0.0
+                  for label in present}
+        figures = [s.figures()[metric] for s in pair_stats.get(block, {}).values()]
+        overlap = max((abs(f) for f in figures), default=None)  # cosine: opposite pushes interfere as well
+        contested = overlap is not None and overlap >= threshold
+        owner = None
+        if contested:
+            owner = max(present, key=lambda label: shares[label])  # ties: the first listed
+            budget = sum(weights[label] for label in present)
+            for label in present:
+                mult[label][block] = budget / weights[owner] if label == owner else 0.0
+        rows.append({"block": block, "shares": shares, "overlap": overlap, "contested": contested, "owner": owner})
+    blocks = {label: Blocks(tuple(float(mult[label].get(b, 1.0)) for b in ORDERS[length])) for label in labels}
+    return {"blocks": blocks, "length": length, "rows": rows, "threshold": threshold, "metric": metric}
+
+
+def suggest_blocks(adapters: list[tuple[str, Adapter]], weights: dict[str, float], unet_config,
+                   threshold: float = 0.3, metric: str = "input") -> dict:
+    """Block-weight vectors (``{label: blocks.Blocks}``) for blending ``adapters`` at ``weights`` ({label: w > 0}),
+    chosen from where they overlap. ``unet_config`` numbers the UNet's blocks (``blocks.block_of``).
+
+    The rule, per A1111 block (``BASE`` = the text encoders, ``IN``/``M00``/``OUT`` the UNet's):
+
+    - each adapter's energy share there: Σ‖ΔW‖² of its modules in the block / Σ‖ΔW‖² of all its modules;
+    - the block's overlap: ``metric`` (``input``, ``output`` or ``|cosine|``) of each pair over the modules both
+      have, weighted by ‖ΔW_a‖‖ΔW_b‖ as ``compare`` does; with more than two adapters the largest pair's;
+    - contested (overlap ≥ ``threshold``): the adapter with the largest share (the first listed on a tie) takes
+      the block's whole budget: multiplier Σ_j w_j / w_owner over the adapters with modules in the block, so its
+      effective weight there is their weights' sum; the others get 0 there;
+    - not contested (no shared module, or overlap below the threshold): every adapter 1, as is every block an
+      adapter has no modules in (no effect) and every module outside the blocks (time embedding, …).
+
+    The vectors are the family's own length (17 for SD1/SD2, 12 for SDXL) when that lists every block the adapters
+    use, else the longer one (26, SDXL 20), else 26; ``Blocks.text()`` is the ``lbw=`` string."""
+    return block_plan(adapters, weights, unet_config, threshold=threshold, metric=metric)["blocks"]
