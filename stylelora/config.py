@@ -155,6 +155,10 @@ class NetworkConfig(_Validated):
                                "whose embeddings train with the LoRA and ship in the adapter (0 = off)")
     token_init: str | None = opt(None, "start the learnt tokens from this word's embedding (default: random vectors "
                                        "of the vocabulary's mean norm)")
+    blend_ready: float = opt(0.0, "train for blending: in this share of the captions with the trigger, a stand-in for "
+                                  "another adapter's learnt trigger (2 untrained tokens, new random vectors each step) "
+                                  "sits right before or after it, so the style holds when a blend's prompt carries "
+                                  "other trigger words too; needs --train-tokens (0 = off; 0.5 typical)")
     network: str = opt("lora", "lora: one fixed rank; adalora: per-module ranks chosen while training (AdaLoRA), "
                                "--rank is then the target average rank (--rank auto is the same as --network adalora); "
                                "dora: LoRA plus a trained magnitude per row or column (DoRA, --dora-layout); "
@@ -186,6 +190,10 @@ class NetworkConfig(_Validated):
         _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
         _check(bool(self.unet_targets) or self.train_text_encoder, "nothing to train: unet_targets is empty")
         _check(0 <= self.train_tokens <= 64, f"train_tokens must be in 0..64, got {self.train_tokens}")
+        _check(0.0 <= self.blend_ready <= 1.0, f"blend_ready must be in [0, 1], got {self.blend_ready}")
+        _check(not self.blend_ready or self.train_tokens > 0,
+               f"blend_ready = {self.blend_ready} puts stand-ins for other learnt trigger words into the captions, "
+               "which needs learnt trigger tokens: add --train-tokens 2 (and --trigger WORD), or drop --blend-ready")
         _check(self.network in NETWORKS, f"network must be one of {', '.join(NETWORKS)}, got {self.network!r}")
         _check(self.dora_layout in ("in", "out"), f"dora_layout must be in or out, got {self.dora_layout!r}")
         _check(self.conv_rank is None or 1 <= self.conv_rank <= 1024, f"conv_rank must be in 1..1024, got "

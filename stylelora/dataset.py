@@ -157,10 +157,11 @@ class TrainingSet:
         return ["" if drop and drop[k] else self.items[i].caption for k, i in enumerate(indices)]
 
     def cached_text(self, indices: list[int], drop: list[bool] | None = None, encoders=None,
-                    live_all: bool = False) -> dict[str, torch.Tensor]:
+                    live_all: bool = False, captions: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Text conditioning of a batch from the cache; captions the cache does not hold (those with learnt
-        trigger tokens, see prepare), or all of them with ``live_all``, are encoded here with ``encoders``."""
-        captions = self.captions(indices, drop)
+        trigger tokens, see prepare), or all of them with ``live_all``, are encoded here with ``encoders``.
+        ``captions``: the batch's captions as rewritten by the caller (default: the items' own)."""
+        captions = captions if captions is not None else self.captions(indices, drop)
         live = [k for k, c in enumerate(captions) if live_all or c not in self._text]
         if not live:
             entries = [self._text[c] for c in captions]

@@ -42,27 +42,33 @@ def check_trigger(trigger: str | None, n: int) -> None:
 
 
 class AddedRows(nn.Module):
-    """A text encoder's input embedding plus ``N`` trainable rows for ids ``first .. first+N-1``."""
+    """A text encoder's input embedding plus ``N`` trainable rows for ids ``first .. first+N-1`` and ``M`` untrained
+    stand-in rows after them (``--blend-ready``: redrawn every step, never saved)."""
 
-    def __init__(self, base: nn.Embedding, first: int, init: torch.Tensor):
+    def __init__(self, base: nn.Embedding, first: int, init: torch.Tensor, standins: int = 0):
         super().__init__()
         self.base = base
         self.first = first
         # fp32 whatever the text encoder's dtype (as the LoRA weights): small updates survive in bf16/fp16 runs
         self.rows = nn.Parameter(init.detach().to(base.weight.device, torch.float32).clone())
-        self.num_embeddings = first + init.shape[0]
+        self.register_buffer("standin", torch.zeros((standins, init.shape[1]), device=base.weight.device),
+                             persistent=False)
+        self.num_embeddings = first + init.shape[0] + standins
         self.embedding_dim = base.embedding_dim
+
+    def _table(self) -> torch.Tensor:
+        return torch.cat([self.rows, self.standin]) if len(self.standin) else self.rows
 
     @property
     def weight(self) -> torch.Tensor:
         """The whole matrix an ``nn.Embedding`` would hold (for code that reads ``get_input_embeddings().weight``)."""
-        return torch.cat([self.base.weight[: self.first], self.rows.to(self.base.weight.dtype)])
+        return torch.cat([self.base.weight[: self.first], self._table().to(self.base.weight.dtype)])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         old = self.base(ids.clamp(max=self.first - 1))
         # every id reads `rows` (the old ids at row 0, masked out below), so `rows` is used in every forward and
         # DDP always sees its gradient, also for a batch without the trigger
-        new = F.embedding((ids - self.first).clamp(min=0), self.rows).to(old.dtype)
+        new = F.embedding((ids - self.first).clamp(min=0), self._table()).to(old.dtype)
         return torch.where((ids >= self.first).unsqueeze(-1), new, old)
 
 
@@ -77,6 +83,9 @@ class TriggerTokens:
         self.tokenizers: dict[str, object] = {}      # tokenizer attribute -> the original tokenizer object
         self.embeddings: dict[str, nn.Module] = {}   # text encoder name -> its original input embedding
         self.rows: dict[str, nn.Parameter] = {}      # text encoder name -> the trainable [N, width] rows
+        self.standins = 0                            # --blend-ready: untrained stand-in tokens after the learnt ones
+        self.modules: dict[str, AddedRows] = {}      # text encoder name -> its AddedRows while the rows are in
+        self.standin_norm: dict[str, float] = {}     # text encoder name -> the vocabulary's mean embedding norm
 
     @property
     def active(self) -> bool:
@@ -85,20 +94,37 @@ class TriggerTokens:
     def names(self) -> list[str]:
         return [self.word] + [f"{self.word}_{i}" for i in range(1, self.n)]
 
-    def add_tokens(self, pipe, text_encoders, word: str, n: int) -> None:
-        """Add the ``n`` tokens to a copy of each text encoder's tokenizer and put the copies in ``pipe``."""
+    @property
+    def standin_word(self) -> str | None:
+        """The word that stands for another adapter's trigger in ``--blend-ready`` captions (expanded to all the
+        stand-in tokens, as a learnt trigger is), or None without stand-ins."""
+        if not self.standins:
+            return None
+        # neither may hold the other: diffusers expands multi-vector tokens with str.replace on the prompt
+        word = "standinzq"
+        while word in self.word or self.word in word:
+            word += "q"
+        return word
+
+    def _standin_names(self) -> list[str]:
+        w = self.standin_word
+        return [w] + [f"{w}_{i}" for i in range(1, self.standins)] if w else []
+
+    def add_tokens(self, pipe, text_encoders, word: str, n: int, standins: int = 0) -> None:
+        """Add the ``n`` tokens (and ``standins`` stand-in tokens after them) to a copy of each text encoder's
+        tokenizer and put the copies in ``pipe``."""
         check_trigger(word, n)
         if not hasattr(pipe, "maybe_convert_prompt"):
             raise ConfigError(f"{type(pipe).__name__} cannot expand multi-token trigger words (it is not one of "
                               "diffusers' textual-inversion pipelines); train without --train-tokens")
-        self.word, self.n = word, n
+        self.word, self.n, self.standins = word, n, standins
         for te in text_encoders:
             attr = te.replace("text_encoder", "tokenizer")
             original = getattr(pipe, attr)
             tok = copy.deepcopy(original)
-            if tok.add_tokens(self.names()) != n:
+            if tok.add_tokens(self.names() + self._standin_names()) != n + standins:
                 raise ConfigError(f"trigger {word!r}: the tokenizer ({attr}) already has a token "
-                                  f"{word!r} or {word}_<i>; choose another trigger word for --train-tokens")
+                                  f"{word!r}, {word}_<i> or the stand-in word; choose another trigger word for --train-tokens")
             self.tokenizers[attr] = original
             setattr(pipe, attr, tok)
             ids = tok.convert_tokens_to_ids(self.names())
@@ -112,6 +138,11 @@ class TriggerTokens:
                 raise ConfigError(f"trigger {word!r} does not tokenize to its new tokens in {attr} (got ids {got}, "
                                   f"expected {ids}); use a lower-case ASCII word")
             self.ids[te] = ids
+            if standins:
+                got = tok(pipe.maybe_convert_prompt(self.standin_word, tok), add_special_tokens=False).input_ids
+                if got != list(range(ids[-1] + 1, ids[-1] + 1 + standins)):
+                    raise ConfigError(f"{attr}: the --blend-ready stand-in word {self.standin_word!r} does not "
+                                      f"tokenize to its {standins} new tokens (got ids {got}); use another trigger word")
 
     def in_caption(self, ids_per_tokenizer: list[torch.Tensor]) -> bool:
         """True if any of a caption's token ids (one tensor per text encoder, as TextConditioning.tokenize gives)
@@ -146,10 +177,35 @@ class TriggerTokens:
                 start = torch.randn((self.n, weight.shape[1]), generator=gen).to(weight.device)
                 start = start / start.norm(dim=1, keepdim=True) * norm
             self.embeddings[te] = base
-            module = AddedRows(base, first, start)
+            self.standin_norm[te] = float(weight[:first].norm(dim=1).mean())
+            module = AddedRows(base, first, start, self.standins)
             encoder.set_input_embeddings(module)
+            self.modules[te] = module
             self.rows[te] = module.rows
         return list(self.rows.values())
+
+    def redraw_standins(self, gen: torch.Generator) -> None:
+        """New stand-in vectors (``--blend-ready``): random directions of the vocabulary's mean embedding norm, the
+        size a learnt trigger of another adapter starts at, drawn from ``gen`` (the step's generator)."""
+        for te, module in self.modules.items():
+            v = torch.randn(tuple(module.standin.shape), generator=gen).to(module.standin.device)
+            module.standin.copy_(v / v.norm(dim=1, keepdim=True) * self.standin_norm[te])
+
+    def with_standin(self, captions: list[str], share: float, gen: torch.Generator) -> list[str]:
+        """``--blend-ready``: in a ``share`` of the captions that hold the trigger word, the stand-in word goes right
+        before or right after it (one coin each), as another adapter's trigger sits in a blend's prompt."""
+        pattern = re.compile(rf"(?<![\w]){re.escape(self.word)}(?![\w])")
+        draws = torch.rand((len(captions), 2), generator=gen).tolist()
+        out = []
+        for caption, (use, side) in zip(captions, draws):
+            found = pattern.search(caption) if use < share else None
+            if found is None:
+                out.append(caption)
+            elif side < 0.5:
+                out.append(f"{caption[:found.start()]}{self.standin_word} {caption[found.start():]}")
+            else:
+                out.append(f"{caption[:found.end()]} {self.standin_word}{caption[found.end():]}")
+        return out
 
     def embedding(self) -> TokenEmbedding:
         """The learnt vectors, as the adapter carries them: ``{text encoder: [N, width]}`` fp32 on the CPU."""
@@ -162,7 +218,10 @@ class TriggerTokens:
             getattr(pipe, te).set_input_embeddings(base)
         for attr, tok in self.tokenizers.items():
             setattr(pipe, attr, tok)
-        self.embeddings, self.tokenizers, self.rows = {}, {}, {}
+        self.embeddings, self.tokenizers, self.rows, self.modules = {}, {}, {}, {}
+
+
+STANDIN_TOKENS = 2  # --blend-ready: tokens of the stand-in for another trigger (the toy recipes learn 2 per trigger)
 
 
 def stop_step(steps: int, fraction: float) -> int:

@@ -282,7 +282,8 @@ def _setup(base: Base, cfg: TrainConfig, accelerator, items, learnt: tokens.Trig
     _freeze(pipe, te_names, accelerator.device, weight_dtype)
     noise_scheduler = make_noise_scheduler(pipe, prediction_type, cfg.optim.zero_terminal_snr)
     if cfg.network.train_tokens:  # the tokenizers first: the text cache must know which captions use the tokens
-        learnt.add_tokens(pipe, te_names, cfg.data.trigger, cfg.network.train_tokens)
+        learnt.add_tokens(pipe, te_names, cfg.data.trigger, cfg.network.train_tokens,
+                          standins=tokens.STANDIN_TOKENS if cfg.network.blend_ready else 0)
 
     # caches (main process fills them; the others then read them back)
     tset = TrainingSet(items, cfg.data, pipe, cache_root=Path(cfg.data.cache_dir or stylelora_home() / "cache"),
@@ -533,12 +534,17 @@ def compute_loss(tset, indices, gen, unet, encoders, noise_scheduler, cfg, predi
     drop = {}
     if cfg.data.caption_dropout:
         drop["drop"] = (torch.rand(len(indices), generator=gen) < cfg.data.caption_dropout).tolist()
+    captions = None
+    if cfg.network.blend_ready and tset.learnt_tokens is not None:  # drawn only when on, as caption dropout
+        tset.learnt_tokens.redraw_standins(gen)
+        captions = tset.learnt_tokens.with_standin(tset.captions(indices, **drop), cfg.network.blend_ready, gen)
     if train_te:
-        cond = tset.text.encode(encoders, tset.text.tokenize(tset.captions(indices, **drop)))
+        cond = tset.text.encode(encoders, tset.text.tokenize(captions or tset.captions(indices, **drop)))
     else:
-        # cached, except captions with learnt tokens (encoded live: their rows train), or all with live_text
+        # cached, except captions with learnt tokens or a stand-in (encoded live: their rows train), or all with
+        # live_text
         live = {"encoders": encoders, "live_all": live_text} if tset.learnt_tokens is not None else {}
-        cond = tset.cached_text(indices, **drop, **live)
+        cond = tset.cached_text(indices, **drop, **live, captions=captions)
     dtype = tset.weight_dtype
     extra = unet_kwargs(tset.family, cond, original_sizes=batch["original_sizes"], crops=batch["crops"],
                         target_sizes=batch["target_sizes"], dtype=dtype)
