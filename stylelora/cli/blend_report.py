@@ -1,4 +1,5 @@
-"""``stylelora blend-report A B [C…] [--base BASE [--classify]] [--json]``: how much adapters' updates overlap."""
+"""``stylelora blend-report A B [C…] [--base BASE [--classify]] [--suggest-blocks [W,…]] [--json]``: how much
+adapters' updates overlap, and block weights that give each contested block to one of them."""
 
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ def register(sub) -> None:
     p.add_argument("--cfg", type=float, default=5.0, help="guidance scale of the sweep")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace the --grid file if it exists")
+    p.add_argument("--suggest-blocks", nargs="?", const="", default=None, metavar="W1,W2,...",
+                   help="also choose A1111 block-weight vectors for blending the adapters at these weights (one "
+                        "per file, in order; default 0.5 each; put the option after the files): each block where "
+                        "they overlap (--block-threshold) goes to the adapter with the most of its update there, "
+                        "at the blend's summed weight, the others 0 there; printed as <lora:NAME:W:lbw=...> tags "
+                        "and --lora FILE:W@... options (see docs/block-weights.md)")
+    p.add_argument("--block-threshold", type=float, default=0.3, metavar="T",
+                   help="with --suggest-blocks: the overlap (0..1) from which a block counts as contested")
+    p.add_argument("--block-metric", choices=("input", "output", "cosine"), default="input",
+                   help="with --suggest-blocks: the overlap that decides (cosine: its absolute value)")
     p.set_defaults(func=run, precheck=precheck)
 
 
@@ -40,6 +51,29 @@ def _weights(text: str) -> list[float]:
         raise ConfigError(f"--weights {text!r}: expected comma-separated numbers, e.g. --weights 0,0.5,1") from None
     if not values:
         raise ConfigError("--weights is empty: give at least one weight, e.g. --weights 0,0.5,1")
+    return values
+
+
+def _block_weights(args) -> list[float]:
+    """``--suggest-blocks`` -> one weight per adapter file (0.5 each when no value is given)."""
+    import math
+
+    from ..errors import ConfigError
+
+    text = args.suggest_blocks
+    if not text:
+        return [0.5] * len(args.adapters)
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--suggest-blocks {text!r}: expected comma-separated weights, one per adapter file, "
+                          "e.g. --suggest-blocks 0.6,0.4 (put the option after the files)") from None
+    if len(values) != len(args.adapters):
+        raise ConfigError(f"--suggest-blocks {text!r}: {len(values)} weights for {len(args.adapters)} adapter files; "
+                          "give one per file, in order")
+    bad = [v for v in values if not math.isfinite(v) or v <= 0]
+    if bad:
+        raise ConfigError(f"--suggest-blocks {text!r}: weight {bad[0]:g} must be a number above 0")
     return values
 
 
@@ -64,6 +98,10 @@ def precheck(args) -> None:
         raise ConfigError("--n and --steps must be 1 or more")
     if args.base and not args.grid.lower().endswith(".png"):
         raise ConfigError(f"--grid must name a .png file, got {args.grid}")
+    if args.suggest_blocks is not None:
+        _block_weights(args)
+        if not 0.0 <= args.block_threshold <= 1.0:
+            raise ConfigError(f"--block-threshold {args.block_threshold:g}: give an overlap from 0 to 1")
 
 
 def run(args) -> int:
@@ -79,6 +117,8 @@ def run(args) -> int:
         base = load_base(args.base)
     adapters = [(f, read_adapter(f, pipe=base.pipe if base else None)) for f in args.adapters]
     result = report(adapters)
+    if args.suggest_blocks is not None:
+        result["suggested_blocks"] = suggested(args, adapters, base)
     if base is not None:
         grid, cells = sweep(base, adapters, weights=_weights(args.weights), prompt=args.prompt,
                             classify=args.classify, n=args.n, steps=args.steps, cfg=args.cfg, seed=args.seed)
@@ -92,9 +132,47 @@ def run(args) -> int:
         print(json.dumps(result, indent=1, sort_keys=True))
         return 0
     print(format_table(result))
+    if "suggested_blocks" in result:
+        print("\n" + format_suggested(result["suggested_blocks"]))
     if base is not None:
         table = format_cells(result["sweep"]["cells"], args.adapters)
         if table:
             print("\n" + table)
         print(f"\nwrote {args.grid} (rows: {args.adapters[0]} weight, columns: {args.adapters[1]} weight)")
     return 0
+
+
+def suggested(args, adapters, base) -> dict:
+    """``--suggest-blocks``: the chosen vectors (``interference.block_plan``) as lbw strings, prompt tags and
+    ``--lora`` options, with the figures behind each block."""
+    from pathlib import Path
+
+    from ..blocks import _num, unet_config_for
+    from ..interference import block_plan
+
+    weights = dict(zip(args.adapters, _block_weights(args)))
+    config = unet_config_for(adapters[0][1], base.pipe if base is not None else None)
+    plan = block_plan(adapters, weights, config, threshold=args.block_threshold, metric=args.block_metric)
+    lbw = {f: plan["blocks"][f].text() for f in args.adapters}
+    return {"weights": weights, "threshold": args.block_threshold, "metric": args.block_metric,
+            "length": plan["length"], "lbw": lbw,
+            "tags": [f"<lora:{Path(f).stem}:{_num(weights[f])}:lbw={lbw[f]}>" for f in args.adapters],
+            "lora": [f"--lora {f}:{_num(weights[f])}@{lbw[f]}" for f in args.adapters],
+            "rows": plan["rows"]}
+
+
+def format_suggested(s: dict) -> str:
+    """The printed choice: the tags, the --lora options and a line per contested block."""
+    from pathlib import Path
+
+    lines = [f"block weights for this blend ({s['length']} values; a block is contested from {s['metric']} overlap "
+             f"{s['threshold']:g}): prompt tags", *(f"  {t}" for t in s["tags"]), "or generate options",
+             *(f"  {o}" for o in s["lora"])]
+    contested = [r for r in s["rows"] if r["contested"]]
+    for r in contested:
+        shares = ", ".join(f"{Path(f).stem} {100 * v:.1f} %" for f, v in r["shares"].items())
+        lines.append(f"  {r['block']:<5} -> {Path(r['owner']).stem} (overlap {r['overlap']:.2f}; share of each "
+                     f"adapter's update: {shares})")
+    if not contested:
+        lines.append("  no block is contested: every multiplier is 1 (the plain blend)")
+    return "\n".join(lines)
