@@ -231,3 +231,13 @@ def test_cli_prints_parseable_block_weights(tiny, tmp_path, capsys):
                         (["--suggest-blocks", "--block-threshold", "1.5"], "from 0 to 1")):
         assert main(["blend-report", *files, *argv]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_suggest_blocks_mistakes_are_answered_before_torch(tmp_path):
+    from test_cli_startup import probe
+
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for f in files:
+        f.write_bytes(b"not read: the weights are checked first")
+    line, err = probe("blend-report", *map(str, files), "--suggest-blocks", "0.5,0.5,0.5")
+    assert line == "RC 2 TORCH False" and "3 weights for 2 adapter files" in err
