@@ -174,6 +174,12 @@ def main(argv=None) -> dict:
     p.add_argument("--zip-lambda", type=float, default=0.01,
                    help="ZipLoRA similarity penalty weight (with --zip; on tiny, 0.01 outweighs the distillation "
                         "loss and shrinks every coefficient: mean 0.22 after 100 steps on the recipe adapters)")
+    p.add_argument("--blocks", choices=["auto"],
+                   help="blend rows: per-block weights chosen by the blend report (interference.suggest_blocks on "
+                        "each pair at --blend each): a block where the pair's updates overlap goes to the adapter "
+                        "with the larger share of its update there, at the pair's summed weight, the other 0")
+    p.add_argument("--block-threshold", type=float, default=0.3,
+                   help="with --blocks auto: the input overlap (0..1) from which a block is contested")
     p.add_argument("--seed-per-style", action="store_true",
                    help="train style i with the recipe's seed + i: with one seed every plain LoRA starts from the "
                         "same lora_down, and a 300-step tiny recipe run kept most of it (down factors of two styles "
@@ -181,6 +187,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "out" / "style-quality"))
     args = p.parse_args(argv)
+    if args.blocks and args.zip:
+        p.error("--blocks auto and --zip are two kinds of blend row: choose one")
     torch.set_num_threads(args.threads)
     from stylelora.blend import Blender
     from stylelora.cli import quiet_libraries
@@ -247,6 +255,9 @@ def main(argv=None) -> dict:
         if args.zip:  # learnt on the pristine base, then the merged pair alone at weight 1
             zipped = zip_pair(adapters[a], adapters[b], args.blend, base, args.zip_steps, args.zip_lr, args.zip_lambda)
             blender.set({blender.load(zipped, name=f"zip-{a}+{b}"): 1.0})
+        elif args.blocks == "auto":  # the report's vectors for this pair at (--blend, --blend)
+            weights, chosen = auto_blocks(a, b, adapters, args.blend, pipe, args.block_threshold)
+            blender.set(weights)
         else:
             blender.set({a: args.blend, b: args.blend})
         both = [toyworld.captioned(s, toyworld.TRIGGERS[a], toyworld.TRIGGERS[b]) for s in scenes]
@@ -257,6 +268,8 @@ def main(argv=None) -> dict:
                                          a: sum(a in lab["styles"] for lab in labs) / n,
                                          b: sum(b in lab["styles"] for lab in labs) / n,
                                          "content": rates(labs, scenes)["content"]}
+        if args.blocks == "auto":
+            results["blends"][f"{a}+{b}"]["blocks"] = chosen
         image_grid([imgs[:8]], row_labels=[f"{a}+{b}"]).save(out / f"blend-{a}+{b}.png")
         if args.zip:
             blender.reset()
@@ -268,6 +281,18 @@ def main(argv=None) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     return results
+
+
+def auto_blocks(a: str, b: str, adapters: dict[str, Path], weight: float, pipe, threshold: float):
+    """--blocks auto: the ``Blender.set`` weights of the pair (a, b), each ``BlockWeight(weight, vector)`` with
+    ``interference.suggest_blocks``' vectors at (weight, weight), and the vectors' lbw= strings."""
+    from stylelora.blend import read_adapter
+    from stylelora.blocks import BlockWeight
+    from stylelora.interference import suggest_blocks
+
+    pair = [(s, read_adapter(adapters[s], pipe=pipe)) for s in (a, b)]
+    chosen = suggest_blocks(pair, {a: weight, b: weight}, pipe.unet.config, threshold=threshold)
+    return {s: BlockWeight(weight, chosen[s]) for s in (a, b)}, {s: chosen[s].text() for s in (a, b)}
 
 
 def quantized_drift(args, adapters: dict[str, Path], styles, scenes, clf, qbase) -> dict:
@@ -381,6 +406,8 @@ def print_table(r: dict) -> None:
         for name, m in r["blends"].items():
             a, b = name.split("+")
             print(f"{name:<22} {pct(m['both']):>7} {pct(m[a]):>7} {pct(m[b]):>7} {pct(m['content']):>8}")
+            if "blocks" in m:
+                print(f"{'':<4}blocks " + "; ".join(f"{s} lbw={v}" for s, v in m["blocks"].items()))
     s = r["styles"].values()
     if s:
         ok = {"fidelity >= 90 %": all(m["fidelity"] >= GOALS["fidelity"] for m in s),

@@ -241,3 +241,20 @@ def test_suggest_blocks_mistakes_are_answered_before_torch(tmp_path):
         f.write_bytes(b"not read: the weights are checked first")
     line, err = probe("blend-report", *map(str, files), "--suggest-blocks", "0.5,0.5,0.5")
     assert line == "RC 2 TORCH False" and "3 weights for 2 adapter files" in err
+
+
+def test_style_quality_blocks_auto_branch(tiny, tmp_path):
+    """benchmarks/style_quality.py --blocks auto: a pair's Blender weights carry suggest_blocks' vectors."""
+    from test_benchmarks import _script
+
+    sq = _script("style_quality")
+    ink = random_adapter(tiny.pipe, "ink", 4, 1)
+    twin = copy.deepcopy(ink)
+    twin.name = "twin"
+    files = {a.name: save_adapter(a, tmp_path / f"{a.name}.safetensors", pipe=tiny.pipe) for a in (ink, twin)}
+    weights, chosen = sq.auto_blocks("ink", "twin", files, 0.5, tiny.pipe, 0.3)
+    want = suggest_blocks([(n, read_adapter(f)) for n, f in files.items()], {"ink": 0.5, "twin": 0.5},
+                          tiny.pipe.unet.config)
+    assert weights == {n: BlockWeight(0.5, want[n]) for n in files}
+    assert {n: parse_blocks(v) for n, v in chosen.items()} == want
+    assert set(want["ink"].values) == {1.0, 2.0} and set(want["twin"].values) == {0.0, 1.0}
