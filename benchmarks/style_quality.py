@@ -18,6 +18,8 @@ classifier (stylelora.classifiers, trained on procedural pictures only) reads ev
 - ceiling    share of the held-out scenes, drawn in the style and put through the base's VAE, called this
              style: no generated picture can be sharper than that round trip
 - blends     for each pair at 0.5/0.5 with both triggers: share where both styles are called   goal >= 70 %
+- base+words for each pair: share of base pictures (no adapter) prompted with both family words ("striped, faded")
+             where both styles are called: how often the base draws two looks together by itself
 
 Adapters, pictures (grids per style) and results.json go to --out. A trained adapter is reused only by a rerun with
 the same recipe on the same base: its file name carries a hash of the full TrainConfig (less where files are
@@ -49,18 +51,25 @@ OUTPUT_FIELDS = (("run", "output"), ("run", "tensorboard_dir"), ("data", "cache_
 
 
 def train_adapters(styles, out: Path, no_reg: bool = False, recipe: str | None = None, slots: bool = False,
-                   seed_per_style: bool = False, **overrides) -> dict[str, Path]:
+                   seed_per_style: bool = False, blend_with_others: bool = False, **overrides) -> dict[str, Path]:
     """``recipe=None``: the toy recipe (toyworld.train_config: plain pictures as regularization images, trigger
     tokens started from the style's family word). ``recipe=NAME``: what a user gets from ``stylelora train FOLDER
     --trigger T`` with ``--recipe NAME`` (``default``: no --recipe) or from that web UI preset, on the ``tiny``
     base: the recipe as ``presets.for_base`` scales it, the style folder alone, nothing else chosen.
     ``slots``: style i (in ``styles`` order) trains in orthogonal slot i (``train --slot i``). ``seed_per_style``:
-    style i trains with the recipe's seed + i (one seed gives every style the same lora_down init)."""
+    style i trains with the recipe's seed + i (one seed gives every style the same lora_down init).
+    ``blend_with_others`` (with ``blend_ready`` in ``overrides``): each style trains with the other styles' adapters
+    of the same recipe without blend_ready (trained first) as its ``--blend-with`` stand-ins."""
     import stylelora
     from make_style_images import PLAIN, ensure
     from stylelora.presets import for_base
 
     folders = ensure(ROOT / "examples" / "styles", styles)
+    library = {}
+    if blend_with_others:
+        plain = {k: v for k, v in overrides.items() if k not in ("blend_ready", "blend_with")}
+        library = train_adapters(styles, out, no_reg=no_reg, recipe=recipe, slots=slots,
+                                 seed_per_style=seed_per_style, **plain)
     paths = {}
     for i, style in enumerate(styles):
         if recipe:
@@ -74,6 +83,8 @@ def train_adapters(styles, out: Path, no_reg: bool = False, recipe: str | None =
             config = config.replace(slot=i)
         if seed_per_style:
             config = config.replace(seed=config.run.seed + i)
+        if library:
+            config = config.replace(blend_with=[str(library[o]) for o in styles if o != style])
         path = out / f"{style}-{recipe_key(config)}.safetensors"
         if path.exists():
             print(f"reusing {path.name} (same recipe, base and pictures)", flush=True)
@@ -184,6 +195,9 @@ def main(argv=None) -> dict:
                    help="train style i with the recipe's seed + i: with one seed every plain LoRA starts from the "
                         "same lora_down, and a 300-step tiny recipe run kept most of it (down factors of two styles "
                         "0.92 cosine alike; blend-report input overlap 0.48-0.59 between styles)")
+    p.add_argument("--blend-with-others", action="store_true",
+                   help="with --set blend_ready=P: each style trains with the other styles' adapters (same recipe, "
+                        "trained first without blend_ready) as its --blend-with stand-ins")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "out" / "style-quality"))
     args = p.parse_args(argv)
@@ -206,7 +220,8 @@ def main(argv=None) -> dict:
     if args.quantize_base:
         overrides["quantize_base"] = args.quantize_base
     adapters = train_adapters(styles, out, no_reg=args.no_reg, recipe=args.recipe, slots=args.slots,
-                              seed_per_style=args.seed_per_style, **overrides)
+                              seed_per_style=args.seed_per_style, blend_with_others=args.blend_with_others,
+                              **overrides)
     t_train = time.time() - t0
 
     base = load_base("tiny", quantize=args.quantize_base)
@@ -227,6 +242,11 @@ def main(argv=None) -> dict:
         labs = classifiers.classify(clf, draw(pipe, [toyworld.described(s, toyworld.STYLES[style]) for s in scenes],
                                               args.seed, args.steps, args.cfg))
         family_word[style] = sum(style in lab["styles"] for lab in labs) / len(labs)
+    pair_words = {}  # the base alone, both family words: how often it draws two looks together by itself
+    for a, b in itertools.combinations(styles, 2):
+        labs = classifiers.classify(clf, draw(pipe, [toyworld.described(s, toyworld.look_of([a, b])) for s in scenes],
+                                              args.seed, args.steps, args.cfg))
+        pair_words[f"{a}+{b}"] = sum({a, b} <= lab["styles"] for lab in labs) / len(labs)
     blender = Blender(base)
     for style in styles:
         blender.load(adapters[style], name=style)
@@ -267,7 +287,8 @@ def main(argv=None) -> dict:
         results["blends"][f"{a}+{b}"] = {"both": sum({a, b} <= lab["styles"] for lab in labs) / n,
                                          a: sum(a in lab["styles"] for lab in labs) / n,
                                          b: sum(b in lab["styles"] for lab in labs) / n,
-                                         "content": rates(labs, scenes)["content"]}
+                                         "content": rates(labs, scenes)["content"],
+                                         "base_words": pair_words[f"{a}+{b}"]}
         if args.blocks == "auto":
             results["blends"][f"{a}+{b}"]["blocks"] = chosen
         image_grid([imgs[:8]], row_labels=[f"{a}+{b}"]).save(out / f"blend-{a}+{b}.png")
@@ -402,10 +423,12 @@ def print_table(r: dict) -> None:
               f"{pct(m['base_fp']):>9} {pct(m['base_word']):>10} {pct(m['ceiling']):>9} {size:>9}")
     if r["blends"]:
         w = r["args"]["blend"]
-        print(f"\n{'blend (' + str(w) + ' each)':<22} {'both':>7} {'first':>7} {'second':>7} {'content':>8}")
+        print(f"\n{'blend (' + str(w) + ' each)':<22} {'both':>7} {'first':>7} {'second':>7} {'content':>8} "
+              f"{'base+words':>11}")
         for name, m in r["blends"].items():
             a, b = name.split("+")
-            print(f"{name:<22} {pct(m['both']):>7} {pct(m[a]):>7} {pct(m[b]):>7} {pct(m['content']):>8}")
+            words = pct(m["base_words"]) if "base_words" in m else "-"
+            print(f"{name:<22} {pct(m['both']):>7} {pct(m[a]):>7} {pct(m[b]):>7} {pct(m['content']):>8} {words:>11}")
             if "blocks" in m:
                 print(f"{'':<4}blocks " + "; ".join(f"{s} lbw={v}" for s, v in m["blocks"].items()))
     s = r["styles"].values()
