@@ -198,6 +198,9 @@ def main(argv=None) -> dict:
     p.add_argument("--blend-with-others", action="store_true",
                    help="with --set blend_ready=P: each style trains with the other styles' adapters (same recipe, "
                         "trained first without blend_ready) as its --blend-with stand-ins")
+    p.add_argument("--decompose", action="store_true",
+                   help="also score each style alone at --blend, and at 1.0 with another style's trigger word in the "
+                        "prompt but that style's LoRA off: what a blend loses to the words rather than the weights")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "out" / "style-quality"))
     args = p.parse_args(argv)
@@ -296,6 +299,8 @@ def main(argv=None) -> dict:
             blender.reset()
             blender.unload(f"zip-{a}+{b}")
     blender.reset()
+    if args.decompose:
+        results["decompose"] = decompose(args, blender, styles, scenes, clf, pipe)
     if args.quantize_base:
         results["quantized"] = quantized_drift(args, adapters, styles, scenes, clf, base)
     results["seconds"] = {"training": round(t_train), "total": round(time.time() - t0)}
@@ -314,6 +319,41 @@ def auto_blocks(a: str, b: str, adapters: dict[str, Path], weight: float, pipe, 
     pair = [(s, read_adapter(adapters[s], pipe=pipe)) for s in (a, b)]
     chosen = suggest_blocks(pair, {a: weight, b: weight}, pipe.unet.config, threshold=threshold)
     return {s: BlockWeight(weight, chosen[s]) for s in (a, b)}, {s: chosen[s].text() for s in (a, b)}
+
+
+def decompose(args, blender, styles, scenes, clf, pipe) -> dict:
+    """--decompose: what a blend loses, split. Per style: detected alone at --blend with its own trigger, and at 1.0
+    with another style's trigger word also in the prompt but that style's LoRA off (its learnt tokens inserted by
+    hand: the Blender adds them only with a nonzero weight) — the share lost to the words, not to the weights."""
+    from stylelora.blend import encoders, insert_tokens, remove_tokens
+
+    def rate(style, prompts):
+        labs = classifiers.classify(clf, draw(pipe, prompts, args.seed, args.steps, args.cfg))
+        return sum(style in lab["styles"] for lab in labs) / len(labs)
+
+    out = {}
+    for a in styles:
+        blender.set({a: args.blend})
+        row = {"alone": rate(a, [toyworld.captioned(s, toyworld.TRIGGERS[a]) for s in scenes])}
+        blender.set({a: 1.0})
+        for b in styles:
+            if b == a:
+                continue
+            embs = list(blender.loaded[b].adapter.embeddings.values())
+            insert_tokens(pipe, embs)
+            try:  # the triggers in the benchmark's order, as the blend rows write them
+                words = [toyworld.TRIGGERS[x] for x in styles if x in (a, b)]
+                row[f"with {b} word"] = rate(a, [toyworld.captioned(s, *words) for s in scenes])
+            finally:
+                for emb in reversed(embs):
+                    for comp in encoders(pipe):
+                        remove_tokens(pipe, emb, comp)
+        out[a] = row
+        print(f"{a}: alone at {args.blend} {pct(row['alone']).strip()}; at 1.0 with another style's word (its LoRA "
+              "off): " + ", ".join(f"{k.split()[1]} {pct(v).strip()}" for k, v in row.items() if k != "alone"),
+              flush=True)
+    blender.reset()
+    return out
 
 
 def quantized_drift(args, adapters: dict[str, Path], styles, scenes, clf, qbase) -> dict:

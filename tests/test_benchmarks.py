@@ -22,8 +22,12 @@ def test_style_quality_runs_and_writes_its_table(tmp_path, capsys):
     sq = _script("style_quality")
     out = tmp_path / "sq"
     results = sq.main(["--styles", "stripes,pastel", "--n", "2", "--train-steps", "2", "--steps", "2",
-                       "--out", str(out), "--threads", "1"])
+                       "--out", str(out), "--threads", "1", "--decompose"])
     assert set(results["styles"]) == {"stripes", "pastel"} and set(results["blends"]) == {"stripes+pastel"}
+    assert 0.0 <= results["blends"]["stripes+pastel"]["base_words"] <= 1.0
+    assert {k: set(v) for k, v in results["decompose"].items()} == {"stripes": {"alone", "with pastel word"},
+                                                                   "pastel": {"alone", "with stripes word"}}
+    assert all(0.0 <= x <= 1.0 for v in results["decompose"].values() for x in v.values())
     for m in results["styles"].values():
         for key in ("fidelity", "content", "leakage", "base_fp", "base_word", "ceiling"):
             assert 0.0 <= m[key] <= 1.0, (key, m)
