@@ -564,7 +564,8 @@ def compute_loss(tset, indices, gen, unet, encoders, noise_scheduler, cfg, predi
         # cached, except captions with learnt tokens or a stand-in (encoded live: their rows train), or all with
         # live_text
         live = {"encoders": encoders, "live_all": live_text} if tset.learnt_tokens is not None else {}
-        cond = tset.cached_text(indices, **drop, **live, captions=captions)
+        rewritten = {"captions": captions} if captions is not None else {}  # only --blend-ready rewrites them
+        cond = tset.cached_text(indices, **drop, **live, **rewritten)
     dtype = tset.weight_dtype
     extra = unet_kwargs(tset.family, cond, original_sizes=batch["original_sizes"], crops=batch["crops"],
                         target_sizes=batch["target_sizes"], dtype=dtype)
