@@ -147,31 +147,45 @@ def suggested(args, adapters, base) -> dict:
     ``--lora`` options, with the figures behind each block."""
     from pathlib import Path
 
-    from ..blocks import _num, unet_config_for
-    from ..interference import block_plan
+    from ..blocks import unet_config_for
 
     weights = dict(zip(args.adapters, _block_weights(args)))
     config = unet_config_for(adapters[0][1], base.pipe if base is not None else None)
-    plan = block_plan(adapters, weights, config, threshold=args.block_threshold, metric=args.block_metric)
-    lbw = {f: plan["blocks"][f].text() for f in args.adapters}
-    return {"weights": weights, "threshold": args.block_threshold, "metric": args.block_metric,
-            "length": plan["length"], "lbw": lbw,
-            "tags": [f"<lora:{Path(f).stem}:{_num(weights[f])}:lbw={lbw[f]}>" for f in args.adapters],
-            "lora": [f"--lora {f}:{_num(weights[f])}@{lbw[f]}" for f in args.adapters],
+    return suggestion(adapters, weights, config, threshold=args.block_threshold, metric=args.block_metric,
+                      names={f: Path(f).stem for f in args.adapters}, lora_options=True)
+
+
+def suggestion(adapters, weights: dict, unet_config, *, threshold: float, metric: str, names: dict,
+               lora_options: bool = False) -> dict:
+    """Block weights for blending ``adapters`` ([(label, Adapter)]) at ``weights`` ({label: w}), as
+    ``format_suggested`` prints them: ``interference.block_plan``'s vectors as lbw strings and
+    ``<lora:NAME:W:lbw=…>`` prompt tags (NAME: ``names[label]``, what the prompt's tags look up), with
+    ``lora_options`` also ``--lora LABEL:W@lbw`` options (labels that are files), and the figures behind each
+    block. Shared by ``blend-report --suggest-blocks`` and the web UI's Blend report tab."""
+    from ..blocks import _num
+    from ..interference import block_plan
+
+    plan = block_plan(adapters, weights, unet_config, threshold=threshold, metric=metric)
+    labels = [label for label, _ in adapters]
+    lbw = {f: plan["blocks"][f].text() for f in labels}
+    return {"weights": weights, "threshold": threshold, "metric": metric, "length": plan["length"], "lbw": lbw,
+            "names": {f: names[f] for f in labels},
+            "tags": [f"<lora:{names[f]}:{_num(weights[f])}:lbw={lbw[f]}>" for f in labels],
+            "lora": [f"--lora {f}:{_num(weights[f])}@{lbw[f]}" for f in labels] if lora_options else [],
             "rows": plan["rows"]}
 
 
 def format_suggested(s: dict) -> str:
-    """The printed choice: the tags, the --lora options and a line per contested block."""
-    from pathlib import Path
-
+    """The printed choice (``suggestion``): the tags, the --lora options if any and a line per contested block."""
+    names = s["names"]
     lines = [f"block weights for this blend ({s['length']} values; a block is contested from {s['metric']} overlap "
-             f"{s['threshold']:g}): prompt tags", *(f"  {t}" for t in s["tags"]), "or generate options",
-             *(f"  {o}" for o in s["lora"])]
+             f"{s['threshold']:g}): prompt tags", *(f"  {t}" for t in s["tags"])]
+    if s["lora"]:
+        lines += ["or generate options", *(f"  {o}" for o in s["lora"])]
     contested = [r for r in s["rows"] if r["contested"]]
     for r in contested:
-        shares = ", ".join(f"{Path(f).stem} {100 * v:.1f} %" for f, v in r["shares"].items())
-        lines.append(f"  {r['block']:<5} -> {Path(r['owner']).stem} (overlap {r['overlap']:.2f}; share of each "
+        shares = ", ".join(f"{names[f]} {100 * v:.1f} %" for f, v in r["shares"].items())
+        lines.append(f"  {r['block']:<5} -> {names[r['owner']]} (overlap {r['overlap']:.2f}; share of each "
                      f"adapter's update: {shares})")
     if not contested:
         lines.append("  no block is contested: every multiplier is 1 (the plain blend)")
