@@ -93,6 +93,19 @@ class BlendReport:
     result: dict  # interference.report(...): {"adapters": [...], "pairs": [...]}
     table: str  # Markdown
     grid: Path | None = None  # the labelled sweep grid (PNG); rows: the first adapter's weight, columns: the second's
+    suggested: dict | None = None  # cli.blend_report.suggestion(...) at the picked weight each; None if refused
+    suggestion: str = ""  # Markdown: the "Suggested block weights" block (prompt tags and a line per contested block)
+
+
+def suggestion_markdown(s: dict | None, refused: str = "") -> str:
+    """``cli.blend_report.format_suggested``'s text under a heading, in a code block (the page would read the
+    ``<lora:…>`` tags as HTML); ``refused``: why there is no suggestion (e.g. adapters of two model families)."""
+    from stylelora.cli.blend_report import format_suggested
+
+    if s is None:
+        return f"**Suggested block weights**: none, {refused}"
+    return "\n".join(["**Suggested block weights** (paste the tags into the Generate prompt)", "", "```text",
+                      format_suggested(s), "```"])
 
 
 def report_table(result: dict) -> str:
@@ -558,13 +571,20 @@ class Studio:
                                  self.library.path(new).stat().st_size)
 
     def blend_report(self, names, *, sweep: bool = False, weights="0, 0.5, 1", prompt: str = "", steps: int = 20,
-                     guidance: float = 5.0, seed: int = 0) -> BlendReport:
-        """How much the picked library adapters' updates overlap (``stylelora blend-report``): every pair, by block.
+                     guidance: float = 5.0, seed: int = 0, weight_each: float = 0.5,
+                     threshold: float = 0.3) -> BlendReport:
+        """How much the picked library adapters' updates overlap (``stylelora blend-report``): every pair, by block,
+        and the suggested block weights for blending them at ``weight_each`` each (``blend-report
+        --suggest-blocks``: a block whose overlap reaches ``threshold`` goes to the adapter with the largest energy
+        share there), as ``<lora:NAME:W:lbw=…>`` tags with the library names the Generate prompt looks up.
         ``sweep`` (two adapters) also renders the weight-sweep grid on the UI's base (``interference.sweep``: both
         trigger words and ``prompt``, every pair of ``weights``); it takes the model, so it waits for generation
         and is refused during training."""
+        import math
+
         from stylelora.blend import read_adapter
         from stylelora import interference
+        from stylelora.cli.blend_report import suggestion
 
         picked = []
         for n in names or []:
@@ -573,6 +593,17 @@ class Studio:
                 picked.append(name)
         if len(picked) < 2:
             raise ConfigError("pick two or more adapters to compare")
+        try:
+            weight_each, threshold = float(weight_each), float(threshold)
+        except (TypeError, ValueError):
+            raise ConfigError(f"suggested block weights: weight each {weight_each!r} and threshold {threshold!r} "
+                              "must be numbers (e.g. 0.5 and 0.3)") from None
+        if not (math.isfinite(weight_each) and weight_each > 0):
+            raise ConfigError(f"suggested block weights: weight each is {weight_each:g}; give a number above 0 "
+                              "(e.g. 0.5, the weight of every picked adapter in the blend)")
+        if not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"suggested block weights: threshold is {threshold:g}; give an overlap from 0 to 1 "
+                              "(e.g. 0.3: from it a block counts as contested)")
         if sweep:
             if len(picked) != 2:
                 raise ConfigError(f"the weight sweep takes two adapters, {len(picked)} are picked: pick two, or "
@@ -588,6 +619,12 @@ class Studio:
         adapters = [(name, read_adapter(self.library.path(name), pipe=self.base.pipe)) for name in picked]
         result = interference.report(adapters)
         report = BlendReport(result, report_table(result))
+        try:
+            report.suggested = suggestion(adapters, {name: weight_each for name in picked}, self.base.pipe.unet.config,
+                                          threshold=threshold, metric="input", names={n: n for n in picked})
+            report.suggestion = suggestion_markdown(report.suggested)
+        except ConfigError as e:  # e.g. adapters of two model families: the overlap table still stands
+            report.suggestion = suggestion_markdown(None, str(e))
         if not sweep:
             return report
         from stylelora.generate import save_png
