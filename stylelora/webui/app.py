@@ -587,25 +587,36 @@ def _report_tab(studio: Studio, c: SimpleNamespace) -> None:
                                            elem_id="report-steps")
                     c.br_cfg = gr.Number(5.0, label="Guidance (CFG)", minimum=0, elem_id="report-cfg")
                     c.br_seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="report-seed")
+            with gr.Row():
+                c.br_each = gr.Number(0.5, label="Suggested block weights: weight each", minimum=0,
+                                      elem_id="report-suggest-weight")
+                c.br_threshold = gr.Number(0.3, label="Contested from overlap (0..1)", minimum=0, maximum=1,
+                                           elem_id="report-suggest-threshold")
             c.br_btn = gr.Button("Compare", variant="primary", elem_id="report-btn")
             c.br_status = gr.Markdown("", elem_id="report-status", min_height=24, elem_classes=["status-line"])
+            c.br_suggest = gr.Markdown("", elem_id="report-suggest")
             c.br_table = gr.Markdown("", elem_id="report-table")
         with gr.Column(scale=4):
             c.br_grid = gr.Image(label="Weight sweep (rows: first adapter's weight, columns: second's)",
                                  interactive=False, type="filepath", elem_id="report-grid")
 
     @_ui
-    def compare(names, sweep, weights, prompt, steps, cfg, seed):
+    def compare(names, sweep, weights, prompt, steps, cfg, seed, each, threshold):
         start = time.time()
         rep = studio.blend_report(names or [], sweep=bool(sweep), weights=weights or "", prompt=prompt or "",
                                   steps=int(steps if steps is not None else 20),
                                   guidance=float(cfg if cfg is not None else 5.0),
-                                  seed=int(seed if seed is not None else 0))
+                                  seed=int(seed if seed is not None else 0),
+                                  weight_each=0.5 if each is None else each,
+                                  threshold=0.3 if threshold is None else threshold)
         done = f"{len(rep.result['pairs'])} pair(s) compared" + (", sweep grid rendered" if rep.grid else "")
-        return rep.table, (str(rep.grid) if rep.grid else None), f"{done}, {time.time() - start:.1f} s"
+        return (rep.table, (str(rep.grid) if rep.grid else None), f"{done}, {time.time() - start:.1f} s",
+                rep.suggestion)
 
-    c.br_btn.click(compare, [c.br_pick, c.br_sweep, c.br_weights, c.br_prompt, c.br_steps, c.br_cfg, c.br_seed],
-                   [c.br_table, c.br_grid, c.br_status], concurrency_id="model", show_progress_on=[c.br_status])
+    c.br_btn.click(compare, [c.br_pick, c.br_sweep, c.br_weights, c.br_prompt, c.br_steps, c.br_cfg, c.br_seed,
+                             c.br_each, c.br_threshold],
+                   [c.br_table, c.br_grid, c.br_status, c.br_suggest], concurrency_id="model",
+                   show_progress_on=[c.br_status])
 
 
 # ---------------------------------------------------------------------------------------------- the page
