@@ -51,25 +51,18 @@ OUTPUT_FIELDS = (("run", "output"), ("run", "tensorboard_dir"), ("data", "cache_
 
 
 def train_adapters(styles, out: Path, no_reg: bool = False, recipe: str | None = None, slots: bool = False,
-                   seed_per_style: bool = False, blend_with_others: bool = False, **overrides) -> dict[str, Path]:
+                   seed_per_style: bool = False, **overrides) -> dict[str, Path]:
     """``recipe=None``: the toy recipe (toyworld.train_config: plain pictures as regularization images, trigger
     tokens started from the style's family word). ``recipe=NAME``: what a user gets from ``stylelora train FOLDER
     --trigger T`` with ``--recipe NAME`` (``default``: no --recipe) or from that web UI preset, on the ``tiny``
     base: the recipe as ``presets.for_base`` scales it, the style folder alone, nothing else chosen.
     ``slots``: style i (in ``styles`` order) trains in orthogonal slot i (``train --slot i``). ``seed_per_style``:
-    style i trains with the recipe's seed + i (one seed gives every style the same lora_down init).
-    ``blend_with_others`` (with ``blend_ready`` in ``overrides``): each style trains with the other styles' adapters
-    of the same recipe without blend_ready (trained first) as its ``--blend-with`` stand-ins."""
+    style i trains with the recipe's seed + i (one seed gives every style the same lora_down init)."""
     import stylelora
     from make_style_images import PLAIN, ensure
     from stylelora.presets import for_base
 
     folders = ensure(ROOT / "examples" / "styles", styles)
-    library = {}
-    if blend_with_others:
-        plain = {k: v for k, v in overrides.items() if k not in ("blend_ready", "blend_with")}
-        library = train_adapters(styles, out, no_reg=no_reg, recipe=recipe, slots=slots,
-                                 seed_per_style=seed_per_style, **plain)
     paths = {}
     for i, style in enumerate(styles):
         if recipe:
@@ -83,8 +76,6 @@ def train_adapters(styles, out: Path, no_reg: bool = False, recipe: str | None =
             config = config.replace(slot=i)
         if seed_per_style:
             config = config.replace(seed=config.run.seed + i)
-        if library:
-            config = config.replace(blend_with=[str(library[o]) for o in styles if o != style])
         path = out / f"{style}-{recipe_key(config)}.safetensors"
         if path.exists():
             print(f"reusing {path.name} (same recipe, base and pictures)", flush=True)
@@ -195,9 +186,6 @@ def main(argv=None) -> dict:
                    help="train style i with the recipe's seed + i: with one seed every plain LoRA starts from the "
                         "same lora_down, and a 300-step tiny recipe run kept most of it (down factors of two styles "
                         "0.92 cosine alike; blend-report input overlap 0.48-0.59 between styles)")
-    p.add_argument("--blend-with-others", action="store_true",
-                   help="with --set blend_ready=P: each style trains with the other styles' adapters (same recipe, "
-                        "trained first without blend_ready) as its --blend-with stand-ins")
     p.add_argument("--decompose", action="store_true",
                    help="also score each style alone at --blend, and at 1.0 with another style's trigger word in the "
                         "prompt but that style's LoRA off: what a blend loses to the words rather than the weights")
@@ -223,8 +211,7 @@ def main(argv=None) -> dict:
     if args.quantize_base:
         overrides["quantize_base"] = args.quantize_base
     adapters = train_adapters(styles, out, no_reg=args.no_reg, recipe=args.recipe, slots=args.slots,
-                              seed_per_style=args.seed_per_style, blend_with_others=args.blend_with_others,
-                              **overrides)
+                              seed_per_style=args.seed_per_style, **overrides)
     t_train = time.time() - t0
 
     base = load_base("tiny", quantize=args.quantize_base)

@@ -159,9 +159,6 @@ class NetworkConfig(_Validated):
                                   "another adapter's learnt trigger (2 untrained tokens, new random vectors each step) "
                                   "sits right before or after it, so the style holds when a blend's prompt carries "
                                   "other trigger words too; needs --train-tokens (0 = off; 0.5 typical)")
-    blend_with: list = opt([], "with blend_ready: adapter files whose learnt trigger vectors are the stand-ins (one of "
-                               "them at random each step) instead of random vectors: the adapters this one will be "
-                               "blended with (repeat the flag per file)")
     network: str = opt("lora", "lora: one fixed rank; adalora: per-module ranks chosen while training (AdaLoRA), "
                                "--rank is then the target average rank (--rank auto is the same as --network adalora); "
                                "dora: LoRA plus a trained magnitude per row or column (DoRA, --dora-layout); "
@@ -194,8 +191,6 @@ class NetworkConfig(_Validated):
         _check(bool(self.unet_targets) or self.train_text_encoder, "nothing to train: unet_targets is empty")
         _check(0 <= self.train_tokens <= 64, f"train_tokens must be in 0..64, got {self.train_tokens}")
         _check(0.0 <= self.blend_ready <= 1.0, f"blend_ready must be in [0, 1], got {self.blend_ready}")
-        _check(not self.blend_with or self.blend_ready > 0,
-               "blend_with gives the stand-ins of blend_ready, which is off: add --blend-ready 0.5, or drop --blend-with")
         _check(not self.blend_ready or self.train_tokens > 0,
                f"blend_ready = {self.blend_ready} puts stand-ins for other learnt trigger words into the captions, "
                "which needs learnt trigger tokens: add --train-tokens 2 (and --trigger WORD), or drop --blend-ready")

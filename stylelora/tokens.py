@@ -85,7 +85,6 @@ class TriggerTokens:
         self.rows: dict[str, nn.Parameter] = {}      # text encoder name -> the trainable [N, width] rows
         self.standins = 0                            # --blend-ready: untrained stand-in tokens after the learnt ones
         self.modules: dict[str, AddedRows] = {}      # text encoder name -> its AddedRows while the rows are in
-        self.library: list[dict[str, torch.Tensor]] = []  # --blend-with: other adapters' trigger vectors per encoder
         self.standin_norm: dict[str, float] = {}     # text encoder name -> the vocabulary's mean embedding norm
 
     @property
@@ -179,11 +178,6 @@ class TriggerTokens:
                 start = start / start.norm(dim=1, keepdim=True) * norm
             self.embeddings[te] = base
             self.standin_norm[te] = float(weight[:first].norm(dim=1).mean())
-            for entry in self.library:
-                if entry[te].shape[1] != weight.shape[1]:
-                    raise ConfigError(f"--blend-with: a trigger's vectors are {entry[te].shape[1]} wide but {te} "
-                                      f"embeds {weight.shape[1]}; give adapters made for this base")
-                entry[te] = entry[te].to(weight.device)
             module = AddedRows(base, first, start, self.standins)
             encoder.set_input_embeddings(module)
             self.modules[te] = module
@@ -191,32 +185,11 @@ class TriggerTokens:
         return list(self.rows.values())
 
     def redraw_standins(self, gen: torch.Generator) -> None:
-        """New stand-in vectors (``--blend-ready``), drawn from ``gen`` (the step's generator): one of the
-        ``library`` triggers (``--blend-with``) at random, or else random directions of the vocabulary's mean
-        embedding norm, the size a learnt trigger of another adapter starts at."""
-        pick = int(torch.randint(len(self.library), (1,), generator=gen)) if self.library else None
+        """New stand-in vectors (``--blend-ready``): random directions of the vocabulary's mean embedding norm, the
+        size a learnt trigger of another adapter starts at, drawn from ``gen`` (the step's generator)."""
         for te, module in self.modules.items():
-            if pick is not None:
-                module.standin.copy_(self.library[pick][te])
-                continue
             v = torch.randn(tuple(module.standin.shape), generator=gen).to(module.standin.device)
             module.standin.copy_(v / v.norm(dim=1, keepdim=True) * self.standin_norm[te])
-
-    def set_library(self, embeddings: list[tuple[str, TokenEmbedding]], text_encoders) -> int:
-        """``--blend-with``: the learnt triggers of other adapters (``(where, TokenEmbedding)``) become the stand-ins;
-        returns their token count, which every one must share (clear error otherwise)."""
-        counts = {emb.num_tokens for _, emb in embeddings}
-        if len(counts) != 1:
-            listed = ", ".join(f"{where}: {emb.num_tokens}" for where, emb in embeddings)
-            raise ConfigError(f"--blend-with: the adapters' trigger words have different token counts ({listed}); "
-                              "give adapters whose learnt triggers have the same number of tokens")
-        for where, emb in embeddings:
-            missing = [te for te in text_encoders if te not in emb.vectors]
-            if missing:
-                raise ConfigError(f"--blend-with {where}: its trigger {emb.name!r} has no vectors for {missing}; "
-                                  "give adapters made for this base's model family")
-        self.library = [{te: emb.vectors[te].detach().float() for te in text_encoders} for _, emb in embeddings]
-        return counts.pop()
 
     def with_standin(self, captions: list[str], share: float, gen: torch.Generator) -> list[str]:
         """``--blend-ready``: in a ``share`` of the captions that hold the trigger word, the stand-in word goes right

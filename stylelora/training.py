@@ -282,10 +282,8 @@ def _setup(base: Base, cfg: TrainConfig, accelerator, items, learnt: tokens.Trig
     _freeze(pipe, te_names, accelerator.device, weight_dtype)
     noise_scheduler = make_noise_scheduler(pipe, prediction_type, cfg.optim.zero_terminal_snr)
     if cfg.network.train_tokens:  # the tokenizers first: the text cache must know which captions use the tokens
-        standins = tokens.STANDIN_TOKENS if cfg.network.blend_ready else 0
-        if cfg.network.blend_with:
-            standins = learnt.set_library(_library_triggers(cfg.network.blend_with, pipe), te_names)
-        learnt.add_tokens(pipe, te_names, cfg.data.trigger, cfg.network.train_tokens, standins=standins)
+        learnt.add_tokens(pipe, te_names, cfg.data.trigger, cfg.network.train_tokens,
+                          standins=tokens.STANDIN_TOKENS if cfg.network.blend_ready else 0)
 
     # caches (main process fills them; the others then read them back)
     tset = TrainingSet(items, cfg.data, pipe, cache_root=Path(cfg.data.cache_dir or stylelora_home() / "cache"),
@@ -322,24 +320,6 @@ def _setup(base: Base, cfg: TrainConfig, accelerator, items, learnt: tokens.Trig
                   encoders=[models[n] for n in te_names], params=[q for g in groups for q in g["params"]],
                   optimizer=optimizer, lr_scheduler=lr_scheduler, learnt=learnt,
                   token_stop=tokens.stop_step(run.steps, cfg.optim.token_stop), adalora=ada)
-
-
-def _library_triggers(files: list[str], pipe) -> list[tuple[str, "TokenEmbedding"]]:
-    """``--blend-with``: the learnt trigger(s) of each adapter file, for ``TriggerTokens.set_library``."""
-    from .formats import load_adapter
-
-    found = []
-    for f in files:
-        path = Path(f).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"--blend-with {f}: no such adapter file; give the .safetensors of an adapter trained "
-                              "with --train-tokens")
-        embeddings = load_adapter(path, pipe=pipe).embeddings
-        if not embeddings:
-            raise ConfigError(f"--blend-with {f}: the adapter has no learnt trigger tokens (it was trained without "
-                              "--train-tokens); drop it, or leave --blend-with out to use random stand-ins")
-        found += [(str(path), emb) for emb in embeddings.values()]
-    return found
 
 
 def _freeze(pipe, te_names: list[str], device, weight_dtype) -> None:

@@ -109,31 +109,3 @@ def test_training_sees_fresh_standins_and_saves_only_the_trigger(style_dir, tmp_
     assert adapter.embeddings[TRIGGER].vectors["text_encoder"].shape == (2, table.shape[1])
     assert len(base.pipe.tokenizer) == vocab
 
-
-def test_blend_with_uses_the_other_adapters_trigger_vectors(style_dir, tmp_path, monkeypatch):
-    """--blend-with FILE: every step's stand-in is that adapter's learnt trigger, as its file holds it."""
-    from test_train import quick_config
-
-    lib = train(token_config(style_dir, tmp_path / "lib.safetensors", steps=2), base=load_base("tiny-random"))
-    expected = load_adapter(lib).embeddings[TRIGGER].vectors["text_encoder"]
-    seen = []
-    original_redraw = tokens.TriggerTokens.redraw_standins
-
-    def redraw(self, gen):
-        original_redraw(self, gen)
-        seen.append(self.modules["text_encoder"].standin.clone())
-
-    monkeypatch.setattr(tokens.TriggerTokens, "redraw_standins", redraw)
-    cfg = token_config(style_dir, tmp_path / "b.safetensors", blend_ready=1.0, blend_with=[str(lib)], steps=2)
-    cfg = cfg.replace(trigger="yystyle")
-    train(cfg, base=load_base("tiny-random"))
-    assert len(seen) == 2 and all(torch.equal(v, expected) for v in seen)
-
-    plain = train(quick_config(style_dir, tmp_path / "plain.safetensors"), base=load_base("tiny-random"))
-    with pytest.raises(ConfigError, match="no learnt trigger tokens"):
-        train(cfg.replace(blend_with=[str(plain)], output=str(tmp_path / "c.safetensors")), base=load_base("tiny-random"))
-    with pytest.raises(ConfigError, match="no such adapter file"):
-        train(cfg.replace(blend_with=[str(tmp_path / "none.safetensors")], output=str(tmp_path / "d.safetensors")),
-              base=load_base("tiny-random"))
-    with pytest.raises(ConfigError, match="--blend-ready"):
-        token_config(style_dir, tmp_path / "e.safetensors", blend_with=[str(lib)])

@@ -14,7 +14,7 @@ from ..presets import RECIPES, for_base
 from . import add_threads_arg
 
 SHORT = {"output": ["-o"], "config": ["-c"]}
-ONE_PER_FLAG = {"sample_prompts", "blend_with"}  # list options whose values contain commas
+ONE_PER_FLAG = {"sample_prompts"}  # list options whose values contain commas
 
 
 def register(sub) -> None:
