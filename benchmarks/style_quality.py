@@ -19,7 +19,8 @@ classifier (stylelora.classifiers, trained on procedural pictures only) reads ev
              style: no generated picture can be sharper than that round trip
 - blends     for each pair at 0.5/0.5 with both triggers: share where both styles are called   goal >= 70 %
 - base+words for each pair: share of base pictures (no adapter) prompted with both family words ("striped, faded")
-             where both styles are called: how often the base draws two looks together by itself
+             where both styles are called: how often the base draws two looks together by itself; and the pair's
+             VAE ceiling (the scenes drawn in both looks through the VAE, both called)
 
 Adapters, pictures (grids per style) and results.json go to --out. A trained adapter is reused only by a rerun with
 the same recipe on the same base: its file name carries a hash of the full TrainConfig (less where files are
@@ -233,10 +234,12 @@ def main(argv=None) -> dict:
                                               args.seed, args.steps, args.cfg))
         family_word[style] = sum(style in lab["styles"] for lab in labs) / len(labs)
     pair_words = {}  # the base alone, both family words: how often it draws two looks together by itself
+    pair_ceiling = {}  # the scenes drawn in both looks through the VAE: what the classifier can see of a pair
     for a, b in itertools.combinations(styles, 2):
         labs = classifiers.classify(clf, draw(pipe, [toyworld.described(s, toyworld.look_of([a, b])) for s in scenes],
                                               args.seed, args.steps, args.cfg))
         pair_words[f"{a}+{b}"] = sum({a, b} <= lab["styles"] for lab in labs) / len(labs)
+        pair_ceiling[f"{a}+{b}"] = vae_ceiling(pipe.vae, clf, scenes, [(a, b)])[(a, b)]
     blender = Blender(base)
     for style in styles:
         blender.load(adapters[style], name=style)
@@ -278,7 +281,8 @@ def main(argv=None) -> dict:
                                          a: sum(a in lab["styles"] for lab in labs) / n,
                                          b: sum(b in lab["styles"] for lab in labs) / n,
                                          "content": rates(labs, scenes)["content"],
-                                         "base_words": pair_words[f"{a}+{b}"]}
+                                         "base_words": pair_words[f"{a}+{b}"],
+                                         "ceiling": pair_ceiling[f"{a}+{b}"]}
         if args.blocks == "auto":
             results["blends"][f"{a}+{b}"]["blocks"] = chosen
         image_grid([imgs[:8]], row_labels=[f"{a}+{b}"]).save(out / f"blend-{a}+{b}.png")
@@ -412,14 +416,16 @@ def resize_adapters(adapters: dict[str, Path], rule: dict, base) -> dict[str, Pa
 
 
 @torch.no_grad()
-def vae_ceiling(vae, clf, scenes, styles) -> dict[str, float]:
-    """Per style: share of ``scenes`` drawn in it, encoded and decoded by ``vae``, that the classifier calls it."""
+def vae_ceiling(vae, clf, scenes, styles) -> dict:
+    """Per style (a name, or a tuple of names drawn together): share of ``scenes`` drawn in it, encoded and decoded
+    by ``vae``, that the classifier calls it (every one of them, for a tuple)."""
     out = {}
     for style in styles:
-        x = classifiers.to_input([toyworld.render(s, toyworld.STYLES[style]) for s in scenes])
+        names = set(style) if isinstance(style, tuple) else {style}
+        x = classifiers.to_input([toyworld.render(s, toyworld.look_of(sorted(names))) for s in scenes])
         y = classifiers.through(classifiers.vae_roundtrip(vae), x)
         labs = classifiers.classify(clf, classifiers.to_images(y))
-        out[style] = sum(style in lab["styles"] for lab in labs) / len(labs)
+        out[style] = sum(names <= lab["styles"] for lab in labs) / len(labs)
     return out
 
 
@@ -451,11 +457,13 @@ def print_table(r: dict) -> None:
     if r["blends"]:
         w = r["args"]["blend"]
         print(f"\n{'blend (' + str(w) + ' each)':<22} {'both':>7} {'first':>7} {'second':>7} {'content':>8} "
-              f"{'base+words':>11}")
+              f"{'base+words':>11} {'ceiling':>8}")
         for name, m in r["blends"].items():
             a, b = name.split("+")
             words = pct(m["base_words"]) if "base_words" in m else "-"
-            print(f"{name:<22} {pct(m['both']):>7} {pct(m[a]):>7} {pct(m[b]):>7} {pct(m['content']):>8} {words:>11}")
+            ceiling = pct(m["ceiling"]) if "ceiling" in m else "-"
+            print(f"{name:<22} {pct(m['both']):>7} {pct(m[a]):>7} {pct(m[b]):>7} {pct(m['content']):>8} {words:>11} "
+                  f"{ceiling:>8}")
             if "blocks" in m:
                 print(f"{'':<4}blocks " + "; ".join(f"{s} lbw={v}" for s, v in m["blocks"].items()))
     s = r["styles"].values()

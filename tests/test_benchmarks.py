@@ -25,6 +25,7 @@ def test_style_quality_runs_and_writes_its_table(tmp_path, capsys):
                        "--out", str(out), "--threads", "1", "--decompose"])
     assert set(results["styles"]) == {"stripes", "pastel"} and set(results["blends"]) == {"stripes+pastel"}
     assert 0.0 <= results["blends"]["stripes+pastel"]["base_words"] <= 1.0
+    assert results["blends"]["stripes+pastel"]["ceiling"] == 1.0  # both looks survive the VAE round trip
     assert {k: set(v) for k, v in results["decompose"].items()} == {"stripes": {"alone", "with pastel word"},
                                                                    "pastel": {"alone", "with stripes word"}}
     assert all(0.0 <= x <= 1.0 for v in results["decompose"].values() for x in v.values())
